@@ -1,0 +1,250 @@
+"""The `headbench` command line: local stack (up/down/status), retraining runs and the demo.
+
+Heavy imports (torch, ray, prefect, mlflow) happen inside commands, after the settings have exported the
+standard variables, so `--help` is fast and Prefect reads the right API URL.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from infra.errors import HeadbenchError
+from infra.settings import Settings, load_settings
+
+app = typer.Typer(help="headbench: fine-tune pretrained ResNets with comparable head strategies "
+                  "(Prefect flows, Ray Train, MLflow, S3).", no_args_is_help=True, add_completion=False)
+console = Console()
+err = Console(stderr=True)
+
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="state directory of the local stack "
+                                              "[env: HEADBENCH_HOME; default .headbench]")]
+
+
+def say(line: str) -> None:
+    """Print one unwrapped line (URLs stay copyable)."""
+    console.print(line, soft_wrap=True, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def validation_line(exc: ValidationError) -> str:
+    """First pydantic error as one line: the field (as its CLI option), the reason and the bad value."""
+    e = exc.errors()[0]
+    field = ".".join(str(p) for p in e["loc"])
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    option = f"--{field.replace('_', '-')}: " if field else ""
+    got = e.get("input")
+    suffix = f" (got {got!r})" if field and not isinstance(got, dict) else ""
+    return f"{option}{msg}{suffix}"
+
+
+def _settings(home: Path | None) -> Settings:
+    return load_settings(home)
+
+
+# ------------------------------------------------------------------------------------------- stack
+
+
+@app.command()
+def up(home: HomeOpt = None) -> None:
+    """Start SeaweedFS S3, MLflow and Prefect on 127.0.0.1 (idempotent) and write $HEADBENCH_HOME/env."""
+    from infra.stack import LocalStack
+
+    stack = LocalStack(_settings(home))
+    started = time.perf_counter()
+    try:
+        stack.up(on_ready=lambda name, url, already: console.print(
+            f"  {name:<8} {'already running' if already else 'ready':<16} {url}"))
+    except HeadbenchError as exc:
+        fail(str(exc))
+    console.print(f"stack up in {time.perf_counter() - started:.1f} s")
+    say(f"  MLflow UI  : {stack.mlflow_url}")
+    say(f"  Prefect UI : {stack.prefect_url}")
+    say(f"  S3 endpoint: {stack.s3_url}")
+    say(f"  env file   : {stack.env_file}  (source it to use the stack from other tools)")
+
+
+@app.command()
+def down(home: HomeOpt = None) -> None:
+    """Stop what `up` started (by pid; workers before servers)."""
+    from infra.stack import LocalStack
+
+    stopped = LocalStack(_settings(home)).down()
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@app.command()
+def status(home: HomeOpt = None) -> None:
+    """Show the local stack's services, pids, health and URLs (exit 3 unless all are healthy)."""
+    from infra.stack import LocalStack
+
+    rows = LocalStack(_settings(home)).status()
+    table = Table("service", "pid", "state", "url")
+    for row in rows:
+        state = "healthy" if row.healthy else ("starting/unhealthy" if row.running else "stopped")
+        table.add_row(row.name, str(row.pid or "-"), state, row.url)
+    console.print(table)
+    if not all(r.healthy for r in rows):
+        raise typer.Exit(3)
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - configured endpoint
+            return resp.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def preflight(settings: Settings) -> None:
+    """Fail fast, before any download or training, when a server is missing or unreachable."""
+    from flows.retrain import require_servers
+
+    tracking_uri, s3_url = require_servers(settings)
+    if not _reachable(f"{tracking_uri.rstrip('/')}/health"):
+        raise HeadbenchError(f"MLflow tracking server unreachable at {tracking_uri} (is it running? "
+                             "`headbench up`)")
+    if settings.prefect_api_url and not _reachable(f"{settings.prefect_api_url.rstrip('/')}/health"):
+        raise HeadbenchError(f"Prefect API unreachable at {settings.prefect_api_url} (is it running? "
+                             "`headbench up`)")
+    from infra.s3 import s3_client, s3_errors
+
+    with s3_errors(s3_url, "checking the model bucket"):
+        s3_client(settings, max_attempts=2).head_bucket(Bucket=settings.model_bucket)
+
+
+def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
+    """Validate, preflight, then run the `retrain` flow in this process against the configured servers."""
+    settings.export_env()  # before prefect is imported: it reads PREFECT_API_URL once
+    from flows.retrain import RetrainParams
+
+    try:
+        params = RetrainParams(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        fail(validation_line(exc))
+    try:
+        preflight(settings)
+    except HeadbenchError as exc:
+        fail(str(exc))
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows import retrain as retrain_module
+
+    stages = ["download", "build", "train", "evaluate", "publish", "done"]
+    with Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/5"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        bar = progress.add_task("starting", total=5)
+
+        def on_stage(name: str) -> None:
+            progress.update(bar, description=name, completed=stages.index(name))
+
+        retrain_module.STAGE_LISTENERS.append(on_stage)
+        try:
+            result = retrain_module.retrain(params)
+        except (HeadbenchError, ValueError) as exc:
+            progress.stop()
+            fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        finally:
+            retrain_module.STAGE_LISTENERS.remove(on_stage)
+    say(f"test accuracy {result.test_accuracy:.4f}  macro-F1 {result.test_macro_f1:.4f}")
+    say(f"MLflow run : {result.run_url}")
+    say(f"S3 model   : {result.s3_uri}")
+    say(f"registered : {result.registered_model} version {result.version}")
+    return result
+
+
+@app.command()
+def run(
+    dataset: Annotated[str, typer.Option(help="'fashion-mnist', a local ImageFolder dir or s3://bucket/prefix")]
+    = "fashion-mnist",
+    classes: Annotated[str | None, typer.Option(help="class subset, e.g. 0-4 or 0,2,7 (default: all)")] = None,
+    limit: Annotated[int | None, typer.Option(help="training pool size (train+val), stratified")] = None,
+    test_limit: Annotated[int | None, typer.Option(help="test set size, stratified (default: all)")] = None,
+    val_fraction: Annotated[float, typer.Option(help="validation share of the training pool")] = 0.1,
+    image_size: Annotated[int, typer.Option(help="input size in pixels (>= 32)")] = 64,
+    arch: Annotated[str, typer.Option(help="resnet18|resnet34|resnet50|resnet101|resnet152")] = "resnet18",
+    weights: Annotated[str, typer.Option(help="none | DEFAULT | IMAGENET1K_V1 | s3://... | models:/name@alias | "
+                                         "path")] = "none",
+    strategy: Annotated[str, typer.Option(help="head strategy <shape>[:<pool>][+<schedule>] "
+                                          "(see `headbench strategies`)")] = "mlp",
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 2,
+    batch_size: Annotated[int, typer.Option(help="global batch size")] = 64,
+    lr: Annotated[float, typer.Option(help="peak learning rate (SGD + cosine)")] = 0.01,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay")] = 5e-4,
+    hidden_dim: Annotated[int, typer.Option(help="MLP head hidden width")] = 512,
+    dropout: Annotated[float, typer.Option(help="MLP head dropout")] = 0.2,
+    workers: Annotated[int, typer.Option(help="Ray Train workers")] = 2,
+    cpus_per_worker: Annotated[int | None, typer.Option(help="CPUs per worker (default: even share)")] = None,
+    gpu: Annotated[bool, typer.Option("--gpu/--cpu", help="one GPU per worker")] = False,
+    seed: Annotated[int, typer.Option(help="seed for split, init and shuffling")] = 0,
+    model_name: Annotated[str, typer.Option(help="registered model name / S3 prefix")] = "headbench-classifier",
+    home: HomeOpt = None,
+) -> None:
+    """Run one retraining (the `retrain` Prefect flow) and print the MLflow run URL and the S3 URI."""
+    values = dict(locals())
+    values.pop("home")
+    values["use_gpu"] = values.pop("gpu")
+    run_retrain(_settings(home), values)
+
+
+@app.command()
+def strategies() -> None:
+    """List the named head strategies and the shapes, poolings and schedules they combine."""
+    from models.heads import HEAD_SHAPES, POOLS
+    from models.strategies import SCHEDULES, list_strategies
+
+    table = Table("strategy", "description")
+    for name, description in list_strategies().items():
+        table.add_row(name, description)
+    console.print(table)
+    console.print("shapes   : " + ", ".join(HEAD_SHAPES))
+    console.print("poolings : " + ", ".join(POOLS))
+    console.print("schedules: " + ", ".join(SCHEDULES))
+
+
+@app.command()
+def demo(home: HomeOpt = None,
+         workers: Annotated[int, typer.Option(help="Ray Train workers")] = 2) -> None:
+    """`up`, then a small Fashion-MNIST retraining (classes 0-4), then where to look."""
+    up(home)
+    settings = _settings(home)
+    result = run_retrain(settings, {"dataset": "fashion-mnist", "classes": "0-4", "limit": 3000,
+                                    "test_limit": 1000, "image_size": 32, "arch": "resnet18",
+                                    "strategy": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.05,
+                                    "workers": workers, "model_name": "demo-fashion-0-4"})
+    from infra.stack import LocalStack
+
+    stack = LocalStack(settings)
+    console.rule("where to look")
+    say(f"MLflow UI  : {stack.mlflow_url}  (experiment '{settings.experiment}', run {result.run_id}; "
+                  "metrics per epoch, confusion matrix, registered model 'demo-fashion-0-4')")
+    say(f"Prefect UI : {stack.prefect_url}  (flow 'retrain', its task runs and logs)")
+    say(f"S3 model   : {result.s3_uri}  (model.safetensors + manifest.json)")
+    console.print("stop it all: headbench down")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,345 @@
+"""Dataset sources: the built-in Fashion-MNIST and ImageFolder trees (local directory or s3:// prefix).
+
+Fashion-MNIST is taken, in order, from the local cache, its official URLs, the Debian package files
+(``dataset-fashion-mnist``) and finally the S3 data bucket mirror; every file is verified against the
+published checksum of its decompressed content before it is cached and mirrored to S3 (so Ray workers on
+other machines, and machines without the Debian package, can read it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infra.errors import HeadbenchError
+from infra.s3 import S3Error, object_exists, s3_errors, split_uri
+from models.data import (
+    ArraySplit,
+    parse_classes,
+    resize_uint8,
+    select_classes,
+    stratified_split,
+    stratified_subset,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(HeadbenchError):
+    """Missing, corrupt or malformed data; the message names the file or URI and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------- Fashion-MNIST
+
+
+@dataclass(frozen=True)
+class RawFile:
+    name: str
+    gz_md5: str  # published MD5 of the official .gz (zalandoresearch/fashion-mnist README)
+    sha256: str  # SHA-256 of the decompressed content: the same for the official and Debian files
+    size: int  # decompressed bytes
+
+
+FASHION_MNIST_FILES: tuple[RawFile, ...] = (
+    RawFile("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
+    RawFile("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe",
+            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
+    RawFile("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79",
+            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016),
+    RawFile("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310",
+            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008),
+)
+FASHION_MNIST_CLASSES: tuple[str, ...] = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                          "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_URLS: tuple[str, ...] = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+BUILTIN_DATASETS = ("fashion-mnist",)
+MAX_CORRUPT_FRACTION = 0.1
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class RawDataset:
+    """Images as uint8 arrays (N, H, W) or (N, C, H, W), integer labels, and the class names."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray | None
+    test_labels: np.ndarray | None
+    class_names: list[str]
+    source: str
+    skipped: int = 0  # corrupt images skipped while decoding
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _parse_idx(data: bytes) -> np.ndarray:
+    """IDX format (big-endian): magic (0, 0, dtype=0x08 uint8, ndim), ndim uint32 dims, then the data."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError("not an IDX uint8 file")
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(*dims)
+
+
+@dataclass
+class FashionMnistSources:
+    """Where Fashion-MNIST may come from; tests swap these for local fixtures."""
+
+    urls: Sequence[str] = FASHION_MNIST_URLS
+    local_dirs: Sequence[Path] = (DEBIAN_DIR,)
+    s3: Any | None = None  # boto3 client for the data-bucket mirror
+    bucket: str | None = None
+    endpoint: str | None = None
+    timeout: float = 10.0
+    tried: list[str] = field(default_factory=list)
+
+
+def _fetch_url(url: str, timeout: float) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http(s) mirror URL
+            return resp.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.info("cannot download %s: %s", url, exc)
+        return None
+
+
+def _fetch_fashion_file(f: RawFile, cache: Path, src: FashionMnistSources) -> bytes:
+    """Decompressed, verified content of one file; cached in ``cache`` and mirrored to S3."""
+    cached = cache / f.name.removesuffix(".gz")
+    if cached.is_file():
+        data = cached.read_bytes()
+        if _sha256(data) == f.sha256:
+            return data
+        log.warning("cached %s fails its checksum; fetching it again", cached)
+
+    def verified(data: bytes | None, where: str, *, gz: bool = True) -> bytes | None:
+        if data is None:
+            return None
+        try:
+            raw = gzip.decompress(data) if gz else data
+        except (OSError, EOFError) as exc:
+            src.tried.append(f"{where}: not a valid gzip file ({exc})")
+            return None
+        if _sha256(raw) != f.sha256:
+            src.tried.append(f"{where}: checksum mismatch (sha256 {_sha256(raw)[:12]}... != {f.sha256[:12]}...)")
+            return None
+        return raw
+
+    candidates: list[tuple[str, Callable[[], bytes | None], bool]] = []
+    candidates += [(base + f.name, lambda u=base + f.name: _fetch_url(u, src.timeout), True) for base in src.urls]
+    candidates += [(str(d / f.name), lambda p=d / f.name: p.read_bytes() if p.is_file() else None, True)
+                   for d in src.local_dirs]
+    mirror_key = f"fashion-mnist/{f.name.removesuffix('.gz')}"
+    if src.s3 is not None and src.bucket:
+        def from_s3() -> bytes | None:
+            with s3_errors(src.endpoint, f"reading s3://{src.bucket}/{mirror_key}"):
+                if not object_exists(src.s3, src.bucket, mirror_key):
+                    return None
+                return src.s3.get_object(Bucket=src.bucket, Key=mirror_key)["Body"].read()
+        candidates.append((f"s3://{src.bucket}/{mirror_key}", from_s3, False))
+
+    for where, fetch, gz in candidates:
+        raw = verified(fetch(), where, gz=gz)
+        if raw is None:
+            continue
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_bytes(raw)
+        tmp.replace(cached)  # atomic: a reader never sees half a file
+        if src.s3 is not None and src.bucket and not where.startswith("s3://"):
+            with s3_errors(src.endpoint, f"mirroring to s3://{src.bucket}/{mirror_key}"):
+                if not object_exists(src.s3, src.bucket, mirror_key):
+                    src.s3.put_object(Bucket=src.bucket, Key=mirror_key, Body=raw)
+        return raw
+    tried = "; ".join(src.tried) or "no source had the file"
+    raise DatasetError(f"fashion-mnist file {f.name} not available from any source "
+                       f"(official URL, {', '.join(map(str, src.local_dirs))}, S3 mirror): {tried}")
+
+
+def load_fashion_mnist(cache_dir: Path, sources: FashionMnistSources | None = None) -> RawDataset:
+    src = sources or FashionMnistSources()
+    cache = cache_dir / "fashion-mnist"
+    arrays = [_parse_idx(_fetch_fashion_file(f, cache, src)) for f in FASHION_MNIST_FILES]
+    train_x, train_y, test_x, test_y = arrays
+    return RawDataset(train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64),
+                      list(FASHION_MNIST_CLASSES), source="fashion-mnist")
+
+
+# ----------------------------------------------------------------------------------------- ImageFolder
+
+
+def _decode(data: bytes, size: int) -> np.ndarray | None:
+    """Image bytes -> (3, size, size) uint8, or None when the bytes are not a decodable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+
+
+def _download_prefix(client: Any, uri: str, dest: Path, endpoint: str | None) -> Path:
+    bucket, prefix = split_uri(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    count = 0
+    with s3_errors(endpoint, f"listing {uri}"):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix):]
+                if not rel or rel.endswith("/"):
+                    continue
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not (target.is_file() and target.stat().st_size == obj["Size"]):
+                    client.download_file(bucket, obj["Key"], str(target))
+                count += 1
+    if count == 0:
+        raise DatasetError(f"dataset URI {uri} holds no objects; expected an ImageFolder tree "
+                           "(<class>/<image> or train|test/<class>/<image>)")
+    return dest
+
+
+def _read_tree(root: Path, size: int, class_names: list[str] | None) -> tuple[np.ndarray, np.ndarray,
+                                                                              list[str], int, int]:
+    classes = class_names or sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise DatasetError(f"ImageFolder {root} has {len(classes)} class folder(s); need >= 2 "
+                           "(layout <class>/<image>)")
+    images, labels, skipped, total = [], [], 0, 0
+    for label, name in enumerate(classes):
+        folder = root / name
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        if not files:
+            raise DatasetError(f"class folder {name!r} in {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for path in files:
+            total += 1
+            arr = _decode(path.read_bytes(), size)
+            if arr is None:
+                skipped += 1
+                log.warning("skipping corrupt image %s", path)
+                continue
+            images.append(arr)
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), classes, skipped, total
+
+
+def load_image_folder(uri: str, image_size: int, cache_dir: Path, s3: Any | None = None,
+                      endpoint: str | None = None) -> RawDataset:
+    """An ImageFolder tree (local directory or s3:// prefix), decoded and resized to ``image_size``."""
+    if uri.startswith("s3://"):
+        if s3 is None:
+            raise DatasetError(f"dataset URI {uri} needs S3, but no S3 endpoint is configured")
+        root = _download_prefix(s3, uri, cache_dir / "imagefolder" / hashlib.sha256(uri.encode()).hexdigest()[:16],
+                                endpoint)
+    else:
+        root = Path(uri.removeprefix("file://")).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"unknown dataset {uri!r}: not a built-in ({', '.join(BUILTIN_DATASETS)}), "
+                               "an existing directory or an s3://bucket/prefix URI")
+    if (root / "train").is_dir():
+        x, y, names, skipped, total = _read_tree(root / "train", image_size, None)
+        tx, ty, test_skipped, test_total = None, None, 0, 0
+        if (root / "test").is_dir():
+            tx, ty, _, test_skipped, test_total = _read_tree(root / "test", image_size, names)
+        skipped, total = skipped + test_skipped, total + test_total
+    else:
+        x, y, names, skipped, total = _read_tree(root, image_size, None)
+        tx = ty = None
+    if skipped > MAX_CORRUPT_FRACTION * total:
+        raise DatasetError(f"{skipped} of {total} images in {uri} are corrupt (more than "
+                           f"{MAX_CORRUPT_FRACTION:.0%}); refusing to train on it")
+    return RawDataset(x, y, tx, ty, names, source=uri, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------------------- preparation
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What to train and test on; everything a run needs to rebuild exactly the same splits."""
+
+    dataset: str = "fashion-mnist"
+    classes: str | None = None  # "0-4", "0,2,7" or None for all
+    limit: int | None = None  # training pool size (train + val), stratified
+    test_limit: int | None = None  # test set size, stratified
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2  # carved from the data when the dataset has no test split
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class PreparedData:
+    train: ArraySplit
+    val: ArraySplit
+    test: ArraySplit
+    class_names: list[str]  # names of the selected classes, in label order 0..k-1
+    class_indices: list[int]  # their indices in the source dataset
+    source: str
+    skipped: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_raw(spec: DataSpec, cache_dir: Path, s3: Any | None = None, bucket: str | None = None,
+             endpoint: str | None = None) -> RawDataset:
+    if spec.dataset == "fashion-mnist":
+        return load_fashion_mnist(cache_dir, FashionMnistSources(s3=s3, bucket=bucket, endpoint=endpoint))
+    if "://" in spec.dataset and not spec.dataset.startswith(("s3://", "file://")):
+        raise DatasetError(f"unsupported dataset URI {spec.dataset!r}; allowed: "
+                           f"{', '.join(BUILTIN_DATASETS)}, a local directory, s3://bucket/prefix")
+    try:
+        return load_image_folder(spec.dataset, spec.image_size, cache_dir, s3, endpoint)
+    except S3Error as exc:
+        raise DatasetError(str(exc)) from None
+
+
+def prepare(raw: RawDataset, spec: DataSpec) -> PreparedData:
+    """Class subset -> stratified limit -> seeded stratified train/val split -> resize to uint8 tensors."""
+    try:
+        classes = parse_classes(spec.classes, len(raw.class_names))
+    except ValueError as exc:
+        raise DatasetError(f"{exc} (dataset {spec.dataset})") from None
+    pool_idx, pool_y = select_classes(raw.train_labels, classes)
+    if raw.test_images is not None and raw.test_labels is not None:
+        test_idx, test_y = select_classes(raw.test_labels, classes)
+        test_x = raw.test_images[test_idx]
+    else:  # no official test split: hold out a stratified, seeded part of the data
+        keep, held = stratified_split(pool_y, spec.test_fraction, spec.seed + 1)
+        test_x, test_y = raw.train_images[pool_idx[held]], pool_y[held]
+        pool_idx, pool_y = pool_idx[keep], pool_y[keep]
+    if spec.limit is not None:
+        chosen = stratified_subset(pool_y, spec.limit, spec.seed)
+        pool_idx, pool_y = pool_idx[chosen], pool_y[chosen]
+    if spec.test_limit is not None:
+        chosen = stratified_subset(test_y, spec.test_limit, spec.seed)
+        test_x, test_y = test_x[chosen], test_y[chosen]
+    train_i, val_i = stratified_split(pool_y, spec.val_fraction, spec.seed)
+    pool_x = raw.train_images[pool_idx]
+    return PreparedData(
+        train=ArraySplit(resize_uint8(pool_x[train_i], spec.image_size), pool_y[train_i]),
+        val=ArraySplit(resize_uint8(pool_x[val_i], spec.image_size), pool_y[val_i]),
+        test=ArraySplit(resize_uint8(test_x, spec.image_size), test_y),
+        class_names=[raw.class_names[c] for c in classes],
+        class_indices=classes,
+        source=raw.source,
+        skipped=raw.skipped,
+    )

@@ -1,0 +1,164 @@
+"""S3 access through boto3 (any S3-compatible endpoint): client factory, error translation, model store.
+
+A published model is a prefix ``s3://<bucket>/<name>/<run id>/`` holding ``model.safetensors`` and
+``manifest.json``; the manifest (with the weights' sha256) is written last, so a prefix without a manifest
+is an unfinished upload that readers ignore, and an existing manifest is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from infra.errors import HeadbenchError
+from infra.settings import Settings
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken"}
+
+
+class S3Error(HeadbenchError):
+    """An S3 failure, in one line that names the endpoint (never the credentials)."""
+
+
+def s3_client(settings: Settings, *, max_attempts: int = 4, connect_timeout: float = 3.0) -> Any:
+    """A boto3 S3 client with bounded, standard-mode retries and path-style addressing."""
+    if not settings.s3_endpoint_url:
+        raise S3Error("no S3 endpoint configured: set AWS_ENDPOINT_URL_S3 or run `headbench up`")
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None,
+        aws_secret_access_key=(settings.aws_secret_access_key.get_secret_value()
+                               if settings.aws_secret_access_key else None),
+        region_name=settings.aws_region,
+        config=Config(retries={"max_attempts": max_attempts, "mode": "standard"},
+                      connect_timeout=connect_timeout, read_timeout=60, s3={"addressing_style": "path"}),
+    )
+
+
+@contextmanager
+def s3_errors(endpoint: str | None, what: str) -> Iterator[None]:
+    """Translate boto3 exceptions into a one-line S3Error naming the endpoint and the object."""
+    try:
+        yield
+    except EndpointConnectionError:
+        raise S3Error(f"S3 endpoint {endpoint} is unreachable while {what} (is it running? `headbench up`)"
+                      ) from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "?")
+        if code in _CREDENTIAL_CODES:
+            raise S3Error(f"S3 at {endpoint} rejected the credentials ({code}) while {what}; check "
+                          "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+        if code == "NoSuchBucket":
+            raise S3Error(f"S3 bucket missing at {endpoint} while {what} ({code})") from None
+        raise S3Error(f"S3 at {endpoint} failed while {what}: {code}") from None
+    except BotoCoreError as exc:
+        raise S3Error(f"S3 at {endpoint} failed while {what}: {exc}") from None
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix")."""
+    if not uri.startswith("s3://") or len(uri) <= 5:
+        raise S3Error(f"not an S3 URI: {uri!r}; expected s3://bucket/prefix")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise S3Error(f"not an S3 URI: {uri!r}; expected s3://bucket/prefix")
+    return bucket, key
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_buckets(client: Any, buckets: list[str], endpoint: str | None) -> None:
+    with s3_errors(endpoint, "creating buckets"):
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        for bucket in buckets:
+            if bucket not in existing:
+                client.create_bucket(Bucket=bucket)
+
+
+def object_exists(client: Any, bucket: str, key: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    uri: str  # s3://bucket/name/run_id/
+    manifest: dict[str, Any]
+
+
+class ModelStore:
+    """Publish and fetch integrity-checked models under ``s3://<bucket>/<name>/<run id>/``."""
+
+    def __init__(self, client: Any, bucket: str, endpoint: str | None) -> None:
+        self.client, self.bucket, self.endpoint = client, bucket, endpoint
+
+    def prefix_uri(self, name: str, run_id: str) -> str:
+        return f"s3://{self.bucket}/{name}/{run_id}/"
+
+    def publish(self, name: str, run_id: str, weights: Path, manifest: dict[str, Any]) -> PublishedModel:
+        """Upload weights, verify them, then write the manifest (last). Refuses to overwrite."""
+        prefix = f"{name}/{run_id}/"
+        digest = sha256_file(weights)
+        manifest = {**manifest, "weights": WEIGHTS, "sha256": digest, "size": weights.stat().st_size}
+        with s3_errors(self.endpoint, f"publishing s3://{self.bucket}/{prefix}"):
+            if object_exists(self.client, self.bucket, prefix + MANIFEST):
+                raise S3Error(f"refusing to overwrite the published model s3://{self.bucket}/{prefix}")
+            self.client.upload_file(str(weights), self.bucket, prefix + WEIGHTS,
+                                    ExtraArgs={"Metadata": {"sha256": digest}})
+            head = self.client.head_object(Bucket=self.bucket, Key=prefix + WEIGHTS)
+            if head["ContentLength"] != manifest["size"]:
+                raise S3Error(f"upload of s3://{self.bucket}/{prefix}{WEIGHTS} is truncated "
+                              f"({head['ContentLength']} of {manifest['size']} bytes)")
+            self.client.put_object(Bucket=self.bucket, Key=prefix + MANIFEST,
+                                   Body=json.dumps(manifest, indent=2, sort_keys=True).encode(),
+                                   ContentType="application/json")
+        return PublishedModel(self.prefix_uri(name, run_id), manifest)
+
+
+def fetch_model(client: Any, uri: str, dest: Path, endpoint: str | None) -> tuple[Path, dict[str, Any]]:
+    """Download a published model (prefix or manifest URI) into ``dest`` and verify its sha256."""
+    bucket, key = split_uri(uri)
+    prefix = key.removesuffix(MANIFEST).removesuffix(WEIGHTS)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    dest.mkdir(parents=True, exist_ok=True)
+    with s3_errors(endpoint, f"fetching {uri}"):
+        try:
+            body = client.get_object(Bucket=bucket, Key=prefix + MANIFEST)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise S3Error(f"no published model at s3://{bucket}/{prefix} (no {MANIFEST})") from None
+            raise
+        manifest = json.loads(body)
+        weights = dest / WEIGHTS
+        client.download_file(bucket, prefix + manifest.get("weights", WEIGHTS), str(weights))
+    digest = sha256_file(weights)
+    if digest != manifest.get("sha256"):
+        weights.unlink(missing_ok=True)
+        raise S3Error(f"sha256 mismatch for s3://{bucket}/{prefix}{WEIGHTS}: got {digest[:12]}..., "
+                      f"manifest says {str(manifest.get('sha256'))[:12]}...")
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return weights, manifest

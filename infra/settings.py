@@ -1,0 +1,107 @@
+"""The one settings object. Built once at the edge (CLI, flow entry) and passed down.
+
+Endpoints and credentials come from each tool's standard variables (``MLFLOW_TRACKING_URI``,
+``AWS_ENDPOINT_URL_S3``, ``PREFECT_API_URL``, ``RAY_ADDRESS``...). When a variable is unset, the local
+stack's env file (``$HEADBENCH_HOME/env``, written by ``headbench up``) fills it in. headbench's own knobs
+use the ``HEADBENCH_`` prefix.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path(".headbench")
+
+
+class StackPorts(BaseSettings):
+    """Ports of the local stack (all bound to 127.0.0.1). Every SeaweedFS port is set explicitly so two
+    stacks on one machine never collide."""
+
+    model_config = SettingsConfigDict(env_prefix="HEADBENCH_PORT_", extra="ignore")
+
+    s3: int = 8333
+    mlflow: int = 5000
+    prefect: int = 4200
+    weed_master: int = 9333
+    weed_master_grpc: int = 19333
+    weed_volume: int = 8080
+    weed_volume_grpc: int = 18080
+    weed_filer: int = 8888
+    weed_filer_grpc: int = 18888
+    weed_admin: int = 23646
+    weed_admin_grpc: int = 33646
+
+    def all(self) -> dict[str, int]:
+        return self.model_dump()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    home: Path = Field(DEFAULT_HOME, validation_alias="HEADBENCH_HOME",
+                       description="state directory of the local stack: data, logs, pid files, env file")
+
+    mlflow_tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
+    mlflow_s3_endpoint_url: str | None = Field(None, validation_alias="MLFLOW_S3_ENDPOINT_URL")
+    s3_endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
+    aws_access_key_id: SecretStr | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION"))
+    prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL")
+    ray_address: str | None = Field(None, validation_alias="RAY_ADDRESS")
+
+    model_bucket: str = Field("models", validation_alias="HEADBENCH_MODEL_BUCKET")
+    data_bucket: str = Field("data", validation_alias="HEADBENCH_DATA_BUCKET")
+    checkpoint_bucket: str = Field("checkpoints", validation_alias="HEADBENCH_CHECKPOINT_BUCKET")
+    mlflow_bucket: str = Field("mlflow", validation_alias="HEADBENCH_MLFLOW_BUCKET")
+    experiment: str = Field("headbench", validation_alias="HEADBENCH_EXPERIMENT")
+    data_cache: Path | None = Field(None, validation_alias="HEADBENCH_DATA_CACHE",
+                                    description="local dataset cache (default: $HEADBENCH_HOME/cache)")
+
+    @cached_property
+    def ports(self) -> StackPorts:
+        return StackPorts()
+
+    @property
+    def env_file(self) -> Path:
+        return self.home / "env"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_cache or self.home / "cache"
+
+    def standard_env(self) -> dict[str, str]:
+        """The standard variables this settings object resolved, for child processes and libraries."""
+        values = {
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "MLFLOW_S3_ENDPOINT_URL": self.mlflow_s3_endpoint_url,
+            "AWS_ENDPOINT_URL_S3": self.s3_endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.aws_access_key_id.get_secret_value() if self.aws_access_key_id else None,
+            "AWS_SECRET_ACCESS_KEY": (self.aws_secret_access_key.get_secret_value()
+                                      if self.aws_secret_access_key else None),
+            "AWS_DEFAULT_REGION": self.aws_region,
+            "PREFECT_API_URL": self.prefect_api_url,
+            "RAY_ADDRESS": self.ray_address,
+        }
+        return {k: v for k, v in values.items() if v}
+
+    def export_env(self) -> None:
+        """Fill unset standard variables in os.environ (libraries such as Prefect and boto3 read them)."""
+        for key, value in self.standard_env().items():
+            os.environ.setdefault(key, value)
+
+
+def load_settings(home: Path | None = None) -> Settings:
+    """Environment first; the local stack's env file fills what the environment leaves unset."""
+    home = home or Path(os.environ.get("HEADBENCH_HOME", DEFAULT_HOME))
+    env_file = home / "env"
+    kwargs: dict[str, object] = {"home": home}
+    if env_file.is_file():
+        kwargs["_env_file"] = env_file
+    return Settings(**kwargs)  # type: ignore[arg-type]

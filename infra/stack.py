@@ -1,0 +1,296 @@
+"""The embedded local stack: SeaweedFS S3, an MLflow tracking server and a Prefect server on 127.0.0.1.
+
+All state lives under one directory (``$HEADBENCH_HOME``, default ``.headbench/``): data, logs, pid files,
+``stack.json`` (ports and the generated S3 keys, mode 0600) and ``env`` (sourceable ``export`` lines with
+the standard variables). Every service runs in its own process group, so ``down`` stops exactly the
+process trees ``up`` started, by pid, and nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.errors import HeadbenchError
+from infra.settings import Settings, StackPorts
+
+HOST = "127.0.0.1"
+BIN = Path(sys.executable).parent  # console scripts of this venv: weed, mlflow, prefect
+
+
+class StackError(HeadbenchError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    health: Callable[[], bool]
+    url: str  # what a person opens (UI or endpoint)
+    marker: str  # a word of the command line, to tell our process from a recycled pid
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    url: str
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    try:
+        os.kill(pid, 0)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        return False
+    return marker in cmdline
+
+
+class LocalStack:
+    """Start, inspect and stop the local stack rooted at ``settings.home``."""
+
+    def __init__(self, settings: Settings, ports: StackPorts | None = None) -> None:
+        self.home = settings.home.resolve()
+        self.settings = settings
+        saved = self._read_state()
+        self.ports = ports or (StackPorts(**saved["ports"]) if saved else settings.ports)
+        self.access_key = saved.get("access_key") if saved else None
+        self.secret_key = saved.get("secret_key") if saved else None
+
+    # ------------------------------------------------------------------ state files
+    @property
+    def state_file(self) -> Path:
+        return self.home / "stack.json"
+
+    @property
+    def env_file(self) -> Path:
+        return self.home / "env"
+
+    def _read_state(self) -> dict:
+        try:
+            return json.loads((self.home / "stack.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _write_private(self, path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+
+    def pid_file(self, name: str) -> Path:
+        return self.home / "pids" / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.home / "logs" / f"{name}.log"
+
+    # ------------------------------------------------------------------ endpoints
+    @property
+    def s3_url(self) -> str:
+        return f"http://{HOST}:{self.ports.s3}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{HOST}:{self.ports.mlflow}"
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{HOST}:{self.ports.prefect}"
+
+    def standard_env(self) -> dict[str, str]:
+        """What the env file exports: the standard variable of each tool, pointing at this stack."""
+        assert self.access_key and self.secret_key
+        return {
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+            "AWS_ENDPOINT_URL_S3": self.s3_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.settings.aws_region,
+            "PREFECT_API_URL": f"{self.prefect_url}/api",
+        }
+
+    # ------------------------------------------------------------------ services
+    def _s3_healthy(self) -> bool:
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client("s3", endpoint_url=self.s3_url, aws_access_key_id=self.access_key,
+                              aws_secret_access_key=self.secret_key, region_name=self.settings.aws_region,
+                              config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=3))
+        try:
+            client.list_buckets()
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+            return False
+
+    def services(self) -> list[ServiceSpec]:
+        p, home = self.ports, self.home
+        keys = {"AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or ""}
+        weed = [
+            str(BIN / "weed"), "mini", f"-dir={home / 's3'}", f"-ip={HOST}", f"-ip.bind={HOST}",
+            "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.port={p.s3}", f"-s3.port.grpc={p.s3 + 10000}",
+            f"-master.port={p.weed_master}", f"-master.port.grpc={p.weed_master_grpc}",
+            f"-volume.port={p.weed_volume}", f"-volume.port.grpc={p.weed_volume_grpc}",
+            f"-filer.port={p.weed_filer}", f"-filer.port.grpc={p.weed_filer_grpc}",
+            f"-admin.port={p.weed_admin}", f"-admin.port.grpc={p.weed_admin_grpc}",
+            "-filer.localSocket=" + str(home / "s3" / "filer.sock"),
+            "-s3.localSocket=" + str(home / "s3" / "s3.sock"),
+        ]
+        mlflow = [
+            str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(p.mlflow), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+            "--artifacts-destination", f"s3://{self.settings.mlflow_bucket}",
+        ]
+        prefect = [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(p.prefect),
+                   "--analytics-off"]
+        return [
+            ServiceSpec("s3", weed, keys, self._s3_healthy, self.s3_url, "weed"),
+            ServiceSpec("mlflow", mlflow,
+                        {**keys, "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+                         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "AWS_DEFAULT_REGION": "us-east-1"},
+                        lambda: _http_ok(f"{self.mlflow_url}/health"), self.mlflow_url, "mlflow"),
+            ServiceSpec("prefect", prefect,
+                        {"PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                         "DO_NOT_TRACK": "1", "PREFECT_SERVER_API_HOST": HOST},
+                        lambda: _http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect"),
+        ]
+
+    def _pid(self, name: str) -> int | None:
+        try:
+            return int(self.pid_file(name).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _start(self, spec: ServiceSpec) -> subprocess.Popen[bytes]:
+        for sub in ("pids", "logs", "s3", "mlflow", "prefect"):
+            (self.home / sub).mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "RAY_"))}  # no foreign endpoints
+        env.update(spec.env)
+        log = self.log_file(spec.name).open("ab")
+        proc = subprocess.Popen(spec.argv, cwd=self.home, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.pid_file(spec.name).write_text(f"{proc.pid}\n")
+        return proc
+
+    def _wait_healthy(self, spec: ServiceSpec, alive: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if spec.health():
+                return
+            if not alive():
+                tail = self.log_file(spec.name).read_text(errors="replace").strip().splitlines()[-1:]
+                raise StackError(f"{spec.name} exited during start-up; see {self.log_file(spec.name)}: "
+                                 f"{tail[0] if tail else ''}")
+            time.sleep(0.5)
+        raise StackError(f"{spec.name} not healthy at {spec.url} after {timeout:.0f} s; "
+                         f"see {self.log_file(spec.name)}")
+
+    def up(self, timeout: float = 180.0, on_ready: Callable[[str, str, bool], None] | None = None) -> None:
+        """Start what is not running (idempotent), wait for health, create buckets, write the env file."""
+        if not self.access_key or not self.secret_key:
+            self.access_key, self.secret_key = "hb" + secrets.token_hex(8), secrets.token_urlsafe(24)
+        self._write_private(self.state_file, json.dumps(
+            {"ports": self.ports.all(), "access_key": self.access_key, "secret_key": self.secret_key}, indent=2))
+        for spec in self.services():
+            pid = self._pid(spec.name)
+            already = pid is not None and _pid_alive(pid, spec.marker) and spec.health()
+            if not already:
+                if pid is not None and _pid_alive(pid, spec.marker):  # started earlier, still coming up
+                    alive = functools.partial(_pid_alive, pid, spec.marker)
+                else:
+                    proc = self._start(spec)
+                    alive = functools.partial(lambda p: p.poll() is None, proc)
+                self._wait_healthy(spec, alive, timeout)
+            if spec.name == "s3":
+                self._create_buckets()
+            if on_ready:
+                on_ready(spec.name, spec.url, already)
+        self._write_private(self.env_file, "".join(
+            f"export {k}={shlex.quote(v)}\n" for k, v in self.standard_env().items()))
+
+    def _create_buckets(self) -> None:
+        from pydantic import SecretStr
+
+        from infra.s3 import ensure_buckets, s3_client
+
+        settings = self.settings.model_copy(update={
+            "s3_endpoint_url": self.s3_url, "aws_access_key_id": SecretStr(self.access_key or ""),
+            "aws_secret_access_key": SecretStr(self.secret_key or "")})
+        s = self.settings
+        ensure_buckets(s3_client(settings), [s.mlflow_bucket, s.model_bucket, s.data_bucket,
+                                             s.checkpoint_bucket], self.s3_url)
+
+    def status(self) -> list[ServiceStatus]:
+        out = []
+        for spec in self.services():
+            pid = self._pid(spec.name)
+            running = pid is not None and _pid_alive(pid, spec.marker)
+            out.append(ServiceStatus(spec.name, pid, running, running and spec.health(), spec.url))
+        return out
+
+    def down(self, timeout: float = 20.0) -> list[str]:
+        """Stop, in reverse start order, the process groups this stack started. Returns what was stopped."""
+        stopped = []
+        for spec in reversed(self.services()):
+            pid = self._pid(spec.name)
+            if pid is not None and _pid_alive(pid, spec.marker):
+                stop_group(pid, timeout)
+                stopped.append(spec.name)
+            self.pid_file(spec.name).unlink(missing_ok=True)
+        return stopped
+
+
+def stop_group(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM the process group led by ``pid`` (started with start_new_session), SIGKILL after timeout."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        _reap(pid)
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def _reap(pid: int) -> None:
+    """Collect a child we started in this process (tests), so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

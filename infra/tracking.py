@@ -1,0 +1,122 @@
+"""MLflow helpers: one client per process, addressed by run id (safe to use from a Ray rank-0 worker).
+
+No fluent ``mlflow.start_run`` state: every call names its run, so nothing opens or ends runs behind
+our back, and a Ray worker can log to the driver's run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from infra.errors import HeadbenchError
+
+MAX_PARAM_LEN = 6000
+
+
+class TrackingError(HeadbenchError):
+    pass
+
+
+def metric_key(name: str) -> str:
+    """MLflow keys allow alphanumerics, ``_ - . / space``; class names like 'T-shirt/top' are made safe."""
+    return re.sub(r"[^0-9A-Za-z_\-. ]", "_", name).strip().replace(" ", "_")
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """Nested dict -> dotted keys, for MLflow params ({'data': {'seed': 0}} -> {'data.seed': 0})."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+class Tracker:
+    """Thin wrapper around MlflowClient bound to one run."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.client = MlflowClient(tracking_uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
+              parent_run_id: str | None = None) -> Tracker:
+    client = MlflowClient(tracking_uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow at {tracking_uri} failed to start a run: {exc.message.splitlines()[0]}"
+                            ) from None
+    return Tracker(tracking_uri, run.info.run_id)
+
+
+def run_url(tracking_uri: str, run_id: str) -> str:
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def register_version(tracking_uri: str, name: str, source: str, run_id: str,
+                     tags: Mapping[str, str] | None = None, description: str | None = None) -> str:
+    """Create the registered model if needed, then a new version pointing at ``source``; returns it."""
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="headbench fine-tuned ResNet classifiers")
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}),
+                                          description=description)
+    return str(version.version)
+
+
+def resolve_registered(tracking_uri: str, uri: str) -> str:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> the version's source (an S3 prefix)."""
+    rest = uri.removeprefix("models:/")
+    client = MlflowClient(tracking_uri)
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = rest.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise TrackingError(f"registered model {uri!r} not found at {tracking_uri}: "
+                            f"{exc.message.splitlines()[0]}") from None
+    return version.source

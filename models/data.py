@@ -1,0 +1,141 @@
+"""Pure array/tensor data pieces: class subsets, stratified limits and splits, resizing, normalisation.
+
+Images travel as pre-resized ``uint8`` tensors ``(N, C, S, S)`` (C = 1 for grayscale, 3 for RGB): four
+times smaller than float32 and decoded once. A batch is turned into normalised float ``(N, 3, S, S)`` on
+the training device by ``normalize_batch``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ArraySplit:
+    """One split: images uint8 (N, C, S, S) and labels int64 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int]:
+    """``"0-4"``, ``"0,2,7"``, ``"0-2,5"`` or None (all) -> sorted unique class indices, range-checked."""
+    if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
+        return list(range(num_classes))
+    if isinstance(spec, str):
+        chosen: set[int] = set()
+        for part in spec.split(","):
+            part = part.strip()
+            lo, dash, hi = part.partition("-")
+            if not lo.strip().isdigit() or (dash and not hi.strip().isdigit()):
+                raise ValueError(f"bad class list {spec!r}: use indices like '0-4' or '0,2,7'")
+            start, stop = int(lo), int(hi) if dash else int(lo)
+            if stop < start:
+                raise ValueError(f"bad class range {part!r} in {spec!r}: start > end")
+            chosen.update(range(start, stop + 1))
+        classes = sorted(chosen)
+    else:
+        classes = sorted(set(int(c) for c in spec))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"classes {bad} out of range for a dataset with {num_classes} classes; "
+                         f"allowed: 0-{num_classes - 1}")
+    if len(classes) < 2:
+        raise ValueError(f"class list {spec!r} selects {len(classes)} class; a classifier needs >= 2")
+    return classes
+
+
+def select_classes(labels: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of samples in ``classes`` and their labels re-indexed to 0..k-1 (in ``classes`` order)."""
+    remap = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
+    remap[list(classes)] = np.arange(len(classes))
+    idx = np.flatnonzero(np.isin(labels, classes))
+    return idx, remap[labels[idx]]
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` indices with (as near as possible) the class proportions of ``labels``, deterministic by seed."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.floor(counts / counts.sum() * n).astype(int)
+    # hand out the rounding remainder to the largest fractional parts
+    remainder = n - quota.sum()
+    frac = counts / counts.sum() * n - quota
+    quota[np.argsort(-frac)[:remainder]] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota, strict=True)]
+    return np.sort(np.concatenate(picked))
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified (train, val) index split; every class keeps >= 1 training sample."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = min(round(len(idx) * val_fraction), len(idx) - 1)
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def resize_uint8(images: np.ndarray, size: int, batch: int = 1024) -> np.ndarray:
+    """(N, H, W) or (N, H, W, C) or (N, C, H, W) uint8 -> (N, C, size, size) uint8, antialiased bilinear."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x.contiguous().numpy()
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, x.shape[0], batch):
+        chunk = x[start:start + batch].float()
+        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start:start + batch] = resized.round().clamp_(0, 255).to(torch.uint8)
+    return out.numpy()
+
+
+def normalize_batch(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 (N, C, S, S), C in {1, 3} -> float (N, 3, S, S) with ImageNet normalisation.
+
+    Grayscale is replicated to three channels here (expand, no copy) so pretrained RGB stems apply.
+    """
+    x = images.float().div_(255.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class ArrayDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Map-style dataset over an ArraySplit; items stay uint8 until ``normalize_batch``."""
+
+    def __init__(self, split: ArraySplit) -> None:
+        with warnings.catch_warnings():
+            # Arrays from Ray's object store are read-only views (zero copy); nothing here writes to them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.images = torch.from_numpy(np.ascontiguousarray(split.images))
+        self.labels = torch.from_numpy(split.labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]

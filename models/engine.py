@@ -1,0 +1,150 @@
+"""Plain training/evaluation loop functions (torchvision references style).
+
+They take what they need as arguments and know nothing of Ray, MLflow or Prefect. Loss and correct counts
+are accumulated on the device and read once per epoch, so the step loop has no host syncs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.data import normalize_batch
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int  # images seen by this process
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    """Sum across data-parallel ranks when a process group exists (DDP), identity otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip a random half of the batch left-right: (N, C, H, W) -> (N, C, H, W)."""
+    flip = torch.rand(images.shape[0], generator=generator, device="cpu").lt(0.5).to(images.device)
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, *,
+                    autocast_dtype: torch.dtype | None = None, augment: bool = True,
+                    channels_last: bool = False) -> EpochStats:
+    model.train()
+    totals = torch.zeros(3, device=device)  # [sum of losses, correct, images], summed on device
+    start = time.perf_counter()
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if augment:
+            images = random_hflip(images)
+        x = normalize_batch(images)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, autocast_dtype):
+            logits = model(x)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = targets.shape[0]
+        totals += torch.stack([loss.detach().float() * n, (logits.argmax(1) == targets).sum().float(),
+                               torch.tensor(float(n), device=device)])
+    seconds = time.perf_counter() - start
+    local_images = int(totals[2].item())
+    totals = _all_reduce(totals)
+    return EpochStats(loss=(totals[0] / totals[2].clamp(min=1)).item(),
+                      accuracy=(totals[1] / totals[2].clamp(min=1)).item(), images=local_images,
+                      seconds=seconds)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor  # (N,) int64, this process's samples only
+    targets: torch.Tensor  # (N,) int64
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device, *, autocast_dtype: torch.dtype | None = None,
+             channels_last: bool = False) -> EvalResult:
+    model.eval()
+    totals = torch.zeros(3, device=device)
+    preds, tgts = [], []
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        x = normalize_batch(images)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, autocast_dtype):
+            logits = model(x)
+            loss = criterion(logits.float(), targets)
+        pred = logits.argmax(1)
+        n = targets.shape[0]
+        totals += torch.stack([loss * n, (pred == targets).sum().float(), torch.tensor(float(n), device=device)])
+        preds.append(pred.cpu())
+        tgts.append(targets.cpu())
+    totals = _all_reduce(totals)
+    empty = torch.empty(0, dtype=torch.int64)
+    return EvalResult(loss=(totals[0] / totals[2].clamp(min=1)).item(),
+                      accuracy=(totals[1] / totals[2].clamp(min=1)).item(),
+                      predictions=torch.cat(preds) if preds else empty,
+                      targets=torch.cat(tgts) if tgts else empty)
+
+
+@dataclass(frozen=True)
+class ClassificationReport:
+    confusion: torch.Tensor  # (K, K) int64, rows = true class, columns = predicted class
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    support: list[int]
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.confusion.diag().sum() / self.confusion.sum().clamp(min=1))
+
+    @property
+    def macro_f1(self) -> float:
+        return sum(self.f1) / len(self.f1)
+
+
+def classification_report(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int
+                          ) -> ClassificationReport:
+    """Confusion matrix and per-class precision/recall/F1 (0 where undefined)."""
+    flat = targets.long() * num_classes + predictions.long()
+    confusion = torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    tp = confusion.diag().double()
+    predicted = confusion.sum(0).double()
+    actual = confusion.sum(1).double()
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    return ClassificationReport(confusion=confusion, precision=precision.tolist(), recall=recall.tolist(),
+                                f1=f1.tolist(), support=actual.long().tolist())

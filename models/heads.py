@@ -1,0 +1,119 @@
+"""Classifier heads: pooling + classifier modules that sit behind a ResNet trunk.
+
+Every head takes the trunk's feature map ``(N, in_features, H/32, W/32)`` and returns logits
+``(N, num_classes)``. Heads are registered by name (the public API of ``--strategy``), in the style of
+torchvision's ``register_model`` and timm's ``create_classifier(pool_type=...)``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------------------------- pooling
+
+
+class AvgMaxPool(nn.Module):
+    """Mean of global average and global max pooling: (N, C, H, W) -> (N, C, 1, 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (nn.functional.adaptive_avg_pool2d(x, 1) + nn.functional.adaptive_max_pool2d(x, 1))
+
+
+class CatAvgMaxPool(nn.Module):
+    """Concatenated global average and max pooling (fastai 'concat pool'): (N, C, H, W) -> (N, 2C, 1, 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([nn.functional.adaptive_avg_pool2d(x, 1), nn.functional.adaptive_max_pool2d(x, 1)], 1)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    factory: Callable[[], nn.Module]
+    feature_multiplier: int  # output channels = multiplier * input channels
+    description: str
+
+
+POOLS: dict[str, PoolSpec] = {
+    "avg": PoolSpec(lambda: nn.AdaptiveAvgPool2d(1), 1, "global average pooling (torchvision default)"),
+    "max": PoolSpec(lambda: nn.AdaptiveMaxPool2d(1), 1, "global max pooling"),
+    "avgmax": PoolSpec(AvgMaxPool, 1, "mean of average and max pooling"),
+    "catavgmax": PoolSpec(CatAvgMaxPool, 2, "concatenated average and max pooling (2x features)"),
+}
+
+
+# --------------------------------------------------------------------------------------------- heads
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What every head factory needs; built by ``build_model`` from the strategy and the trunk."""
+
+    in_features: int  # channels of the trunk's last feature map: 512 (resnet18/34) or 2048 (resnet50+)
+    num_classes: int
+    pool: str = "avg"
+    hidden_dim: int = 512  # width of MLP heads
+    dropout: float = 0.2
+
+
+HeadFactory = Callable[[HeadConfig], nn.Module]
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    name: str
+    factory: HeadFactory
+    description: str
+
+
+HEAD_SHAPES: dict[str, HeadShape] = {}
+
+
+def register_head(name: str, description: str) -> Callable[[HeadFactory], HeadFactory]:
+    """Register a head factory under ``name``; a duplicate name is a programming error."""
+
+    def wrap(factory: HeadFactory) -> HeadFactory:
+        if name in HEAD_SHAPES:
+            raise ValueError(f"head shape {name!r} is already registered")
+        HEAD_SHAPES[name] = HeadShape(name, factory, description)
+        return factory
+
+    return wrap
+
+
+def _pool(cfg: HeadConfig) -> tuple[nn.Module, int]:
+    spec = POOLS[cfg.pool]
+    return spec.factory(), cfg.in_features * spec.feature_multiplier
+
+
+@register_head("replace-fc", "origin recipe 1: model.fc = Linear(in_features, C) behind the pooled trunk")
+def replace_fc_head(cfg: HeadConfig) -> nn.Module:
+    pool, features = _pool(cfg)
+    # Same names as torchvision's ResNet tail (avgpool, fc), so a replace-fc model is numerically the
+    # torchvision model with its fc swapped: (N, C, h, w) -> pool -> (N, C) -> fc -> (N, classes).
+    return nn.Sequential(
+        OrderedDict(pool=pool, flatten=nn.Flatten(1), fc=nn.Linear(features, cfg.num_classes))
+    )
+
+
+@register_head("mlp", "origin recipe 2: fc removed, new Flatten-Linear-ReLU-Dropout-Linear head attached")
+def mlp_head(cfg: HeadConfig) -> nn.Module:
+    pool, features = _pool(cfg)
+    return nn.Sequential(
+        OrderedDict(
+            pool=pool,
+            flatten=nn.Flatten(1),  # (N, F, 1, 1) -> (N, F)
+            fc1=nn.Linear(features, cfg.hidden_dim),
+            act=nn.ReLU(inplace=True),
+            drop=nn.Dropout(cfg.dropout),
+            fc2=nn.Linear(cfg.hidden_dim, cfg.num_classes),
+        )
+    )
+
+
+def build_head(shape: str, cfg: HeadConfig) -> nn.Module:
+    return HEAD_SHAPES[shape].factory(cfg)

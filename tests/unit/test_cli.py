@@ -1,0 +1,91 @@
+"""CLI bad input: one line naming the bad value and what is allowed, exit code 2, nothing run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HEADBENCH = [str(Path(sys.executable).parent / "headbench")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], home: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS"))}
+    env |= {"HEADBENCH_HOME": str(home), "COLUMNS": "300"} | (extra_env or {})
+    return subprocess.run([*HEADBENCH, *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--arch", "resnet19"], "--arch: Input should be 'resnet18', 'resnet34', 'resnet50', 'resnet101' or "
+     "'resnet152' (got 'resnet19')"),
+    (["--strategy", "fc-swap"], "--strategy: unknown strategy 'fc-swap': head shape 'fc-swap' is not one of "
+     "replace-fc, mlp"),
+    (["--classes", "0-12"], "classes [10, 11, 12] out of range for a dataset with 10 classes; allowed: 0-9"),
+    (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1 (got 0)"),
+    (["--lr", "-0.1"], "--lr: Input should be greater than 0 (got -0.1)"),
+    (["--image-size", "8"], "--image-size: Input should be greater than or equal to 32 (got 8)"),
+    (["--limit", "40", "--batch-size", "64"], "batch_size 64 is larger than the training pool limit 40"),
+])
+def test_bad_options_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                      expected: str) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    for name in list(os.environ):
+        if name.startswith(("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("COLUMNS", "300")
+    result = CliRunner().invoke(app, ["run", "--home", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert not (tmp_path / "cache").exists()  # nothing was downloaded
+
+
+def test_bad_option_through_the_real_console_script(tmp_path: Path) -> None:
+    result = _run(["run", "--strategy", "mlp:median"], tmp_path)
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        "error: --strategy: unknown pooling 'median' in strategy 'mlp:median'; allowed: avg, max, avgmax, "
+        "catavgmax (got 'mlp:median')"]
+
+
+def test_unreachable_mlflow_fails_fast_naming_the_url(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    result = _run(["run"], tmp_path, {"MLFLOW_TRACKING_URI": url,
+                                      "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{_free_port()}"})
+    assert time.monotonic() - start < 30
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: MLflow tracking server unreachable at {url} (is it running? `headbench up`)"]
+
+
+def test_no_stack_configured_says_what_to_do(tmp_path: Path) -> None:
+    result = _run(["run"], tmp_path)
+    assert result.returncode == 2
+    assert "MLFLOW_TRACKING_URI is not set and no local stack env file was found" in result.stderr
+
+
+def test_help_on_every_command() -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    for command in ("up", "down", "status", "run", "demo", "strategies"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, command
