@@ -6,6 +6,8 @@ standard variables, so `--help` is fast and Prefect reads the right API URL.
 
 from __future__ import annotations
 
+import copy
+import logging
 import sys
 import time
 import urllib.error
@@ -104,6 +106,29 @@ def status(home: HomeOpt = None) -> None:
 # ------------------------------------------------------------------------------------------- runs
 
 
+class _NoTraceback(logging.Formatter):
+    """Formats a copy of each record without its traceback: the terminal gets one line per failure,
+    while Prefect's API log handler (the UI) still receives the full traceback."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        bare = copy.copy(record)
+        bare.exc_info, bare.exc_text, bare.stack_info = None, None, None
+        return self.inner.format(bare)
+
+
+def console_without_tracebacks() -> None:
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, _NoTraceback):
+            handler.setFormatter(_NoTraceback(handler.formatter))
+
+
 def _reachable(url: str, timeout: float = 3.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - configured endpoint
@@ -148,6 +173,8 @@ def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows import retrain as retrain_module
+
+    console_without_tracebacks()
 
     stages = ["download", "build", "train", "evaluate", "publish", "done"]
     with Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/5"),

@@ -31,6 +31,10 @@ class S3Error(HeadbenchError):
     """An S3 failure, in one line that names the endpoint (never the credentials)."""
 
 
+class S3UnreachableError(S3Error):
+    transient = True
+
+
 def s3_client(settings: Settings, *, max_attempts: int = 4, connect_timeout: float = 3.0) -> Any:
     """A boto3 S3 client with bounded, standard-mode retries and path-style addressing."""
     if not settings.s3_endpoint_url:
@@ -53,7 +57,7 @@ def s3_errors(endpoint: str | None, what: str) -> Iterator[None]:
     try:
         yield
     except EndpointConnectionError:
-        raise S3Error(f"S3 endpoint {endpoint} is unreachable while {what} (is it running? `headbench up`)"
+        raise S3UnreachableError(f"S3 endpoint {endpoint} is unreachable while {what} (is it running? `headbench up`)"
                       ) from None
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "?")

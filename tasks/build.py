@@ -9,6 +9,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from infra.errors import retry_transient
 from infra.s3 import fetch_model, s3_client
 from infra.settings import Settings
 from infra.tracking import resolve_registered
@@ -42,7 +43,8 @@ def resolve_weights(weights: str, settings: Settings) -> str | None:
     return weights
 
 
-@task(name="build-model", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="build-model", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_transient)
 def build_head_model(arch: str, num_classes: int, strategy: str, weights: str, settings: Settings,
                      hidden_dim: int = 512, dropout: float = 0.2) -> BuiltModel:
     """Build arch + head strategy on top of the resolved pretrained weights."""

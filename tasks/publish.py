@@ -13,6 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from infra.errors import retry_transient
 from infra.s3 import ModelStore, fetch_model, s3_client
 from infra.settings import Settings
 from infra.tracking import Tracker, register_version
@@ -55,7 +56,8 @@ def build_manifest(model: HeadNet, *, model_name: str, class_names: list[str], c
     }
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
+@task(name="publish", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE,
+      retry_condition_fn=retry_transient)
 def publish_model(model: nn.Module, manifest: dict[str, Any], settings: Settings, tracker: Tracker) -> Publication:
     """Upload weights and manifest (manifest last, never overwriting), tag the run, register a version."""
     name, run_id = manifest["model_name"], manifest["mlflow_run_id"]

@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: bootstrap demo test test-all lint up down status clean
+
+bootstrap:
+	@infra/bootstrap.sh
+
+demo: bootstrap  ## start the local stack and run a small retraining end to end
+	$(BIN)/headbench demo
+
+test: bootstrap  ## ruff, then the fast default suite: unit + integration against real local servers
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+test-all: bootstrap  ## everything, slow tests included
+	$(BIN)/python -m pytest -m ""
+
+lint: bootstrap
+	$(BIN)/ruff check .
+
+up: bootstrap
+	$(BIN)/headbench up
+
+down:
+	@if [ -x $(BIN)/headbench ]; then $(BIN)/headbench down; fi
+
+status: bootstrap
+	$(BIN)/headbench status
+
+clean: down
+	rm -rf .headbench

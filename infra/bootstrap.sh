@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything headbench needs on a fresh machine: the .venv with all packages
+# (torch/torchvision at the versions pinned in pyproject.toml) and, where apt and root are available,
+# the Debian package with the Fashion-MNIST files. A stamp keyed on pyproject.toml makes reruns free.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+VENV="${VENV:-.venv}"
+stamp="$VENV/.headbench-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  echo "bootstrap: installing Debian package dataset-fashion-mnist"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
+    || echo "bootstrap: dataset-fashion-mnist not installed; Fashion-MNIST will come from its URL or S3"
+fi
+
+if [ -f "$stamp" ]; then exit 0; fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "bootstrap: creating $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+fi
+echo "bootstrap: installing packages into $VENV (a few minutes the first time)"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e '.[dev]'
+rm -f "$VENV"/.headbench-installed-*
+touch "$stamp"
+echo "bootstrap: done"

@@ -1,0 +1,121 @@
+"""End to end: `headbench run` on a tiny subset against the real stack and a real Ray cluster, then every
+promise checked from the outside with boto3, MlflowClient, the Prefect API and Ray's state API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from infra.datasets import DataSpec, load_raw, prepare
+from infra.ray_cluster import RayHead
+from infra.s3 import s3_client, split_uri
+from tasks.evaluate import evaluate_split
+from tasks.publish import load_published
+from tests.integration.conftest import Stack
+
+HEADBENCH = str(Path(sys.executable).parent / "headbench")
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def e2e_run(stack: Stack, ray_cluster: RayHead) -> dict[str, str]:
+    args = [HEADBENCH, "run", "--classes", "0-2", "--limit", "150", "--test-limit", "60", "--image-size", "32",
+            "--epochs", str(EPOCHS), "--workers", "2", "--batch-size", "32", "--strategy", "mlp",
+            "--model-name", "e2e-test", "--seed", "3"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False,
+                          env=stack.cli_env(RAY_ADDRESS=ray_cluster.address))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    run_url = re.search(r"MLflow run : (\S+)", done.stdout)
+    s3_uri = re.search(r"S3 model   : (\S+)", done.stdout)
+    assert run_url and s3_uri, done.stdout
+    return {"run_id": run_url.group(1).rsplit("/", 1)[-1], "s3_uri": s3_uri.group(1),
+            "stdout": done.stdout + done.stderr}
+
+
+def test_progress_is_visible(e2e_run: dict[str, str]) -> None:
+    for epoch in range(1, EPOCHS + 1):
+        assert re.search(rf"epoch {epoch}/{EPOCHS} train_loss=\S+ .* \d+ img/s", e2e_run["stdout"])
+
+
+def test_s3_objects_match_the_manifest(stack: Stack, e2e_run: dict[str, str]) -> None:
+    bucket, prefix = split_uri(e2e_run["s3_uri"])
+    assert prefix == f"e2e-test/{e2e_run['run_id']}/"
+    client = s3_client(stack.settings)
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    assert keys == {prefix + "model.safetensors", prefix + "manifest.json"}
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
+    weights = client.get_object(Bucket=bucket, Key=prefix + "model.safetensors")["Body"].read()
+    assert hashlib.sha256(weights).hexdigest() == manifest["sha256"]
+    assert manifest["arch"] == "resnet18" and manifest["strategy"] == "mlp" and manifest["num_classes"] == 3
+    assert manifest["class_names"] == ["T-shirt/top", "Trouser", "Pullover"]
+    assert manifest["mlflow_run_id"] == e2e_run["run_id"] and manifest["image_size"] == 32
+
+
+def test_mlflow_run_has_params_metrics_artifacts_and_version(stack: Stack, e2e_run: dict[str, str],
+                                                             tmp_path: Path) -> None:
+    uri = stack.settings.mlflow_tracking_uri
+    assert uri
+    client = MlflowClient(uri)
+    run = client.get_run(e2e_run["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["arch"], params["strategy"], params["epochs"], params["classes"]) == ("resnet18", "mlp", "2",
+                                                                                          "0-2")
+    assert params["num_classes"] == "3" and params["in_features"] == "512" and params["workers"] == "2"
+    assert run.data.tags["model_s3_uri"] == e2e_run["s3_uri"]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(1, EPOCHS + 1)), (key, steps)
+    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+    evaluation = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")]
+    assert "evaluation/confusion_matrix.png" in evaluation
+    png = client.download_artifacts(run.info.run_id, "evaluation/confusion_matrix.png", str(tmp_path))
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    versions = client.search_model_versions("name='e2e-test'")
+    mine = [v for v in versions if v.run_id == run.info.run_id]
+    assert len(mine) == 1 and mine[0].source == e2e_run["s3_uri"]
+
+
+def test_published_model_reproduces_logged_test_accuracy(stack: Stack, e2e_run: dict[str, str]) -> None:
+    model, manifest = load_published(e2e_run["s3_uri"], stack.settings)
+    spec = DataSpec(**manifest["data"])
+    data = prepare(load_raw(spec, stack.settings.cache_dir), spec)
+    assert data.class_names == manifest["class_names"]
+    metrics = evaluate_split(model, data.test, manifest["num_classes"])
+    uri = stack.settings.mlflow_tracking_uri
+    assert uri
+    logged = MlflowClient(uri).get_run(e2e_run["run_id"]).data.metrics["test_accuracy"]
+    assert metrics.accuracy == pytest.approx(logged, abs=1e-6)
+    assert manifest["metrics"]["test_accuracy"] == pytest.approx(logged, abs=1e-6)
+
+
+def test_prefect_server_recorded_the_flow_run(stack: Stack, e2e_run: dict[str, str]) -> None:
+    uri = stack.settings.mlflow_tracking_uri
+    assert uri and stack.settings.prefect_api_url
+    flow_run_id = MlflowClient(uri).get_run(e2e_run["run_id"]).data.tags["prefect.flow_run_id"]
+    response = httpx.get(f"{stack.settings.prefect_api_url}/flow_runs/{flow_run_id}", timeout=10)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["state_type"] == "COMPLETED"
+    assert body["name"] == "fashion-mnist-resnet18-mlp-seed3"
+    tasks = httpx.post(f"{stack.settings.prefect_api_url}/task_runs/filter",
+                       json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=10).json()
+    names = {t["name"].rsplit("-", 1)[0] for t in tasks}
+    assert {"download-data", "build-model", "train", "evaluate", "publish"} <= names
+    assert all(t["state_type"] == "COMPLETED" for t in tasks)
+
+
+def test_training_ran_on_the_ray_cluster_with_two_workers(ray_cluster: RayHead, e2e_run: dict[str, str]) -> None:
+    from ray.util.state import list_actors
+
+    workers = list_actors(address=ray_cluster.dashboard_url, filters=[("class_name", "=", "RayTrainWorker")],
+                          limit=100, raise_on_missing_output=False)
+    assert len(workers) >= 2

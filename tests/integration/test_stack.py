@@ -1,0 +1,71 @@
+"""`headbench up | status | down` as a user runs them: idempotent, loopback only, stops exactly what it started."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from infra.ray_cluster import free_port
+from infra.settings import StackPorts
+from infra.stack import _pid_alive
+
+HEADBENCH = str(Path(sys.executable).parent / "headbench")
+
+
+def _listening(pid_group: int) -> list[str]:
+    """Local addresses of the TCP sockets listened on by processes of one process group."""
+    pids = {p for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pid_group}
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if any(f"pid={p}," in line for p in pids)]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_up_status_down_lifecycle(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "PREFECT_API"))}
+    env |= {"HEADBENCH_HOME": str(tmp_path), "COLUMNS": "200"}
+    env |= {f"HEADBENCH_PORT_{name.upper()}": str(free_port()) for name in StackPorts.model_fields}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([HEADBENCH, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
+
+    try:
+        first = cli("up")
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert f"MLflow UI  : http://127.0.0.1:{env['HEADBENCH_PORT_MLFLOW']}" in first.stdout
+        assert f"Prefect UI : http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}" in first.stdout
+        again = cli("up")
+        assert again.returncode == 0 and again.stdout.count("already running") == 3
+
+        env_file = tmp_path / "env"
+        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+        exported = dict(line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines())
+        assert exported["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{env['HEADBENCH_PORT_MLFLOW']}"
+        assert exported["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{env['HEADBENCH_PORT_S3']}"
+        assert exported["PREFECT_API_URL"] == f"http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}/api"
+        assert {"MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= exported.keys()
+
+        status = cli("status")
+        assert status.returncode == 0 and status.stdout.count("healthy") == 3, status.stdout
+
+        pids = {name: int((tmp_path / "pids" / f"{name}.pid").read_text()) for name in ("s3", "mlflow", "prefect")}
+        for name, pid in pids.items():
+            addresses = _listening(pid)
+            assert addresses, name
+            assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in addresses), (name, addresses)
+    finally:
+        down = cli("down")
+    assert down.returncode == 0 and "stopped: prefect, mlflow, s3" in down.stdout
+    for name, pid in pids.items():
+        assert not _pid_alive(pid, name if name != "s3" else "weed"), name
+        assert _listening(pid) == []
+    after = cli("status")
+    assert after.returncode == 3 and after.stdout.count("stopped") == 3
