@@ -42,6 +42,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
 def validation_line(exc: ValidationError) -> str:
     """First pydantic error as one line: the field (as its CLI option), the reason and the bad value."""
     e = exc.errors()[0]
@@ -189,7 +194,10 @@ def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
             result = retrain_module.retrain(params)
         except (HeadbenchError, ValueError) as exc:
             progress.stop()
-            fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+            fail(first_line(exc))
+        except Exception as exc:  # noqa: BLE001 - one line here; the full traceback is in the Prefect UI logs
+            progress.stop()
+            fail(f"{exc.__class__.__name__}: {first_line(exc)}")
         finally:
             retrain_module.STAGE_LISTENERS.remove(on_stage)
     say(f"test accuracy {result.test_accuracy:.4f}  macro-F1 {result.test_macro_f1:.4f}")

@@ -67,6 +67,9 @@ class Tracker:
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 

@@ -7,8 +7,9 @@ are accumulated on the device and read once per epoch, so the step loop has no h
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from models.data import normalize_batch
 class EpochStats:
     loss: float
     accuracy: float
-    images: int  # images seen by this process
+    images: int  # images seen by all data-parallel ranks together
     seconds: float
 
     @property
@@ -49,21 +50,39 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator | None = None)
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+Prepare = Callable[[torch.Tensor, bool], torch.Tensor]
+
+
+def image_input(channels_last: bool = False, augment: bool = True) -> Prepare:
+    """uint8 images -> (random hflip when training and augmenting) -> normalised float (N, 3, S, S)."""
+
+    def prepare(images: torch.Tensor, training: bool) -> torch.Tensor:
+        x = normalize_batch(random_hflip(images) if training and augment else images)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    return prepare
+
+
+def feature_input(features: torch.Tensor, training: bool) -> torch.Tensor:
+    """Cached backbone features (N, F, h, w) go to the head as they are."""
+    return features
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, *,
-                    autocast_dtype: torch.dtype | None = None, augment: bool = True,
-                    channels_last: bool = False) -> EpochStats:
+                    autocast_dtype: torch.dtype | None = None, prepare: Prepare | None = None,
+                    frozen: Sequence[nn.Module] = ()) -> EpochStats:
+    """One pass over ``loader``. ``frozen`` modules stay in eval mode (BatchNorm statistics do not move)."""
     model.train()
+    for module in frozen:
+        module.eval()
+    prepare = prepare or image_input()
     totals = torch.zeros(3, device=device)  # [sum of losses, correct, images], summed on device
     start = time.perf_counter()
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        if augment:
-            images = random_hflip(images)
-        x = normalize_batch(images)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = prepare(images, True)
         with _autocast(device, autocast_dtype):
             logits = model(x)
             loss = criterion(logits, targets)
@@ -74,10 +93,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         totals += torch.stack([loss.detach().float() * n, (logits.argmax(1) == targets).sum().float(),
                                torch.tensor(float(n), device=device)])
     seconds = time.perf_counter() - start
-    local_images = int(totals[2].item())
-    totals = _all_reduce(totals)
+    totals = _all_reduce(totals)  # images = all ranks' images: the epoch's global throughput
     return EpochStats(loss=(totals[0] / totals[2].clamp(min=1)).item(),
-                      accuracy=(totals[1] / totals[2].clamp(min=1)).item(), images=local_images,
+                      accuracy=(totals[1] / totals[2].clamp(min=1)).item(), images=int(totals[2].item()),
                       seconds=seconds)
 
 
@@ -92,15 +110,14 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device, *, autocast_dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> EvalResult:
+             prepare: Prepare | None = None) -> EvalResult:
     model.eval()
+    prepare = prepare or image_input()
     totals = torch.zeros(3, device=device)
     preds, tgts = [], []
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        x = normalize_batch(images)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = prepare(images, False)
         with _autocast(device, autocast_dtype):
             logits = model(x)
             loss = criterion(logits.float(), targets)
@@ -115,6 +132,39 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable[tuple[torc
                       accuracy=(totals[1] / totals[2].clamp(min=1)).item(),
                       predictions=torch.cat(preds) if preds else empty,
                       targets=torch.cat(tgts) if tgts else empty)
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, images: torch.Tensor, device: torch.device, *, batch_size: int = 256,
+                     autocast_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+    """Backbone features of uint8 images, computed once in eval mode: (N, C, S, S) -> (N, F, h, w) float32.
+
+    Under DDP each rank computes a contiguous 1/world slice and the slices are all-gathered, so every
+    image goes through the backbone exactly once and every rank ends with all features.
+    """
+    backbone.eval()
+    prepare = image_input(channels_last)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    bounds = torch.linspace(0, len(images), world + 1).long().tolist()
+    mine = images[bounds[rank]:bounds[rank + 1]]
+    chunks = []
+    for start in range(0, len(mine), batch_size):
+        x = prepare(mine[start:start + batch_size].to(device), False)
+        with _autocast(device, autocast_dtype):
+            chunks.append(backbone(x).float())
+    if not chunks:  # an empty slice still has to join the all-gather with the right shape
+        probe = prepare(images[:1].to(device), False)
+        chunks.append(backbone(probe).float()[:0])
+    local = torch.cat(chunks)
+    if world == 1:
+        return local.cpu()
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
+    padded = torch.zeros((longest, *local.shape[1:]), device=local.device, dtype=local.dtype)
+    padded[:len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:b - a] for g, a, b in zip(gathered, bounds[:-1], bounds[1:], strict=True)]).cpu()
 
 
 @dataclass(frozen=True)

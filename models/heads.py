@@ -68,18 +68,21 @@ class HeadShape:
     name: str
     factory: HeadFactory
     description: str
+    default_pool: str = "avg"
+    pools: tuple[str, ...] = tuple(POOLS)  # the poolings this shape accepts
 
 
 HEAD_SHAPES: dict[str, HeadShape] = {}
 
 
-def register_head(name: str, description: str) -> Callable[[HeadFactory], HeadFactory]:
+def register_head(name: str, description: str, *, default_pool: str = "avg",
+                  pools: tuple[str, ...] = tuple(POOLS)) -> Callable[[HeadFactory], HeadFactory]:
     """Register a head factory under ``name``; a duplicate name is a programming error."""
 
     def wrap(factory: HeadFactory) -> HeadFactory:
         if name in HEAD_SHAPES:
             raise ValueError(f"head shape {name!r} is already registered")
-        HEAD_SHAPES[name] = HeadShape(name, factory, description)
+        HEAD_SHAPES[name] = HeadShape(name, factory, description, default_pool, pools)
         return factory
 
     return wrap
@@ -113,6 +116,46 @@ def mlp_head(cfg: HeadConfig) -> nn.Module:
             fc2=nn.Linear(cfg.hidden_dim, cfg.num_classes),
         )
     )
+
+
+@register_head("fastai", "fastai create_head: concat pool-BN-Dropout-Linear(2F, 512)-ReLU-BN-Dropout-Linear(512, C)",
+               default_pool="catavgmax")
+def fastai_head(cfg: HeadConfig) -> nn.Module:
+    pool, features = _pool(cfg)
+    # fastai's defaults: ps=0.5 split as p/2 before the first Linear and p before the last
+    return nn.Sequential(
+        OrderedDict(
+            pool=pool,
+            flatten=nn.Flatten(1),
+            bn1=nn.BatchNorm1d(features),
+            drop1=nn.Dropout(0.25),
+            fc1=nn.Linear(features, 512, bias=False),
+            act=nn.ReLU(inplace=True),
+            bn2=nn.BatchNorm1d(512),
+            drop2=nn.Dropout(0.5),
+            fc2=nn.Linear(512, cfg.num_classes, bias=False),
+        )
+    )
+
+
+class ConvClassifier(nn.Module):
+    """1x1 convolution over the feature map, then pooling of the class maps (timm ``use_conv``):
+    (N, F, h, w) -> conv -> (N, C, h, w) -> pool -> (N, C)."""
+
+    def __init__(self, in_features: int, num_classes: int, pool: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_features, num_classes, kernel_size=1)
+        self.pool = pool
+        self.flatten = nn.Flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flatten(self.pool(self.conv(x)))
+
+
+@register_head("conv1x1", "1x1 convolution classifier on the feature map, pooled afterwards (timm use_conv)",
+               pools=("avg", "max", "avgmax"))
+def conv1x1_head(cfg: HeadConfig) -> nn.Module:
+    return ConvClassifier(cfg.in_features, cfg.num_classes, POOLS[cfg.pool].factory())
 
 
 def build_head(shape: str, cfg: HeadConfig) -> nn.Module:

@@ -10,23 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.heads import HEAD_SHAPES, POOLS
+from models.schedules import SCHEDULES
 
-
-@dataclass(frozen=True)
-class Schedule:
-    name: str
-    description: str
-    freeze_backbone: bool  # backbone parameters get requires_grad=False at construction
-
-
-SCHEDULES: dict[str, Schedule] = {
-    s.name: s
-    for s in (
-        Schedule("full-ft", "everything trains from the first step", freeze_backbone=False),
-    )
-}
-
-DEFAULT_POOL = "avg"
 DEFAULT_SCHEDULE = "full-ft"
 
 
@@ -37,14 +22,14 @@ class StrategyError(ValueError):
 @dataclass(frozen=True)
 class StrategySpec:
     shape: str
-    pool: str = DEFAULT_POOL
+    pool: str = "avg"
     schedule: str = DEFAULT_SCHEDULE
 
     @property
     def name(self) -> str:
         """Canonical name: defaults are omitted, so ``mlp:avg+full-ft`` is ``mlp``."""
         name = self.shape
-        if self.pool != DEFAULT_POOL:
+        if self.pool != HEAD_SHAPES[self.shape].default_pool:
             name += f":{self.pool}"
         if self.schedule != DEFAULT_SCHEDULE:
             name += f"+{self.schedule}"
@@ -57,14 +42,17 @@ def parse_strategy(name: str) -> StrategySpec:
     head, _, schedule = text.partition("+")
     shape, _, pool = head.partition(":")
     schedule = schedule or DEFAULT_SCHEDULE
-    pool = pool or DEFAULT_POOL
     if shape not in HEAD_SHAPES:
         raise StrategyError(
             f"unknown strategy {name!r}: head shape {shape!r} is not one of {', '.join(HEAD_SHAPES)} "
             f"(named strategies: {', '.join(list_strategies())})"
         )
+    pool = pool or HEAD_SHAPES[shape].default_pool
     if pool not in POOLS:
         raise StrategyError(f"unknown pooling {pool!r} in strategy {name!r}; allowed: {', '.join(POOLS)}")
+    if pool not in HEAD_SHAPES[shape].pools:
+        raise StrategyError(f"invalid combination {name!r}: head shape {shape!r} takes the poolings "
+                            f"{', '.join(HEAD_SHAPES[shape].pools)}")
     if schedule not in SCHEDULES:
         raise StrategyError(
             f"unknown schedule {schedule!r} in strategy {name!r}; allowed: {', '.join(SCHEDULES)}"
@@ -76,10 +64,16 @@ def parse_strategy(name: str) -> StrategySpec:
 _CURATED: tuple[tuple[str, str], ...] = (
     ("replace-fc", "origin recipe 1: new Linear(in_features, C) in place of fc, everything fine-tuned"),
     ("mlp", "origin recipe 2: fc removed, MLP head (Linear-ReLU-Dropout-Linear) attached, fine-tuned"),
+    ("replace-fc+linear-probe", "frozen backbone (BN stats too), linear head on features computed once"),
+    ("replace-fc+lp-ft", "linear probe, then full fine-tuning at LR/10 (LP-FT, Kumar et al. 2022)"),
+    ("mlp+lp-ft", "MLP head probed first, then full fine-tuning at LR/10"),
+    ("fastai+gradual", "fastai head (concat pool, BN, dropout), head first, then discriminative LRs"),
+    ("conv1x1:avgmax", "1x1 conv classifier before avg+max pooling, fine-tuned"),
     ("replace-fc:max", "replace-fc behind global max pooling"),
-    ("replace-fc:avgmax", "replace-fc behind the mean of average and max pooling"),
     ("mlp:catavgmax", "MLP head on concatenated average+max pooled features (2x in_features)"),
 )
+DEMO_STRATEGIES: tuple[str, ...] = ("replace-fc", "mlp", "replace-fc+linear-probe", "replace-fc+lp-ft",
+                                    "mlp+lp-ft", "fastai+gradual")
 
 
 def list_strategies() -> dict[str, str]:

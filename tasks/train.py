@@ -8,7 +8,6 @@ persists to the S3 checkpoint bucket; a restarted worker group resumes from the 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -24,9 +23,10 @@ from torch import nn
 from infra.errors import HeadbenchError
 from infra.settings import Settings
 from infra.tracking import Tracker
-from models import build_model
+from models import build_model, parse_strategy
 from models.data import ArrayDataset, ArraySplit
-from models.engine import evaluate, train_one_epoch
+from models.engine import evaluate, extract_features, feature_input, image_input, train_one_epoch
+from models.schedules import apply_phase, param_groups, phase_at, plan
 from models.weights import WEIGHTS_FILE, save_state_dict
 
 TRAIN_STATE = "train_state.pt"
@@ -54,8 +54,10 @@ class TrainConfig:
     cpus_per_worker: int | None = None  # default: the cluster's CPUs shared evenly
     use_gpu: bool = False
     seed: int = 0
-    augment: bool = True
+    augment: bool = True  # random horizontal flips (image phases only)
     max_failures: int = 2
+    probe_epochs: int | None = None  # two-phase schedules: epochs of the frozen first phase (default half)
+    cache_features: bool = True  # frozen phases train the head on backbone features computed once
 
 
 @dataclass(frozen=True)
@@ -65,17 +67,31 @@ class TrainOutcome:
     checkpoint_path: str  # where Ray persisted the last checkpoint
 
 
-def _epoch_line(row: dict[str, float], epochs: int) -> str:
-    return (f"epoch {int(row['epoch'])}/{epochs} train_loss={row['train_loss']:.4f} "
+def _epoch_line(row: dict[str, float], epochs: int, phase: str) -> str:
+    return (f"epoch {int(row['epoch'])}/{epochs} [{phase}] train_loss={row['train_loss']:.4f} "
             f"train_acc={row['train_accuracy']:.4f} val_loss={row['val_loss']:.4f} "
             f"val_acc={row['val_accuracy']:.4f} {row['images_per_second']:.0f} img/s")
 
 
+def _loaders(x: torch.Tensor | ArraySplit, y: torch.Tensor | None, val_x: torch.Tensor | ArraySplit,
+             val_y: torch.Tensor | None, batch: int, pin: bool) -> tuple[Any, Any]:
+    """Ray-prepared (DistributedSampler, device moves) loaders over images or cached features."""
+    import ray.train.torch
+
+    def dataset(a: torch.Tensor | ArraySplit, b: torch.Tensor | None) -> torch.utils.data.Dataset[Any]:
+        return ArrayDataset(a) if isinstance(a, ArraySplit) else torch.utils.data.TensorDataset(a, b)
+
+    train = torch.utils.data.DataLoader(dataset(x, y), batch_size=batch, shuffle=True, pin_memory=pin)
+    val = torch.utils.data.DataLoader(dataset(val_x, val_y), batch_size=batch * 2, shuffle=False)
+    return ray.train.torch.prepare_data_loader(train), ray.train.torch.prepare_data_loader(val)
+
+
 def train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: the schedule's phases, one checkpoint per epoch."""
     import ray
     import ray.train
     import ray.train.torch
+    from safetensors.torch import load_file
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -84,58 +100,71 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
+    amp = torch.bfloat16 if on_gpu else None
 
     train_split, val_split = ray.get(config["data_ref"])  # zero-copy numpy views from the object store
     model = build_model(cfg.arch, cfg.num_classes, cfg.strategy, None, hidden_dim=cfg.hidden_dim,
                         dropout=cfg.dropout)
     model.load_state_dict(ray.get(config["init_ref"]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                nesterov=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    start_epoch, history = 0, []
+    phases = plan(parse_strategy(cfg.strategy).schedule, cfg.epochs, cfg.probe_epochs)
+    start_epoch, history, saved = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume after a worker failure: weights, optimizer, schedule, history
         with checkpoint.as_directory() as ckpt_dir:
-            from safetensors.torch import load_file
-
             model.load_state_dict(load_file(Path(ckpt_dir) / WEIGHTS_FILE))
-            state = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-
+            saved = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)
+        start_epoch, history = int(saved["epoch"]) + 1, list(saved["history"])
+    model.to(device)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
     per_worker_batch = max(1, cfg.batch_size // world)
-    train_loader = ray.train.torch.prepare_data_loader(torch.utils.data.DataLoader(
-        ArrayDataset(train_split), batch_size=per_worker_batch, shuffle=True, drop_last=False,
-        pin_memory=on_gpu))
-    val_loader = ray.train.torch.prepare_data_loader(torch.utils.data.DataLoader(
-        ArrayDataset(val_split), batch_size=per_worker_batch * 2, shuffle=False))
     criterion = nn.CrossEntropyLoss()
-    amp = torch.bfloat16 if on_gpu else None
     tracker = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    current, cached = -1, None
 
     for epoch in range(start_epoch, cfg.epochs):
-        stats = train_one_epoch(model, criterion, optimizer, train_loader, device, autocast_dtype=amp,
-                                augment=cfg.augment, channels_last=on_gpu)
-        val = evaluate(model, criterion, val_loader, device, autocast_dtype=amp, channels_last=on_gpu)
-        lr = optimizer.param_groups[0]["lr"]
+        index, phase, _ = phase_at(phases, epoch)
+        if index != current:  # enter a phase: what trains, param groups, LR schedule, inputs, DDP wrapper
+            current = index
+            apply_phase(model, phase)
+            optimizer = torch.optim.SGD(param_groups(model, phase, cfg.lr), momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay, nesterov=True)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=phase.epochs)
+            if saved is not None and saved.get("phase") == index:
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+            use_cache = phase.frozen and cfg.cache_features
+            if use_cache:
+                if cached is None:  # backbone features, computed once per image for all frozen epochs
+                    cached = tuple(extract_features(model.backbone, torch.from_numpy(s.images), device,
+                                                    autocast_dtype=amp, channels_last=on_gpu)
+                                   for s in (train_split, val_split))
+                net = ray.train.torch.prepare_model(model.head, move_to_device=False)
+                train_loader, val_loader = _loaders(cached[0], torch.from_numpy(train_split.labels), cached[1],
+                                                    torch.from_numpy(val_split.labels), per_worker_batch, False)
+                prepare, frozen = feature_input, ()
+            else:
+                net = ray.train.torch.prepare_model(model, move_to_device=False)
+                train_loader, val_loader = _loaders(train_split, None, val_split, None, per_worker_batch, on_gpu)
+                prepare = image_input(channels_last=on_gpu, augment=cfg.augment)
+                frozen = (model.backbone,) if phase.frozen else ()
+        stats = train_one_epoch(net, criterion, optimizer, train_loader, device, autocast_dtype=amp,
+                                prepare=prepare, frozen=frozen)
+        val = evaluate(net, criterion, val_loader, device, autocast_dtype=amp, prepare=prepare)
+        lr = optimizer.param_groups[-1]["lr"]  # the head group's LR
         scheduler.step()
-        row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+        row = {"epoch": epoch + 1, "phase": index + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lr,
                "images_per_second": stats.images_per_second, "epoch_seconds": stats.seconds}
         history.append(row)
         if rank == 0:
             assert tracker is not None
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            print(_epoch_line(row, cfg.epochs), flush=True)
+            print(_epoch_line(row, cfg.epochs, phase.name), flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 save_state_dict(model, Path(tmp) / WEIGHTS_FILE)
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "epoch": epoch, "history": history}, Path(tmp) / TRAIN_STATE)
+                            "epoch": epoch, "phase": index, "history": history}, Path(tmp) / TRAIN_STATE)
                 ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(row, checkpoint=None)
@@ -172,6 +201,14 @@ def init_ray(settings: Settings) -> None:
         ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
 
 
+def cluster_cpus(settings: Settings) -> int:
+    """CPUs of the Ray cluster this process trains on (starting or joining it first)."""
+    import ray
+
+    init_ray(settings)
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
 def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                  *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
@@ -179,12 +216,11 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    init_ray(settings)
-    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    cpus = cfg.cpus_per_worker or max(1, cluster_cpus // cfg.workers)
-    if cfg.workers * cpus > cluster_cpus and not cfg.use_gpu:
+    available = cluster_cpus(settings)
+    cpus = cfg.cpus_per_worker or max(1, available // cfg.workers)
+    if cfg.workers * cpus > available and not cfg.use_gpu:
         raise TrainingError(f"workers={cfg.workers} x {cpus} CPU need {cfg.workers * cpus} CPUs but the Ray "
-                            f"cluster has {cluster_cpus}; allowed: workers * cpus_per_worker <= {cluster_cpus}")
+                            f"cluster has {available}; allowed: workers * cpus_per_worker <= {available}")
     storage_path, storage_fs = _storage(settings)
     trainer = TorchTrainer(
         train_worker,
@@ -221,6 +257,3 @@ def train_model(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state
     return run_training(cfg, train, val, init_state, settings=settings, tracking_uri=tracking_uri,
                         run_id=run_id, run_key=run_key)
 
-
-def history_json(history: list[dict[str, float]]) -> str:
-    return json.dumps(history, indent=2)

@@ -1,0 +1,120 @@
+"""Typed flow parameters: one pydantic model per flow, with descriptions, defaults and bounds.
+
+Prefect renders them as the deployment's form in the UI and validates them server-side; the CLI builds the
+same models, so a bad value gets the same one-line error everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from infra.datasets import FASHION_MNIST_CLASSES, DataSpec
+from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
+from models.data import parse_classes
+from models.schedules import plan
+from models.strategies import DEMO_STRATEGIES
+
+Arch = Literal[ARCHS]  # type: ignore[valid-type]  # the dashboard shows a drop-down of these
+BUILTIN_CLASSES = {"fashion-mnist": len(FASHION_MNIST_CLASSES)}
+
+
+class TrainingParams(BaseModel):
+    """What every run shares: data, backbone, budget and resources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field("fashion-mnist", description="built-in 'fashion-mnist', a local ImageFolder "
+                         "directory, or s3://bucket/prefix holding an ImageFolder tree")
+    classes: str | None = Field(None, description="class subset, e.g. '0-4' or '0,2,7' (labels are re-indexed "
+                                "0..k-1, names kept); empty = all classes", examples=["0-4"])
+    limit: int | None = Field(None, ge=10, description="training pool size (train + val), stratified; "
+                              "empty = all")
+    test_limit: int | None = Field(None, ge=2, description="test set size, stratified; empty = all")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="validation share of the training pool")
+    image_size: int = Field(64, ge=MIN_IMAGE_SIZE, le=512, description="square input size in pixels")
+    arch: Arch = Field("resnet18", description="torchvision ResNet depth")
+    weights: str = Field("none", description="'none', a torchvision weights name (DEFAULT, IMAGENET1K_V1), "
+                         "a published model (s3://... or models:/<name>@<alias>) or a local file")
+    epochs: int = Field(2, ge=1, le=1000, description="training epochs")
+    batch_size: int = Field(64, ge=2, le=8192, description="global batch size (split across workers)")
+    lr: float = Field(0.01, gt=0.0, le=10.0, description="peak learning rate (SGD, cosine schedule)")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="SGD weight decay")
+    hidden_dim: int = Field(512, ge=8, le=8192, description="hidden width of MLP heads")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout of MLP heads")
+    probe_epochs: int | None = Field(None, ge=1, le=999, description="lp-ft / gradual: epochs of the frozen "
+                                     "first phase; empty = half the epochs")
+    cache_features: bool = Field(True, description="frozen phases train the head on backbone features "
+                                 "computed once per image")
+    workers: int = Field(2, ge=1, le=512, description="Ray Train data-parallel workers")
+    cpus_per_worker: int | None = Field(None, ge=1, le=512, description="CPUs per worker; empty = the "
+                                        "cluster's CPUs shared evenly")
+    use_gpu: bool = Field(False, description="one GPU per worker (bf16 autocast, channels_last)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the data split, init and shuffling")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_syntax(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            parse_classes(value, 10**6)  # syntax only; the range is checked against the dataset
+            return value.strip()
+        return None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingParams:
+        if self.classes and self.dataset in BUILTIN_CLASSES:
+            parse_classes(self.classes, BUILTIN_CLASSES[self.dataset])
+        if self.limit is not None and self.limit < self.batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is larger than the training pool limit "
+                             f"{self.limit}; allowed: batch_size <= limit")
+        for strategy in self.strategy_names():
+            plan(parse_strategy(strategy).schedule, self.epochs, self.probe_epochs)  # raises on bad combos
+        return self
+
+    def strategy_names(self) -> list[str]:
+        return []
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(dataset=self.dataset, classes=self.classes, limit=self.limit, test_limit=self.test_limit,
+                        val_fraction=self.val_fraction, image_size=self.image_size, seed=self.seed)
+
+
+class RetrainParams(TrainingParams):
+    """One retraining run, published to S3 and the MLflow registry."""
+
+    strategy: str = Field("mlp", description="head strategy <shape>[:<pool>][+<schedule>], e.g. "
+                          "'replace-fc', 'mlp', 'mlp+lp-ft', 'replace-fc+linear-probe'")
+    model_name: str = Field("headbench-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+                            description="registered model name; also the S3 prefix of published models")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        return parse_strategy(value).name
+
+    def strategy_names(self) -> list[str]:
+        return [self.strategy]
+
+
+class CompareParams(TrainingParams):
+    """Every strategy x seed on the same data split and budget, as children of one MLflow parent run."""
+
+    strategies: list[str] = Field(list(DEMO_STRATEGIES), min_length=1, max_length=32,
+                                  description="head strategies to compare (see `headbench strategies`)")
+    seeds: int = Field(2, ge=1, le=20, description="repetitions per strategy (seed, seed+1, ...); the data "
+                       "split stays fixed")
+    parallel: int | None = Field(None, ge=1, le=64, description="children trained at once; empty = as many as "
+                                 "the Ray cluster's CPUs allow")
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, values: list[str]) -> list[str]:
+        names = [parse_strategy(v).name for v in values]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"strategies listed twice: {', '.join(duplicates)}")
+        return names
+
+    def strategy_names(self) -> list[str]:
+        return self.strategies

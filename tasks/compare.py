@@ -1,0 +1,211 @@
+"""Comparison of head strategies: one child run per strategy x seed, and the summary over them.
+
+The summary is plain Python (mean and a 95% t-interval per strategy, the winner, whether its interval
+separates it from the runner-up); the table and chart go to the MLflow parent run and to Prefect.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from infra.datasets import PreparedData
+from infra.settings import Settings
+from infra.tracking import Tracker, start_run
+from models import build_model, parse_strategy, trainable_parameters
+from models.schedules import describe_plan, phase_params
+from tasks.evaluate import evaluate_split, learning_curves_png
+from tasks.train import TrainConfig, run_training
+
+# two-sided 95% Student t quantiles by degrees of freedom (n - 1); normal beyond the table
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    if df <= 0:
+        return float("nan")
+    keys = sorted(k for k in _T95 if k <= df)
+    return _T95[keys[-1]] if df <= 30 else 1.96
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    strategy: str
+    seed: int
+    run_id: str
+    test_accuracy: float
+    test_macro_f1: float
+    train_seconds: float
+    trainable_params: int
+    images_per_second: float  # mean over epochs
+    history: list[dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Interval:
+        n = len(values)
+        mean = sum(values) / n
+        if n < 2:
+            return cls(mean, float("nan"), float("nan"))
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        half = t95(n - 1) * sd / math.sqrt(n)
+        return cls(mean, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class StrategyRow:
+    strategy: str
+    runs: int
+    accuracy: Interval
+    macro_f1: Interval
+    train_seconds: float
+    trainable_params: int
+    images_per_second: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rows: list[StrategyRow]  # best mean test accuracy first
+    winner: str
+    runner_up: str | None
+    margin: float  # winner's mean accuracy minus the runner-up's
+    separated: bool  # the winner's 95% interval lies entirely above the runner-up's
+
+    def verdict(self) -> str:
+        if self.runner_up is None:
+            return f"only one strategy: {self.winner}"
+        how = "its 95% CI separates it from" if self.separated else "its 95% CI overlaps"
+        return f"winner {self.winner} by {self.margin:+.4f} test accuracy; {how} {self.runner_up}"
+
+
+def summarize(results: list[ChildResult]) -> Comparison:
+    by_strategy: dict[str, list[ChildResult]] = {}
+    for r in results:
+        by_strategy.setdefault(r.strategy, []).append(r)
+    rows = [StrategyRow(name, len(rs), Interval.of([r.test_accuracy for r in rs]),
+                        Interval.of([r.test_macro_f1 for r in rs]), sum(r.train_seconds for r in rs) / len(rs),
+                        rs[0].trainable_params, sum(r.images_per_second for r in rs) / len(rs))
+            for name, rs in by_strategy.items()]
+    rows.sort(key=lambda row: row.accuracy.mean, reverse=True)
+    winner, runner = rows[0], rows[1] if len(rows) > 1 else None
+    margin = winner.accuracy.mean - runner.accuracy.mean if runner else 0.0
+    separated = bool(runner and winner.accuracy.low > runner.accuracy.high)
+    return Comparison(rows, winner.strategy, runner.strategy if runner else None, margin, separated)
+
+
+def _ci(i: Interval) -> str:
+    return f"{i.mean:.4f} [{i.low:.4f}, {i.high:.4f}]" if not math.isnan(i.low) else f"{i.mean:.4f}"
+
+
+def table_records(comparison: Comparison) -> list[dict[str, Any]]:
+    """One dict per strategy (the Prefect table artifact and the MLflow JSON)."""
+    return [{"strategy": r.strategy, "runs": r.runs, "test_accuracy (mean, 95% CI)": _ci(r.accuracy),
+             "macro_f1 (mean, 95% CI)": _ci(r.macro_f1), "train_seconds": round(r.train_seconds, 1),
+             "trainable_params": r.trainable_params, "images_per_second": round(r.images_per_second, 1)}
+            for r in comparison.rows]
+
+
+def markdown_table(comparison: Comparison) -> str:
+    records = table_records(comparison)
+    header = list(records[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(rec[h]) for h in header) + " |" for rec in records]
+    return "\n".join(lines) + f"\n\n{comparison.verdict()}\n"
+
+
+def comparison_png(comparison: Comparison, results: list[ChildResult], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r.strategy for r in comparison.rows]
+    means = [r.accuracy.mean for r in comparison.rows]
+    errors = [0.0 if math.isnan(r.accuracy.low) else r.accuracy.mean - r.accuracy.low for r in comparison.rows]
+    bars.barh(names[::-1], means[::-1], xerr=errors[::-1], capsize=4, color="tab:blue", alpha=0.8)
+    bars.set(xlabel="test accuracy (mean, 95% CI)", title="head strategies")
+    low = min(m - e for m, e in zip(means, errors, strict=True))
+    bars.set_xlim(max(0.0, low - 0.05), min(1.0, max(means) + 0.05))
+    for i, name in enumerate(names):
+        runs = [r for r in results if r.strategy == name]
+        epochs = [row["epoch"] for row in runs[0].history]
+        mean_curve = [sum(r.history[j]["val_accuracy"] for r in runs) / len(runs) for j in range(len(epochs))]
+        curves.plot(epochs, mean_curve, marker="o", label=name, color=f"C{i % 10}")
+    curves.set(xlabel="epoch", ylabel="val accuracy (mean over seeds)", title="learning curves")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    fig.suptitle(comparison.verdict(), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@task(name="fit-strategy", cache_policy=NO_CACHE, log_prints=True)
+def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData, weights: str | None,
+                 child_params: dict[str, Any], settings: Settings, tracking_uri: str, experiment: str,
+                 parent_run_id: str) -> ChildResult:
+    """Build, fine-tune and test one strategy x seed as a nested MLflow run of the comparison."""
+    spec = parse_strategy(strategy)
+    model = build_model(cfg.arch, data.num_classes, spec.name, weights, hidden_dim=cfg.hidden_dim,
+                        dropout=cfg.dropout)
+    tracker = start_run(tracking_uri, experiment, f"{spec.name}-seed{seed}", parent_run_id=parent_run_id, tags={
+        "strategy": spec.name, "shape": spec.shape, "pool": spec.pool, "schedule": spec.schedule,
+        "seed": str(seed), "headbench.kind": "compare-child"})
+    try:
+        phases = describe_plan(model, spec.schedule, cfg.epochs, cfg.probe_epochs, cfg.lr)
+        trainable = trainable_parameters(model) if spec.schedule == "full-ft" else max(
+            p["trainable_params"] for p in phases)
+        tracker.log_params(child_params | {"strategy": spec.name, "seed": seed, "trainable_params": trainable,
+                                           "in_features": model.in_features} | phase_params(phases))
+        tracker.log_dict(phases, "training/phases.json")
+        started = time.perf_counter()
+        outcome = run_training(cfg, data.train, data.val, model.state_dict(), settings=settings,
+                               tracking_uri=tracking_uri, run_id=tracker.run_id, run_key=tracker.run_id)
+        seconds = time.perf_counter() - started
+        model.load_state_dict(outcome.state_dict)
+        metrics = evaluate_split(model, data.test, data.num_classes)
+        tracker.log_metrics(metrics.as_dict() | {"train_seconds": seconds})
+        tracker.log_dict(outcome.history, "training/history.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            tracker.log_artifact(learning_curves_png(outcome.history, Path(tmp) / "learning_curves.png"), "training")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    ips = [row["images_per_second"] for row in outcome.history]
+    return ChildResult(spec.name, seed, tracker.run_id, metrics.accuracy, metrics.macro_f1, seconds, trainable,
+                       sum(ips) / len(ips), outcome.history)
+
+
+@task(name="summarize", cache_policy=NO_CACHE)
+def report_comparison(results: list[ChildResult], parent: Tracker) -> Comparison:
+    """Table, chart and verdict on the MLflow parent run."""
+    comparison = summarize(results)
+    parent.log_dict({"rows": table_records(comparison), "verdict": comparison.verdict(),
+                     "runs": [asdict(r) | {"history": None} for r in results]}, "comparison/table.json")
+    parent.log_text(markdown_table(comparison), "comparison/table.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        parent.log_artifact(comparison_png(comparison, results, Path(tmp) / "comparison.png"), "comparison")
+    metrics = {"winner_margin": comparison.margin, "winner_separated": float(comparison.separated)}
+    for row in comparison.rows:
+        metrics[f"mean_test_accuracy_{row.strategy}"] = row.accuracy.mean
+    parent.log_metrics({k.replace("+", "_").replace(":", "_"): v for k, v in metrics.items()})
+    parent.set_tags({"winner": comparison.winner, "verdict": comparison.verdict()})
+    return comparison
+
