@@ -161,13 +161,14 @@ def preflight(settings: Settings) -> None:
         s3_client(settings, max_attempts=2).head_bucket(Bucket=settings.model_bucket)
 
 
-def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
-    """Validate, preflight, then run the `retrain` flow in this process against the configured servers."""
+def run_flow(settings: Settings, kind: str, values: dict[str, Any]) -> Any:
+    """Validate, preflight, then run a flow (`retrain` or `compare`) in this process against the servers."""
     settings.export_env()  # before prefect is imported: it reads PREFECT_API_URL once
-    from flows.retrain import RetrainParams
+    from flows.params import CompareParams, RetrainParams
 
+    params_cls = RetrainParams if kind == "retrain" else CompareParams
     try:
-        params = RetrainParams(**{k: v for k, v in values.items() if v is not None})
+        params = params_cls(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
         fail(validation_line(exc))
     try:
@@ -180,18 +181,22 @@ def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
     from flows import retrain as retrain_module
 
     console_without_tracebacks()
+    if kind == "retrain":
+        flow_fn = retrain_module.retrain
+    else:
+        from flows.compare import compare_heads as flow_fn
 
     stages = ["download", "build", "train", "evaluate", "publish", "done"]
-    with Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/5"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
-        bar = progress.add_task("starting", total=5)
+    with Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=False) as progress:
+        bar = progress.add_task("starting", total=len(stages) - 1)
 
         def on_stage(name: str) -> None:
             progress.update(bar, description=name, completed=stages.index(name))
 
         retrain_module.STAGE_LISTENERS.append(on_stage)
         try:
-            result = retrain_module.retrain(params)
+            return flow_fn(params)
         except (HeadbenchError, ValueError) as exc:
             progress.stop()
             fail(first_line(exc))
@@ -200,6 +205,10 @@ def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
             fail(f"{exc.__class__.__name__}: {first_line(exc)}")
         finally:
             retrain_module.STAGE_LISTENERS.remove(on_stage)
+
+
+def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
+    result = run_flow(settings, "retrain", values)
     say(f"test accuracy {result.test_accuracy:.4f}  macro-F1 {result.test_macro_f1:.4f}")
     say(f"MLflow run : {result.run_url}")
     say(f"S3 model   : {result.s3_uri}")
@@ -207,38 +216,80 @@ def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
     return result
 
 
+def run_compare(settings: Settings, values: dict[str, Any]) -> Any:
+    result = run_flow(settings, "compare", values)
+    table = Table(*result.table[0].keys(), title="head strategies (best first)")
+    for row in result.table:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    say(result.verdict)
+    say(f"MLflow parent run : {result.parent_run_url}  ({len(result.children)} child runs)")
+    return result
+
+
+# Options shared by `run` and `compare` (typer needs them in each signature; the types live here once).
+Dataset = Annotated[str, typer.Option(help="'fashion-mnist', a local ImageFolder dir or s3://bucket/prefix")]
+Classes = Annotated[str | None, typer.Option(help="class subset, e.g. 0-4 or 0,2,7 (default: all)")]
+Limit = Annotated[int | None, typer.Option(help="training pool size (train+val), stratified")]
+TestLimit = Annotated[int | None, typer.Option(help="test set size, stratified (default: all)")]
+ValFraction = Annotated[float, typer.Option(help="validation share of the training pool")]
+ImageSize = Annotated[int, typer.Option(help="input size in pixels (>= 32)")]
+Arch = Annotated[str, typer.Option(help="resnet18|resnet34|resnet50|resnet101|resnet152")]
+Weights = Annotated[str, typer.Option(help="none | DEFAULT | IMAGENET1K_V1 | s3://... | models:/name@alias | path")]
+Epochs = Annotated[int, typer.Option(help="training epochs")]
+BatchSize = Annotated[int, typer.Option(help="global batch size")]
+Lr = Annotated[float, typer.Option(help="peak learning rate (SGD + cosine)")]
+WeightDecay = Annotated[float, typer.Option(help="SGD weight decay")]
+HiddenDim = Annotated[int, typer.Option(help="MLP head hidden width")]
+Dropout = Annotated[float, typer.Option(help="MLP head dropout")]
+ProbeEpochs = Annotated[int | None, typer.Option(help="lp-ft/gradual: frozen-phase epochs (default: half)")]
+CacheFeatures = Annotated[bool, typer.Option(help="frozen phases train the head on features computed once")]
+Workers = Annotated[int, typer.Option(help="Ray Train workers per run")]
+CpusPerWorker = Annotated[int | None, typer.Option(help="CPUs per worker (default: even share)")]
+Gpu = Annotated[bool, typer.Option("--gpu/--cpu", help="one GPU per worker")]
+Seed = Annotated[int, typer.Option(help="seed for split, init and shuffling")]
+
+
+def _values(local: dict[str, Any]) -> dict[str, Any]:
+    values = {k: v for k, v in local.items() if k != "home"}
+    values["use_gpu"] = values.pop("gpu")
+    return values
+
+
 @app.command()
 def run(
-    dataset: Annotated[str, typer.Option(help="'fashion-mnist', a local ImageFolder dir or s3://bucket/prefix")]
-    = "fashion-mnist",
-    classes: Annotated[str | None, typer.Option(help="class subset, e.g. 0-4 or 0,2,7 (default: all)")] = None,
-    limit: Annotated[int | None, typer.Option(help="training pool size (train+val), stratified")] = None,
-    test_limit: Annotated[int | None, typer.Option(help="test set size, stratified (default: all)")] = None,
-    val_fraction: Annotated[float, typer.Option(help="validation share of the training pool")] = 0.1,
-    image_size: Annotated[int, typer.Option(help="input size in pixels (>= 32)")] = 64,
-    arch: Annotated[str, typer.Option(help="resnet18|resnet34|resnet50|resnet101|resnet152")] = "resnet18",
-    weights: Annotated[str, typer.Option(help="none | DEFAULT | IMAGENET1K_V1 | s3://... | models:/name@alias | "
-                                         "path")] = "none",
+    dataset: Dataset = "fashion-mnist", classes: Classes = None, limit: Limit = None, test_limit: TestLimit = None,
+    val_fraction: ValFraction = 0.1, image_size: ImageSize = 64, arch: Arch = "resnet18", weights: Weights = "none",
     strategy: Annotated[str, typer.Option(help="head strategy <shape>[:<pool>][+<schedule>] "
                                           "(see `headbench strategies`)")] = "mlp",
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 2,
-    batch_size: Annotated[int, typer.Option(help="global batch size")] = 64,
-    lr: Annotated[float, typer.Option(help="peak learning rate (SGD + cosine)")] = 0.01,
-    weight_decay: Annotated[float, typer.Option(help="SGD weight decay")] = 5e-4,
-    hidden_dim: Annotated[int, typer.Option(help="MLP head hidden width")] = 512,
-    dropout: Annotated[float, typer.Option(help="MLP head dropout")] = 0.2,
-    workers: Annotated[int, typer.Option(help="Ray Train workers")] = 2,
-    cpus_per_worker: Annotated[int | None, typer.Option(help="CPUs per worker (default: even share)")] = None,
-    gpu: Annotated[bool, typer.Option("--gpu/--cpu", help="one GPU per worker")] = False,
-    seed: Annotated[int, typer.Option(help="seed for split, init and shuffling")] = 0,
+    epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
+    hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
+    cache_features: CacheFeatures = True, workers: Workers = 2, cpus_per_worker: CpusPerWorker = None,
+    gpu: Gpu = False, seed: Seed = 0,
     model_name: Annotated[str, typer.Option(help="registered model name / S3 prefix")] = "headbench-classifier",
     home: HomeOpt = None,
 ) -> None:
     """Run one retraining (the `retrain` Prefect flow) and print the MLflow run URL and the S3 URI."""
-    values = dict(locals())
-    values.pop("home")
-    values["use_gpu"] = values.pop("gpu")
-    run_retrain(_settings(home), values)
+    run_retrain(_settings(home), _values(dict(locals())))
+
+
+@app.command()
+def compare(
+    strategies: Annotated[str, typer.Option(help="comma-separated head strategies (default: the demo set of 6)")]
+    = "",
+    seeds: Annotated[int, typer.Option(help="repetitions per strategy (seed, seed+1, ...)")] = 2,
+    parallel: Annotated[int | None, typer.Option(help="children trained at once (default: as CPUs allow)")] = None,
+    dataset: Dataset = "fashion-mnist", classes: Classes = None, limit: Limit = None, test_limit: TestLimit = None,
+    val_fraction: ValFraction = 0.1, image_size: ImageSize = 64, arch: Arch = "resnet18", weights: Weights = "none",
+    epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
+    hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
+    cache_features: CacheFeatures = True, workers: Workers = 1, cpus_per_worker: CpusPerWorker = None,
+    gpu: Gpu = False, seed: Seed = 0, home: HomeOpt = None,
+) -> None:
+    """Compare head strategies x seeds on one split (the `compare-heads` flow); prints the table."""
+    values = _values(dict(locals()))
+    values["strategies"] = [s.strip() for s in strategies.split(",") if s.strip()] or None
+    run_compare(_settings(home), values)
 
 
 @app.command()

@@ -108,14 +108,17 @@ def summarize(results: list[ChildResult]) -> Comparison:
 
 
 def _ci(i: Interval) -> str:
-    return f"{i.mean:.4f} [{i.low:.4f}, {i.high:.4f}]" if not math.isnan(i.low) else f"{i.mean:.4f}"
+    """'mean [low, high]', the interval clipped to [0, 1] (it bounds a proportion)."""
+    if math.isnan(i.low):
+        return f"{i.mean:.4f}"
+    return f"{i.mean:.4f} [{max(0.0, i.low):.4f}, {min(1.0, i.high):.4f}]"
 
 
 def table_records(comparison: Comparison) -> list[dict[str, Any]]:
     """One dict per strategy (the Prefect table artifact and the MLflow JSON)."""
-    return [{"strategy": r.strategy, "runs": r.runs, "test_accuracy (mean, 95% CI)": _ci(r.accuracy),
-             "macro_f1 (mean, 95% CI)": _ci(r.macro_f1), "train_seconds": round(r.train_seconds, 1),
-             "trainable_params": r.trainable_params, "images_per_second": round(r.images_per_second, 1)}
+    return [{"strategy": r.strategy, "runs": r.runs, "test acc [95% CI]": _ci(r.accuracy),
+             "macro-F1 [95% CI]": _ci(r.macro_f1), "train s": round(r.train_seconds, 1),
+             "trainable params": r.trainable_params, "img/s": round(r.images_per_second, 1)}
             for r in comparison.rows]
 
 

@@ -1,0 +1,69 @@
+"""`headbench compare` against the real stack and Ray cluster: MLflow parent/children, artifacts, Prefect."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from mlflow.tracking import MlflowClient
+
+from infra.ray_cluster import RayHead
+from tests.integration.conftest import Stack
+
+HEADBENCH = str(Path(sys.executable).parent / "headbench")
+STRATEGIES = ["replace-fc+linear-probe", "mlp"]
+
+
+def test_compare_two_strategies_two_seeds(stack: Stack, ray_cluster: RayHead, tmp_path: Path) -> None:
+    args = [HEADBENCH, "compare", "--strategies", ",".join(STRATEGIES), "--seeds", "2", "--classes", "0-1",
+            "--limit", "60", "--test-limit", "40", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
+            "--workers", "1", "--cpus-per-worker", "1", "--seed", "5"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False,
+                          env=stack.cli_env(RAY_ADDRESS=ray_cluster.address, COLUMNS="250"))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert re.search(r"winner (replace-fc\+linear-probe|mlp) by [+-]\d\.\d{4} test accuracy", done.stdout)
+    parent_id = re.search(r"MLflow parent run : \S+/runs/(\w+)", done.stdout)
+    assert parent_id, done.stdout
+    uri = stack.settings.mlflow_tracking_uri
+    assert uri
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id.group(1))
+    assert parent.info.status == "FINISHED" and parent.data.tags["headbench.kind"] == "compare"
+    assert parent.data.params["strategies"] == ",".join(STRATEGIES) and parent.data.params["seeds"] == "2"
+    assert parent.data.tags["winner"] in STRATEGIES
+
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted((c.data.tags["strategy"], c.data.tags["seed"]) for c in children) == sorted(
+        (s, str(seed)) for s in STRATEGIES for seed in (5, 6))
+    shared = {k for k in children[0].data.params if not k.startswith("phase")}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {k for k in child.data.params if not k.startswith("phase")} == shared  # aligned in the UI
+        assert {"test_accuracy", "test_macro_f1", "val_accuracy", "train_loss"} <= child.data.metrics.keys()
+        assert child.data.params["classes"] == "0-1" and child.data.params["train_size"] == "54"
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [1, 2]
+    probe = [c for c in children if c.data.tags["strategy"] == "replace-fc+linear-probe"]
+    assert all(c.data.params["trainable_params"] == "1026" for c in probe)  # Linear(512, 2) only
+    assert "BN frozen" in probe[0].data.params["phase1"]
+
+    listed = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert listed == {"comparison/table.json", "comparison/table.md", "comparison/comparison.png"}
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "comparison/table.json",
+                                                      str(tmp_path))).read_text())
+    assert sorted(row["strategy"] for row in table["rows"]) == sorted(STRATEGIES)
+    assert all(row["runs"] == 2 for row in table["rows"])
+
+    api = stack.settings.prefect_api_url
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": [
+        "head-comparison", "head-comparison-mlflow"]}}}, timeout=10).json()
+    kinds = {a["key"]: a["type"] for a in artifacts}
+    assert kinds["head-comparison"] == "table"
+    assert kinds["head-comparison-mlflow"] in ("link", "markdown")  # Prefect 3 stores links as markdown
+    link = next(a for a in artifacts if a["key"] == "head-comparison-mlflow")
+    assert parent.info.run_id in link["data"]
