@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: bootstrap demo test test-all lint up down status clean
+.PHONY: bootstrap demo test test-all lint up down status clean screenshots
 
 bootstrap:
 	@infra/bootstrap.sh
@@ -31,3 +31,8 @@ status: bootstrap
 
 clean: down
 	rm -rf .headbench
+
+screenshots: bootstrap  ## docs/img/*.png from a tiny comparison, via Debian's headless Chromium
+	@command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))
+	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/pip install -q playwright
+	$(BIN)/python -m infra.screenshots

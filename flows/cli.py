@@ -244,6 +244,7 @@ HiddenDim = Annotated[int, typer.Option(help="MLP head hidden width")]
 Dropout = Annotated[float, typer.Option(help="MLP head dropout")]
 ProbeEpochs = Annotated[int | None, typer.Option(help="lp-ft/gradual: frozen-phase epochs (default: half)")]
 CacheFeatures = Annotated[bool, typer.Option(help="frozen phases train the head on features computed once")]
+PreciseBn = Annotated[int, typer.Option(help="exact BatchNorm stats from N batches after each backbone epoch")]
 Workers = Annotated[int, typer.Option(help="Ray Train workers per run")]
 CpusPerWorker = Annotated[int | None, typer.Option(help="CPUs per worker (default: even share)")]
 Gpu = Annotated[bool, typer.Option("--gpu/--cpu", help="one GPU per worker")]
@@ -264,7 +265,8 @@ def run(
                                           "(see `headbench strategies`)")] = "mlp",
     epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
     hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
-    cache_features: CacheFeatures = True, workers: Workers = 2, cpus_per_worker: CpusPerWorker = None,
+    cache_features: CacheFeatures = True, precise_bn_batches: PreciseBn = 20, workers: Workers = 2,
+    cpus_per_worker: CpusPerWorker = None,
     gpu: Gpu = False, seed: Seed = 0,
     model_name: Annotated[str, typer.Option(help="registered model name / S3 prefix")] = "headbench-classifier",
     home: HomeOpt = None,
@@ -283,7 +285,8 @@ def compare(
     val_fraction: ValFraction = 0.1, image_size: ImageSize = 64, arch: Arch = "resnet18", weights: Weights = "none",
     epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
     hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
-    cache_features: CacheFeatures = True, workers: Workers = 1, cpus_per_worker: CpusPerWorker = None,
+    cache_features: CacheFeatures = True, precise_bn_batches: PreciseBn = 20, workers: Workers = 1,
+    cpus_per_worker: CpusPerWorker = None,
     gpu: Gpu = False, seed: Seed = 0, home: HomeOpt = None,
 ) -> None:
     """Compare head strategies x seeds on one split (the `compare-heads` flow); prints the table."""
@@ -307,25 +310,40 @@ def strategies() -> None:
     console.print("schedules: " + ", ".join(SCHEDULES))
 
 
+DEMO_SOURCE = {"dataset": "fashion-mnist", "classes": "0-4", "limit": 2000, "test_limit": 500, "image_size": 32,
+               "arch": "resnet18", "weights": "none", "strategy": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.05,
+               "workers": 2, "model_name": "demo-source-fashion-0-4"}
+DEMO_TARGET = {"dataset": "fashion-mnist", "classes": "5-9", "limit": 500, "test_limit": 500, "image_size": 32,
+               "arch": "resnet18", "epochs": 2, "batch_size": 32, "lr": 0.01, "workers": 1, "cpus_per_worker": 1,
+               "seeds": 2}
+
+
 @app.command()
 def demo(home: HomeOpt = None,
-         workers: Annotated[int, typer.Option(help="Ray Train workers")] = 2) -> None:
-    """`up`, then a small Fashion-MNIST retraining (classes 0-4), then where to look."""
+         weights: Annotated[str | None, typer.Option(help="skip the source pretraining and start the comparison "
+                                                     "from these weights, e.g. DEFAULT (ImageNet, needs "
+                                                     "internet)")] = None) -> None:
+    """Transfer demo: `up`; pretrain a source model on Fashion-MNIST classes 0-4 and publish it; then
+    compare head strategies on classes 5-9 starting from that published backbone."""
+    started = time.perf_counter()
     up(home)
     settings = _settings(home)
-    result = run_retrain(settings, {"dataset": "fashion-mnist", "classes": "0-4", "limit": 3000,
-                                    "test_limit": 1000, "image_size": 32, "arch": "resnet18",
-                                    "strategy": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.05,
-                                    "workers": workers, "model_name": "demo-fashion-0-4"})
+    if weights is None:
+        console.rule("1/2 source model: classes 0-4, random init, published to S3 and the registry")
+        source = run_retrain(settings, DEMO_SOURCE)
+        weights = source.s3_uri
+    console.rule(f"2/2 target task: classes 5-9 from {weights}")
+    result = run_compare(settings, DEMO_TARGET | {"weights": weights})
     from infra.stack import LocalStack
 
     stack = LocalStack(settings)
-    console.rule("where to look")
-    say(f"MLflow UI  : {stack.mlflow_url}  (experiment '{settings.experiment}', run {result.run_id}; "
-                  "metrics per epoch, confusion matrix, registered model 'demo-fashion-0-4')")
-    say(f"Prefect UI : {stack.prefect_url}  (flow 'retrain', its task runs and logs)")
-    say(f"S3 model   : {result.s3_uri}  (model.safetensors + manifest.json)")
-    console.print("stop it all: headbench down")
+    console.rule(f"where to look (demo took {time.perf_counter() - started:.0f} s)")
+    say(f"MLflow UI  : {stack.mlflow_url}  experiment '{settings.experiment}': the parent run "
+        f"{result.parent_run_id} has the comparison table and chart (artifacts/comparison); select its child "
+        "runs and press Compare to see them side by side; Models: 'demo-source-fashion-0-4'")
+    say(f"Prefect UI : {stack.prefect_url}  flow runs 'retrain' and 'compare-heads' (Artifacts: head-comparison)")
+    say(f"S3 models  : s3://{settings.model_bucket}/  (model.safetensors + manifest.json per run)")
+    say("stop it all: headbench down")
 
 
 def main() -> None:  # pragma: no cover - console entry point

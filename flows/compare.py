@@ -72,7 +72,8 @@ def compare_heads(params: CompareParams = CompareParams()) -> CompareResult:  # 
                     batch_size=params.batch_size, lr=params.lr, weight_decay=params.weight_decay,
                     hidden_dim=params.hidden_dim, dropout=params.dropout, workers=params.workers,
                     cpus_per_worker=cpus, use_gpu=params.use_gpu, seed=seed, probe_epochs=params.probe_epochs,
-                    cache_features=params.cache_features),
+                    cache_features=params.cache_features,
+                          precise_bn_batches=params.precise_bn_batches),
                 data, weights, common, settings, tracking_uri, settings.experiment, parent.run_id)
                 for strategy, seed in jobs[start:start + parallel]]
             results.extend(f.result() for f in futures)

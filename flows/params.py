@@ -47,6 +47,8 @@ class TrainingParams(BaseModel):
                                      "first phase; empty = half the epochs")
     cache_features: bool = Field(True, description="frozen phases train the head on backbone features "
                                  "computed once per image")
+    precise_bn_batches: int = Field(20, ge=0, le=10_000, description="after each epoch that trains the backbone, "
+                                    "recompute exact BatchNorm statistics from this many batches (0 = off)")
     workers: int = Field(2, ge=1, le=512, description="Ray Train data-parallel workers")
     cpus_per_worker: int | None = Field(None, ge=1, le=512, description="CPUs per worker; empty = the "
                                         "cluster's CPUs shared evenly")

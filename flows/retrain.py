@@ -112,7 +112,8 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
                           weight_decay=params.weight_decay, hidden_dim=params.hidden_dim,
                           dropout=params.dropout, workers=params.workers,
                           cpus_per_worker=params.cpus_per_worker, use_gpu=params.use_gpu, seed=params.seed,
-                          probe_epochs=params.probe_epochs, cache_features=params.cache_features)
+                          probe_epochs=params.probe_epochs, cache_features=params.cache_features,
+                          precise_bn_batches=params.precise_bn_batches)
         outcome = train_model(cfg, data.train, data.val, built.initial_state(), settings, tracking_uri,
                               tracker.run_id, run_key=tracker.run_id)
         built.model.load_state_dict(outcome.state_dict)

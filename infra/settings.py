@@ -25,6 +25,7 @@ class StackPorts(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HEADBENCH_PORT_", extra="ignore")
 
     s3: int = 8333
+    s3_grpc: int = 18333
     mlflow: int = 5000
     prefect: int = 4200
     weed_master: int = 9333

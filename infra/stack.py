@@ -154,7 +154,7 @@ class LocalStack:
         weed = [
             str(BIN / "weed"), "mini", f"-dir={home / 's3'}", f"-ip={HOST}", f"-ip.bind={HOST}",
             "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.port={p.s3}", f"-s3.port.grpc={p.s3 + 10000}",
+            f"-s3.port={p.s3}", f"-s3.port.grpc={p.s3_grpc}",
             f"-master.port={p.weed_master}", f"-master.port.grpc={p.weed_master_grpc}",
             f"-volume.port={p.weed_volume}", f"-volume.port.grpc={p.weed_volume_grpc}",
             f"-filer.port={p.weed_filer}", f"-filer.port.grpc={p.weed_filer_grpc}",

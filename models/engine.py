@@ -135,6 +135,43 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable[tuple[torc
 
 
 @torch.no_grad()
+def recompute_bn_stats(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       device: torch.device, *, prepare: Prepare | None = None, max_batches: int = 20) -> int:
+    """Precise BatchNorm (Wu & Johnson 2021): replace the running statistics by the exact average over
+    ``max_batches`` training batches under the current weights.
+
+    After a short fine-tuning the exponential running averages (momentum 0.1) still mix old-domain
+    statistics with ones from weights that have since moved; in eval mode that mismatch compounds
+    through the blocks and can blow up the logits. Returns the number of batches used.
+    """
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    norms = [m for m in inner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or max_batches <= 0:
+        return 0
+    prepare = prepare or image_input()
+    momenta = [m.momentum for m in norms]
+    was_training = inner.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: an exact mean over the batches seen
+    inner.train()
+    used = 0
+    for images, _ in loader:
+        if used >= max_batches:
+            break
+        inner(prepare(images.to(device, non_blocking=True), False))
+        used += 1
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+        if dist.is_available() and dist.is_initialized():  # every rank ends with the same statistics
+            for buffer in (m.running_mean, m.running_var):
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                buffer.div_(dist.get_world_size())
+    inner.train(was_training)
+    return used
+
+
+@torch.no_grad()
 def extract_features(backbone: nn.Module, images: torch.Tensor, device: torch.device, *, batch_size: int = 256,
                      autocast_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
     """Backbone features of uint8 images, computed once in eval mode: (N, C, S, S) -> (N, F, h, w) float32.

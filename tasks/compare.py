@@ -45,7 +45,7 @@ class ChildResult:
     test_macro_f1: float
     train_seconds: float
     trainable_params: int
-    images_per_second: float  # mean over epochs
+    images_per_second: float  # training images / training seconds over all epochs
     history: list[dict[str, float]]
 
 
@@ -191,9 +191,10 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
         tracker.end("FAILED")
         raise
     tracker.end("FINISHED")
-    ips = [row["images_per_second"] for row in outcome.history]
+    seen = sum(row["images_per_second"] * row["epoch_seconds"] for row in outcome.history)
+    busy = sum(row["epoch_seconds"] for row in outcome.history)
     return ChildResult(spec.name, seed, tracker.run_id, metrics.accuracy, metrics.macro_f1, seconds, trainable,
-                       sum(ips) / len(ips), outcome.history)
+                       seen / busy if busy else 0.0, outcome.history)
 
 
 @task(name="summarize", cache_policy=NO_CACHE)

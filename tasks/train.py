@@ -25,7 +25,14 @@ from infra.settings import Settings
 from infra.tracking import Tracker
 from models import build_model, parse_strategy
 from models.data import ArrayDataset, ArraySplit
-from models.engine import evaluate, extract_features, feature_input, image_input, train_one_epoch
+from models.engine import (
+    evaluate,
+    extract_features,
+    feature_input,
+    image_input,
+    recompute_bn_stats,
+    train_one_epoch,
+)
 from models.schedules import apply_phase, param_groups, phase_at, plan
 from models.weights import WEIGHTS_FILE, save_state_dict
 
@@ -58,6 +65,7 @@ class TrainConfig:
     max_failures: int = 2
     probe_epochs: int | None = None  # two-phase schedules: epochs of the frozen first phase (default half)
     cache_features: bool = True  # frozen phases train the head on backbone features computed once
+    precise_bn_batches: int = 20  # after each epoch that trains the backbone, exact BN stats from N batches
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 frozen = (model.backbone,) if phase.frozen else ()
         stats = train_one_epoch(net, criterion, optimizer, train_loader, device, autocast_dtype=amp,
                                 prepare=prepare, frozen=frozen)
+        if phase.train_backbone:
+            recompute_bn_stats(net, train_loader, device, prepare=prepare, max_batches=cfg.precise_bn_batches)
         val = evaluate(net, criterion, val_loader, device, autocast_dtype=amp, prepare=prepare)
         lr = optimizer.param_groups[-1]["lr"]  # the head group's LR
         scheduler.step()

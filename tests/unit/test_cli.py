@@ -86,6 +86,6 @@ def test_help_on_every_command() -> None:
 
     from flows.cli import app
 
-    for command in ("up", "down", "status", "run", "demo", "strategies"):
+    for command in ("up", "down", "status", "run", "compare", "demo", "strategies"):
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, command

@@ -139,3 +139,22 @@ def test_interval_and_winner() -> None:
     close = summarize([_child("a", s, v) for s, v in enumerate((0.90, 0.70))]
                       + [_child("b", s, v) for s, v in enumerate((0.80, 0.79))])
     assert close.winner == "a" and not close.separated and "overlaps b" in close.verdict()
+
+
+def test_precise_bn_replaces_lagging_running_stats_by_exact_means() -> None:
+    from models.engine import recompute_bn_stats
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, "mlp")
+    images = torch.randint(0, 256, (24, 1, 32, 32), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(24, dtype=torch.long)),
+                                         batch_size=8)
+    with torch.no_grad():
+        model.backbone.bn1.running_mean.fill_(123.0)  # a stale statistic from another domain
+    used = recompute_bn_stats(model, loader, torch.device("cpu"), max_batches=2)
+    assert used == 2 and model.backbone.bn1.momentum == 0.1  # momentum restored
+    # bn1 sees conv1's output: its exact mean over the two batches, per channel
+    with torch.no_grad():
+        x = normalize_batch(images[:16])
+        expected = model.backbone.conv1(x).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model.backbone.bn1.running_mean, expected, rtol=1e-4, atol=1e-4)
