@@ -42,7 +42,7 @@ def e2e_run(stack: Stack, ray_cluster: RayHead) -> dict[str, str]:
 
 def test_progress_is_visible(e2e_run: dict[str, str]) -> None:
     for epoch in range(1, EPOCHS + 1):
-        assert re.search(rf"epoch {epoch}/{EPOCHS} train_loss=\S+ .* \d+ img/s", e2e_run["stdout"])
+        assert re.search(rf"epoch {epoch}/{EPOCHS} \[finetune\] train_loss=\S+ .* \d+ img/s", e2e_run["stdout"])
 
 
 def test_s3_objects_match_the_manifest(stack: Stack, e2e_run: dict[str, str]) -> None:
