@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from infra.errors import HeadbenchError
+from infra.ray_cluster import LOOPBACK_ENV
 from infra.settings import Settings
 from infra.tracking import Tracker
 from models import build_model, parse_strategy
@@ -78,7 +80,8 @@ class TrainOutcome:
 def _epoch_line(row: dict[str, float], epochs: int, phase: str) -> str:
     return (f"epoch {int(row['epoch'])}/{epochs} [{phase}] train_loss={row['train_loss']:.4f} "
             f"train_acc={row['train_accuracy']:.4f} val_loss={row['val_loss']:.4f} "
-            f"val_acc={row['val_accuracy']:.4f} {row['images_per_second']:.0f} img/s")
+            f"val_acc={row['val_accuracy']:.4f} {row['images_per_second']:.0f} img/s {row['epoch_seconds']:.1f} s"
+            + (f" (+{row['feature_seconds']:.1f} s computing features once)" if row["feature_seconds"] else ""))
 
 
 def _loaders(x: torch.Tensor | ArraySplit, y: torch.Tensor | None, val_x: torch.Tensor | ArraySplit,
@@ -128,7 +131,7 @@ def train_worker(config: dict[str, Any]) -> None:
     per_worker_batch = max(1, cfg.batch_size // world)
     criterion = nn.CrossEntropyLoss()
     tracker = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    current, cached = -1, None
+    current, cached, feature_seconds = -1, None, 0.0
 
     for epoch in range(start_epoch, cfg.epochs):
         index, phase, _ = phase_at(phases, epoch)
@@ -144,9 +147,11 @@ def train_worker(config: dict[str, Any]) -> None:
             use_cache = phase.frozen and cfg.cache_features
             if use_cache:
                 if cached is None:  # backbone features, computed once per image for all frozen epochs
+                    extraction_started = time.perf_counter()
                     cached = tuple(extract_features(model.backbone, torch.from_numpy(s.images), device,
                                                     autocast_dtype=amp, channels_last=on_gpu)
                                    for s in (train_split, val_split))
+                    feature_seconds = time.perf_counter() - extraction_started
                 net = ray.train.torch.prepare_model(model.head, move_to_device=False)
                 train_loader, val_loader = _loaders(cached[0], torch.from_numpy(train_split.labels), cached[1],
                                                     torch.from_numpy(val_split.labels), per_worker_batch, False)
@@ -165,7 +170,9 @@ def train_worker(config: dict[str, Any]) -> None:
         scheduler.step()
         row = {"epoch": epoch + 1, "phase": index + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lr,
-               "images_per_second": stats.images_per_second, "epoch_seconds": stats.seconds}
+               "images_per_second": stats.images_per_second, "epoch_seconds": stats.seconds,
+               "feature_seconds": feature_seconds}  # one-time backbone pass, on the epoch that paid it
+        feature_seconds = 0.0
         history.append(row)
         if rank == 0:
             assert tracker is not None
@@ -194,21 +201,23 @@ def _storage(settings: Settings) -> tuple[str, Any]:
 
 
 def init_ray(settings: Settings) -> None:
-    """Connect to ``RAY_ADDRESS`` when set, else start a private local instance (never attach to a
-    cluster by accident)."""
+    """Connect to ``RAY_ADDRESS`` when set, else start a private local instance bound to 127.0.0.1
+    (never attach to a cluster by accident, never listen on other interfaces)."""
+    if not settings.ray_address or settings.ray_address.split(":")[0] in ("127.0.0.1", "localhost"):
+        for key, value in LOOPBACK_ENV.items():  # read by ray at import time: set before importing it
+            os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # The dashboard process serves Ray's state API, which Train V2's placement-group cleaner (and our
-    # fault-injection tests) query; it binds 127.0.0.1 only.
-    kwargs: dict[str, Any] = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
-                              "log_to_driver": True, "logging_level": "WARNING"}
     if settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=True, logging_level="WARNING")
     else:
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
+        # The dashboard process serves Ray's state API, which Train V2's placement-group cleaner (and our
+        # fault-injection tests) query; it binds 127.0.0.1 only.
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, logging_level="WARNING")
 
 
 def cluster_cpus(settings: Settings) -> int:
