@@ -85,14 +85,18 @@ def _epoch_line(row: dict[str, float], epochs: int, phase: str) -> str:
 
 
 def _loaders(x: torch.Tensor | ArraySplit, y: torch.Tensor | None, val_x: torch.Tensor | ArraySplit,
-             val_y: torch.Tensor | None, batch: int, pin: bool) -> tuple[Any, Any]:
+             val_y: torch.Tensor | None, batch: int, world: int, pin: bool) -> tuple[Any, Any]:
     """Ray-prepared (DistributedSampler, device moves) loaders over images or cached features."""
     import ray.train.torch
 
     def dataset(a: torch.Tensor | ArraySplit, b: torch.Tensor | None) -> torch.utils.data.Dataset[Any]:
         return ArrayDataset(a) if isinstance(a, ArraySplit) else torch.utils.data.TensorDataset(a, b)
 
-    train = torch.utils.data.DataLoader(dataset(x, y), batch_size=batch, shuffle=True, pin_memory=pin)
+    data = dataset(x, y)
+    # drop the ragged last batch (a batch of one cannot be normalised by BatchNorm in training mode),
+    # unless a rank's share is smaller than one batch
+    train = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, pin_memory=pin,
+                                        drop_last=len(data) // world >= batch)
     val = torch.utils.data.DataLoader(dataset(val_x, val_y), batch_size=batch * 2, shuffle=False)
     return ray.train.torch.prepare_data_loader(train), ray.train.torch.prepare_data_loader(val)
 
@@ -154,11 +158,12 @@ def train_worker(config: dict[str, Any]) -> None:
                     feature_seconds = time.perf_counter() - extraction_started
                 net = ray.train.torch.prepare_model(model.head, move_to_device=False)
                 train_loader, val_loader = _loaders(cached[0], torch.from_numpy(train_split.labels), cached[1],
-                                                    torch.from_numpy(val_split.labels), per_worker_batch, False)
+                                                    torch.from_numpy(val_split.labels), per_worker_batch, world, False)
                 prepare, frozen = feature_input, ()
             else:
                 net = ray.train.torch.prepare_model(model, move_to_device=False)
-                train_loader, val_loader = _loaders(train_split, None, val_split, None, per_worker_batch, on_gpu)
+                train_loader, val_loader = _loaders(train_split, None, val_split, None, per_worker_batch, world,
+                                                    on_gpu)
                 prepare = image_input(channels_last=on_gpu, augment=cfg.augment)
                 frozen = (model.backbone,) if phase.frozen else ()
         stats = train_one_epoch(net, criterion, optimizer, train_loader, device, autocast_dtype=amp,
