@@ -22,6 +22,7 @@ STRATEGIES = ["replace-fc", "mlp", "replace-fc+linear-probe"]
 
 def main() -> int:
     from mlflow.tracking import MlflowClient
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     from flows.cli import run_compare, up
@@ -53,8 +54,13 @@ def main() -> int:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         for name, url, expected in pages:
-            page.goto(url, wait_until="networkidle", timeout=60_000)
-            page.wait_for_timeout(3000)  # single-page apps render after the network settles
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            try:  # single-page apps render after loading: wait until every expected word is on screen
+                page.wait_for_function("words => words.every(w => document.body.innerText.includes(w))",
+                                       arg=expected, timeout=45_000)
+            except PlaywrightTimeout:
+                pass
+            page.wait_for_timeout(1500)
             text = page.inner_text("body")
             missing = [word for word in expected if word not in text]
             page.screenshot(path=str(OUT / name), full_page=False)
