@@ -20,7 +20,7 @@ from infra.tracking import flatten, run_url, start_run
 from tasks.build import resolve_weights
 from tasks.compare import ChildResult, fit_strategy, markdown_table, report_comparison, table_records
 from tasks.data import download_data
-from tasks.train import TrainConfig, cluster_cpus
+from tasks.train import cluster_cpus
 
 
 class CompareResult(BaseModel):
@@ -67,13 +67,7 @@ def compare_heads(params: CompareParams = CompareParams()) -> CompareResult:  # 
         results: list[ChildResult] = []
         for start in range(0, len(jobs), parallel):  # a wave of children at a time, as the cluster fits them
             futures = [fit_strategy.submit(
-                strategy, seed, TrainConfig(
-                    arch=params.arch, strategy=strategy, num_classes=data.num_classes, epochs=params.epochs,
-                    batch_size=params.batch_size, lr=params.lr, weight_decay=params.weight_decay,
-                    hidden_dim=params.hidden_dim, dropout=params.dropout, workers=params.workers,
-                    cpus_per_worker=cpus, use_gpu=params.use_gpu, seed=seed, probe_epochs=params.probe_epochs,
-                    cache_features=params.cache_features,
-                          precise_bn_batches=params.precise_bn_batches),
+                strategy, seed, params.train_config(strategy, data.num_classes, seed=seed, cpus_per_worker=cpus),
                 data, weights, common, settings, tracking_uri, settings.experiment, parent.run_id)
                 for strategy, seed in jobs[start:start + parallel]]
             results.extend(f.result() for f in futures)

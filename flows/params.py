@@ -15,6 +15,7 @@ from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
 from models.data import parse_classes
 from models.schedules import plan
 from models.strategies import DEMO_STRATEGIES
+from tasks.train import TrainConfig
 
 Arch = Literal[ARCHS]  # type: ignore[valid-type]  # the dashboard shows a drop-down of these
 BUILTIN_CLASSES = {"fashion-mnist": len(FASHION_MNIST_CLASSES)}
@@ -76,6 +77,16 @@ class TrainingParams(BaseModel):
 
     def strategy_names(self) -> list[str]:
         return []
+
+    def train_config(self, strategy: str, num_classes: int, *, seed: int | None = None,
+                     cpus_per_worker: int | None = None) -> TrainConfig:
+        """The Ray training config for one strategy (and seed) under these parameters."""
+        return TrainConfig(arch=self.arch, strategy=strategy, num_classes=num_classes, epochs=self.epochs,
+                           batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           hidden_dim=self.hidden_dim, dropout=self.dropout, workers=self.workers,
+                           cpus_per_worker=cpus_per_worker or self.cpus_per_worker, use_gpu=self.use_gpu,
+                           seed=self.seed if seed is None else seed, probe_epochs=self.probe_epochs,
+                           cache_features=self.cache_features, precise_bn_batches=self.precise_bn_batches)
 
     def data_spec(self) -> DataSpec:
         return DataSpec(dataset=self.dataset, classes=self.classes, limit=self.limit, test_limit=self.test_limit,

@@ -25,7 +25,7 @@ from tasks.build import build_head_model
 from tasks.data import download_data
 from tasks.evaluate import evaluate_model, log_learning_curves
 from tasks.publish import build_manifest, publish_model
-from tasks.train import TrainConfig, train_model
+from tasks.train import train_model
 
 
 class RetrainResult(BaseModel):
@@ -107,15 +107,8 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
         tracker.log_dict(phases, "training/phases.json")
 
         stage("train")
-        cfg = TrainConfig(arch=params.arch, strategy=spec.name, num_classes=data.num_classes,
-                          epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
-                          weight_decay=params.weight_decay, hidden_dim=params.hidden_dim,
-                          dropout=params.dropout, workers=params.workers,
-                          cpus_per_worker=params.cpus_per_worker, use_gpu=params.use_gpu, seed=params.seed,
-                          probe_epochs=params.probe_epochs, cache_features=params.cache_features,
-                          precise_bn_batches=params.precise_bn_batches)
-        outcome = train_model(cfg, data.train, data.val, built.initial_state(), settings, tracking_uri,
-                              tracker.run_id, run_key=tracker.run_id)
+        outcome = train_model(params.train_config(spec.name, data.num_classes), data.train, data.val,
+                              built.initial_state(), settings, tracking_uri, tracker.run_id, run_key=tracker.run_id)
         built.model.load_state_dict(outcome.state_dict)
         log_learning_curves(outcome.history, tracker)
 

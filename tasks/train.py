@@ -222,25 +222,25 @@ def init_ray(settings: Settings) -> None:
         # The dashboard process serves Ray's state API, which Train V2's placement-group cleaner (and our
         # fault-injection tests) query; it binds 127.0.0.1 only.
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, logging_level="WARNING")
+                 _node_ip_address="127.0.0.1", log_to_driver=True, logging_level="WARNING")
 
 
 def cluster_cpus(settings: Settings) -> int:
     """CPUs of the Ray cluster this process trains on (starting or joining it first)."""
+    init_ray(settings)  # first: it sets the variables ray reads when it is imported
     import ray
 
-    init_ray(settings)
     return int(ray.cluster_resources().get("CPU", 1))
 
 
 def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                  *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
+    available = cluster_cpus(settings)  # starts or joins Ray before anything imports it
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    available = cluster_cpus(settings)
     cpus = cfg.cpus_per_worker or max(1, available // cfg.workers)
     if cfg.workers * cpus > available and not cfg.use_gpu:
         raise TrainingError(f"workers={cfg.workers} x {cpus} CPU need {cfg.workers * cpus} CPUs but the Ray "
