@@ -10,8 +10,6 @@ import copy
 import logging
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -134,25 +132,16 @@ def console_without_tracebacks() -> None:
             handler.setFormatter(_NoTraceback(handler.formatter))
 
 
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - configured endpoint
-            return resp.status < 500
-    except urllib.error.HTTPError as exc:
-        return exc.code < 500
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
 def preflight(settings: Settings) -> None:
     """Fail fast, before any download or training, when a server is missing or unreachable."""
     from flows.retrain import require_servers
+    from infra.stack import http_ok
 
     tracking_uri, s3_url = require_servers(settings)
-    if not _reachable(f"{tracking_uri.rstrip('/')}/health"):
+    if not http_ok(f"{tracking_uri.rstrip('/')}/health"):
         raise HeadbenchError(f"MLflow tracking server unreachable at {tracking_uri} (is it running? "
                              "`headbench up`)")
-    if settings.prefect_api_url and not _reachable(f"{settings.prefect_api_url.rstrip('/')}/health"):
+    if settings.prefect_api_url and not http_ok(f"{settings.prefect_api_url.rstrip('/')}/health"):
         raise HeadbenchError(f"Prefect API unreachable at {settings.prefect_api_url} (is it running? "
                              "`headbench up`)")
     from infra.s3 import s3_client, s3_errors

@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.params import CompareParams
-from flows.retrain import require_servers, stage, versions
+from flows.retrain import require_servers, run_params, stage, versions
 from infra.settings import load_settings
 from infra.tracking import flatten, run_url, start_run
 from tasks.build import resolve_weights
@@ -34,9 +34,7 @@ class CompareResult(BaseModel):
 
 
 def _flow_run_name() -> str:
-    raw = flow_run.get_parameters().get("params") or {}
-    p = raw if isinstance(raw, dict) else raw.model_dump()
-    dataset = str(p.get("dataset", "fashion-mnist")).rstrip("/").rsplit("/", 1)[-1]
+    p, dataset = run_params()
     return f"compare-{dataset}-{p.get('arch', 'resnet18')}-{len(p.get('strategies') or [])}x{p.get('seeds', 2)}"
 
 

@@ -48,10 +48,15 @@ def stage(name: str) -> None:
         listener(name)
 
 
-def _flow_run_name() -> str:
+def run_params() -> tuple[dict[str, Any], str]:
+    """This flow run's parameters as a dict, and the dataset's short name, for run names."""
     raw = flow_run.get_parameters().get("params") or {}
     p = raw if isinstance(raw, dict) else raw.model_dump()
-    dataset = str(p.get("dataset", "fashion-mnist")).rstrip("/").rsplit("/", 1)[-1]
+    return p, str(p.get("dataset", "fashion-mnist")).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _flow_run_name() -> str:
+    p, dataset = run_params()
     return f"{dataset}-{p.get('arch', 'resnet18')}-{p.get('strategy', 'mlp')}-seed{p.get('seed', 0)}"
 
 

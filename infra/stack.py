@@ -53,7 +53,8 @@ class ServiceStatus:
     url: str
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when ``url`` answers 2xx within ``timeout`` (health endpoints)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
             return 200 <= resp.status < 300
@@ -174,11 +175,11 @@ class LocalStack:
             ServiceSpec("mlflow", mlflow,
                         {**keys, "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
                          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "AWS_DEFAULT_REGION": "us-east-1"},
-                        lambda: _http_ok(f"{self.mlflow_url}/health"), self.mlflow_url, "mlflow"),
+                        lambda: http_ok(f"{self.mlflow_url}/health"), self.mlflow_url, "mlflow"),
             ServiceSpec("prefect", prefect,
                         {"PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                          "DO_NOT_TRACK": "1", "PREFECT_SERVER_API_HOST": HOST},
-                        lambda: _http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect"),
+                        lambda: http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect"),
         ]
 
     def _pid(self, name: str) -> int | None:

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from infra.datasets import PreparedData
 from infra.settings import Settings
 from infra.tracking import Tracker, start_run
-from models import build_model, parse_strategy, trainable_parameters
+from models import build_model, parse_strategy
 from models.schedules import describe_plan, phase_params
 from tasks.evaluate import evaluate_split, learning_curves_png
 from tasks.train import TrainConfig, run_training
@@ -172,8 +172,7 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
         "seed": str(seed), "headbench.kind": "compare-child"})
     try:
         phases = describe_plan(model, spec.schedule, cfg.epochs, cfg.probe_epochs, cfg.lr)
-        trainable = trainable_parameters(model) if spec.schedule == "full-ft" else max(
-            p["trainable_params"] for p in phases)
+        trainable = max(p["trainable_params"] for p in phases)  # the widest phase (full-ft: all parameters)
         tracker.log_params(child_params | {"strategy": spec.name, "seed": seed, "trainable_params": trainable,
                                            "in_features": model.in_features} | phase_params(phases))
         tracker.log_dict(phases, "training/phases.json")
