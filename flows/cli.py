@@ -175,7 +175,7 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any]) -> Any:
     else:
         from flows.compare import compare_heads as flow_fn
 
-    stages = ["download", "build", "train", "evaluate", "publish", "done"]
+    stages = ["download", "build", "train", "evaluate", "publish", "promote", "done"]
     with Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=False) as progress:
         bar = progress.add_task("starting", total=len(stages) - 1)
@@ -202,6 +202,8 @@ def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
     say(f"MLflow run : {result.run_url}")
     say(f"S3 model   : {result.s3_uri}")
     say(f"registered : {result.registered_model} version {result.version}")
+    say(f"promotion  : {result.promotion} ({result.promotion_reason}); champion is "
+        f"{'v' + result.champion_version if result.champion_version else 'unset'}")
     return result
 
 
@@ -258,6 +260,12 @@ def run(
     cpus_per_worker: CpusPerWorker = None,
     gpu: Gpu = False, seed: Seed = 0,
     model_name: Annotated[str, typer.Option(help="registered model name / S3 prefix")] = "headbench-classifier",
+    warm_start: Annotated[str, typer.Option(help="none | champion (start from the current champion's weights)")]
+    = "none",
+    promote: Annotated[str, typer.Option(help="never | if-better | always: move the 'champion' alias")]
+    = "if-better",
+    promotion_metric: Annotated[str, typer.Option(help="test_accuracy | test_macro_f1")] = "test_accuracy",
+    min_margin: Annotated[float, typer.Option(help="if-better: challenger must beat champion by more")] = 0.0,
     home: HomeOpt = None,
 ) -> None:
     """Run one retraining (the `retrain` Prefect flow) and print the MLflow run URL and the S3 URI."""
@@ -297,6 +305,86 @@ def strategies() -> None:
     console.print("shapes   : " + ", ".join(HEAD_SHAPES))
     console.print("poolings : " + ", ".join(POOLS))
     console.print("schedules: " + ", ".join(SCHEDULES))
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``["epochs=3", "classes=0-4"]`` -> {"epochs": "3", "classes": "0-4"} (pydantic converts the types)."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            fail(f"--param {item!r}: expected KEY=VALUE, e.g. --param epochs=3")
+        values[key.strip().replace("-", "_")] = value.strip()
+    return values
+
+
+@app.command()
+def deploy(
+    cron: Annotated[str, typer.Option(help="schedule of retrain/scheduled (cron, 5 fields)")] = "0 3 * * *",
+    timezone: Annotated[str, typer.Option(help="IANA time zone of the cron schedule")] = "UTC",
+    param: Annotated[list[str] | None, typer.Option(
+        help="default parameter of the scheduled retrain, KEY=VALUE, repeatable (any `headbench run` option, "
+             "e.g. --param classes=0-4 --param epochs=3)")] = None,
+    paused: Annotated[bool, typer.Option(help="create the schedule paused")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Register the deployments `retrain/scheduled` (cron) and `compare-heads/on-demand` on the Prefect server,
+    running on the local `process` work pool (the worker `headbench up` started)."""
+    settings = _settings(home)
+    settings.export_env()  # before prefect is imported
+    from flows.deploy import deploy_all
+    from flows.params import RetrainParams
+    from infra.stack import http_ok
+
+    try:
+        params = RetrainParams(**({"warm_start": "champion"} | parse_assignments(param or [])))
+    except ValidationError as exc:
+        fail(validation_line(exc).replace("--", "--param ", 1))
+    if not settings.prefect_api_url or not http_ok(f"{settings.prefect_api_url.rstrip('/')}/health"):
+        fail(f"Prefect API unreachable at {settings.prefect_api_url} (is it running? `headbench up`)")
+    try:
+        deployed = deploy_all(settings, cron=cron, timezone=timezone, retrain_params=params, paused=paused)
+    except HeadbenchError as exc:
+        fail(str(exc))
+    for d in deployed:
+        when = f"cron '{cron}' ({timezone}){' paused' if paused else ''}" if d.target.scheduled else "on demand"
+        say(f"deployed {d.target.full_name:<26} {when:<32} {d.url}")
+    say(f"work pool '{settings.work_pool}' (process). Trigger a run: the deployment's 'Run > Custom run' in the "
+        f"UI, or `prefect deployment run '{deployed[0].target.full_name}' --param ...`")
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files (any format PIL reads)")],
+    model: Annotated[str, typer.Option(help="models:/<name>@<alias>, models:/<name>/<version> or s3://... "
+                                       "of a published model")] = "models:/headbench-classifier@champion",
+    top: Annotated[int, typer.Option("--top", "-k", min=1, help="classes to print per image")] = 3,
+    home: HomeOpt = None,
+) -> None:
+    """Classify image files with a published model, preprocessing as its manifest says; prints top-k."""
+    settings = _settings(home)
+    settings.export_env()
+    from infra.tracking import resolve_registered
+    from models.predict import load_images, top_k
+    from tasks.publish import load_published
+
+    if not model.startswith(("models:/", "s3://")):
+        fail(f"--model {model!r}: expected models:/<name>@<alias>, models:/<name>/<version> or s3://bucket/prefix")
+    try:
+        source = model
+        if model.startswith("models:/"):
+            if not settings.mlflow_tracking_uri:
+                fail("MLFLOW_TRACKING_URI is not set and no local stack env file was found; run `headbench up`")
+            source = resolve_registered(settings.mlflow_tracking_uri, model)
+        net, manifest = load_published(source, settings)
+        batch = load_images(images, int(manifest["image_size"]), int(manifest.get("channels", 3)))
+    except (HeadbenchError, ValueError) as exc:
+        fail(first_line(exc))
+    probs, indices = top_k(net, batch, top)
+    names = manifest["class_names"]
+    say(f"model {manifest['model_name']} ({manifest['arch']} {manifest['strategy']}, {source})")
+    for path, p_row, i_row in zip(images, probs.tolist(), indices.tolist(), strict=True):
+        say(f"{path}: " + ", ".join(f"{names[i]} {p:.3f}" for p, i in zip(p_row, i_row, strict=True)))
 
 
 DEMO_SOURCE = {"dataset": "fashion-mnist", "classes": "0-4", "limit": 2000, "test_limit": 500, "image_size": 32,

@@ -14,10 +14,16 @@ from infra.datasets import FASHION_MNIST_CLASSES, DataSpec
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
 from models.data import parse_classes
 from models.schedules import plan
-from models.strategies import DEMO_STRATEGIES
+from models.strategies import DEMO_STRATEGIES, all_strategies
 from tasks.train import TrainConfig
 
 Arch = Literal[ARCHS]  # type: ignore[valid-type]  # the dashboard shows a drop-down of these
+# Strategy fields accept any spelling parse_strategy understands (e.g. 'mlp:avg'), but the JSON schema the
+# Prefect server enforces lists the canonical names, so the Custom Run form offers a drop-down.
+STRATEGY_ENUM = {"enum": all_strategies()}
+WarmStart = Literal["none", "champion"]
+Promote = Literal["never", "if-better", "always"]
+PromotionMetric = Literal["test_accuracy", "test_macro_f1"]
 BUILTIN_CLASSES = {"fashion-mnist": len(FASHION_MNIST_CLASSES)}
 
 
@@ -97,9 +103,17 @@ class RetrainParams(TrainingParams):
     """One retraining run, published to S3 and the MLflow registry."""
 
     strategy: str = Field("mlp", description="head strategy <shape>[:<pool>][+<schedule>], e.g. "
-                          "'replace-fc', 'mlp', 'mlp+lp-ft', 'replace-fc+linear-probe'")
+                          "'replace-fc', 'mlp', 'mlp+lp-ft', 'replace-fc+linear-probe'",
+                          json_schema_extra=STRATEGY_ENUM)
     model_name: str = Field("headbench-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
                             description="registered model name; also the S3 prefix of published models")
+    warm_start: WarmStart = Field("none", description="'champion': start from the weights of the current "
+                                  "champion of model_name (falls back to `weights` when there is none yet)")
+    promote: Promote = Field("if-better", description="move the 'champion' alias to this run's version: "
+                             "'if-better' than the champion on this run's test split, 'always' or 'never'")
+    promotion_metric: PromotionMetric = Field("test_accuracy", description="test metric that decides promotion")
+    min_margin: float = Field(0.0, ge=0.0, le=1.0, description="'if-better' needs challenger > champion + "
+                              "min_margin on promotion_metric")
 
     @field_validator("strategy")
     @classmethod
@@ -114,7 +128,8 @@ class CompareParams(TrainingParams):
     """Every strategy x seed on the same data split and budget, as children of one MLflow parent run."""
 
     strategies: list[str] = Field(list(DEMO_STRATEGIES), min_length=1, max_length=32,
-                                  description="head strategies to compare (see `headbench strategies`)")
+                                  description="head strategies to compare (see `headbench strategies`)",
+                                  json_schema_extra={"items": {"type": "string"} | STRATEGY_ENUM})
     seeds: int = Field(2, ge=1, le=20, description="repetitions per strategy (seed, seed+1, ...); the data "
                        "split stays fixed")
     parallel: int | None = Field(None, ge=1, le=64, description="children trained at once; empty = as many as "

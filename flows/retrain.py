@@ -12,18 +12,21 @@ from dataclasses import asdict
 from typing import Any
 
 from prefect import flow
-from prefect.runtime import flow_run
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.context import FlowRunContext
+from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel
 
 from flows.params import RetrainParams
 from infra.errors import HeadbenchError
 from infra.settings import Settings, load_settings
-from infra.tracking import flatten, run_url, start_run
+from infra.tracking import alias_version, flatten, run_url, start_run
 from models import parse_strategy
 from models.schedules import describe_plan, phase_params
 from tasks.build import build_head_model
 from tasks.data import download_data
 from tasks.evaluate import evaluate_model, log_learning_curves
+from tasks.promote import CHAMPION_ALIAS, Decision, PromotionPolicy, promote_model
 from tasks.publish import build_manifest, publish_model
 from tasks.train import train_model
 
@@ -37,6 +40,9 @@ class RetrainResult(BaseModel):
     test_accuracy: float
     test_macro_f1: float
     history: list[dict[str, float]]
+    promotion: str  # champion | challenger-rejected | not-promoted
+    promotion_reason: str
+    champion_version: str | None  # the alias target after this run
 
 
 # The CLI subscribes to stage changes to draw its progress display; flows run fine without a listener.
@@ -60,6 +66,40 @@ def _flow_run_name() -> str:
     return f"{dataset}-{p.get('arch', 'resnet18')}-{p.get('strategy', 'mlp')}-seed{p.get('seed', 0)}"
 
 
+def prefect_context() -> dict[str, str]:
+    """Where this flow run lives in Prefect, as MLflow tags: id, UI URL, deployment, scheduled or not."""
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx else None
+    deployment_name = ""
+    if run is not None and run.deployment_id is not None:
+        deployment_name = f"{flow_run.get_flow_name()}/{deployment.get_name()}"
+    return {"prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": flow_run.get_name() or "",
+            "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "", "prefect.deployment": deployment_name,
+            "prefect.scheduled": str(bool(run and run.auto_scheduled)).lower()}
+
+
+def resolve_warm_start(params: RetrainParams, tracking_uri: str) -> tuple[str, str | None]:
+    """``warm_start=champion`` -> the champion's registry URI (and version); otherwise ``params.weights``."""
+    if params.warm_start == "champion":
+        champion = alias_version(tracking_uri, params.model_name, CHAMPION_ALIAS)
+        if champion is not None:
+            return f"models:/{params.model_name}/{champion.version}", champion.version
+        print(f"warm start: {params.model_name!r} has no champion yet; starting from weights={params.weights!r}")
+    return params.weights, None
+
+
+def summary_markdown(params: RetrainParams, metrics: dict[str, float], decision: Decision, run_link: str,
+                     s3_uri: str) -> str:
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
+    champion = (f"v{decision.champion_version} scored {decision.champion_score:.4f} on this test split"
+                if decision.champion_score is not None else "none compared")
+    return (f"# retrain `{params.model_name}` v{decision.challenger_version}\n\n"
+            f"{params.arch} · strategy `{params.strategy}` · {params.epochs} epochs · dataset {params.dataset}\n\n"
+            f"| metric | value |\n|---|---|\n{rows}\n\n"
+            f"**Promotion: {decision.outcome}** ({decision.metric}): {decision.reason}. Champion before: {champion}."
+            f"\n\n[MLflow run]({run_link}) · model `{s3_uri}`\n")
+
+
 def require_servers(settings: Settings) -> tuple[str, str]:
     if not settings.mlflow_tracking_uri:
         raise HeadbenchError("MLFLOW_TRACKING_URI is not set and no local stack env file was found; "
@@ -71,15 +111,12 @@ def require_servers(settings: Settings) -> tuple[str, str]:
 
 
 def versions() -> dict[str, str]:
-    import mlflow
-    import prefect
-    import ray
-    import torch
-    import torchvision
+    """Installed versions, read from package metadata: importing ray here, before ``init_ray`` set its
+    loopback switch, would make it rewrite a 127.0.0.1 RAY_ADDRESS to the machine's public IP."""
+    from importlib.metadata import version
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "ray": ray.__version__, "mlflow": mlflow.__version__,
-            "prefect": prefect.__version__}
+    return {"python": platform.python_version()} | {
+        name: version(name) for name in ("torch", "torchvision", "ray", "mlflow", "prefect")}
 
 
 @flow(name="retrain", flow_run_name=_flow_run_name, log_prints=True)
@@ -93,20 +130,23 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
     data = download_data(params.data_spec(), settings)
 
     stage("build")
-    built = build_head_model(params.arch, data.num_classes, params.strategy, params.weights, settings,
+    weights, warm_version = resolve_warm_start(params, tracking_uri)
+    built = build_head_model(params.arch, data.num_classes, params.strategy, weights, settings,
                              params.hidden_dim, params.dropout)
 
+    links = prefect_context()
     tracker = start_run(tracking_uri, settings.experiment, flow_run.get_name() or _flow_run_name(), tags={
         "dataset": params.dataset, "arch": params.arch, "strategy": spec.name, "shape": spec.shape,
-        "pool": spec.pool, "schedule": spec.schedule, "seed": str(params.seed),
-        "prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": flow_run.get_name() or ""})
+        "pool": spec.pool, "schedule": spec.schedule, "seed": str(params.seed), "model_name": params.model_name,
+        **links})
     try:
         derived: dict[str, Any] = {
             "num_classes": data.num_classes, "class_names": ",".join(data.class_names),
             "class_indices": ",".join(map(str, data.class_indices)), "train_size": len(data.train),
             "val_size": len(data.val), "test_size": len(data.test), "skipped_images": data.skipped,
             "in_features": built.model.in_features, "trainable_params": built.trainable,
-            "total_params": built.total, "weights_source": built.weights_source}
+            "total_params": built.total, "weights_source": built.weights_source,
+            "warm_start_version": warm_version or "none"}
         phases = describe_plan(built.model, spec.schedule, params.epochs, params.probe_epochs, params.lr)
         tracker.log_params(params.model_dump() | derived | flatten("version", versions()) | phase_params(phases))
         tracker.log_dict(phases, "training/phases.json")
@@ -125,14 +165,27 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
             built.model, model_name=params.model_name, class_names=data.class_names,
             class_indices=data.class_indices, image_size=params.image_size,
             data=asdict(params.data_spec()), metrics=metrics.as_dict(), run_id=tracker.run_id,
-            hidden_dim=params.hidden_dim, dropout=params.dropout)
+            hidden_dim=params.hidden_dim, dropout=params.dropout, channels=int(data.test.images.shape[1]))
         publication = publish_model(built.model, manifest, settings, tracker)
+
+        stage("promote")
+        policy = PromotionPolicy(params.promote, params.promotion_metric, params.min_margin)
+        decision = promote_model(publication, metrics.as_dict(), data.test, data.class_names, policy, settings,
+                                 tracker, context={k: v for k, v in links.items() if v})
     except BaseException:
         tracker.end("FAILED")  # the run stays, marked failed; nothing half-published is visible
         raise
     tracker.end("FINISHED")
+    link = run_url(tracking_uri, tracker.run_id)
+    champion = alias_version(tracking_uri, params.model_name, CHAMPION_ALIAS)
+    if links["prefect.flow_run_id"]:
+        create_link_artifact(link=link, link_text=f"MLflow run of {params.model_name} v{publication.version}",
+                             key="retrain-mlflow-run")
+        create_markdown_artifact(markdown=summary_markdown(params, metrics.as_dict(), decision, link,
+                                                           publication.s3_uri), key="retrain-summary")
     stage("done")
-    return RetrainResult(run_id=tracker.run_id, run_url=run_url(tracking_uri, tracker.run_id),
-                         s3_uri=publication.s3_uri, registered_model=publication.registered_model,
-                         version=publication.version, test_accuracy=metrics.accuracy,
-                         test_macro_f1=metrics.macro_f1, history=outcome.history)
+    return RetrainResult(run_id=tracker.run_id, run_url=link, s3_uri=publication.s3_uri,
+                         registered_model=publication.registered_model, version=publication.version,
+                         test_accuracy=metrics.accuracy, test_macro_f1=metrics.macro_f1, history=outcome.history,
+                         promotion=decision.outcome, promotion_reason=decision.reason,
+                         champion_version=champion.version if champion else None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +26,10 @@ from infra.settings import Settings
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+CHAMPION = "champion.json"  # per model name: which published model the 'champion' alias points at
+PROMOTION_LOCK = ".promotion.lock"
+_PRECONDITION_CODES = {"PreconditionFailed", "412"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken"}
 
 
@@ -97,12 +103,16 @@ def ensure_buckets(client: Any, buckets: list[str], endpoint: str | None) -> Non
                 client.create_bucket(Bucket=bucket)
 
 
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "?"))
+
+
 def object_exists(client: Any, bucket: str, key: str) -> bool:
     try:
         client.head_object(Bucket=bucket, Key=key)
         return True
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if _code(exc) in _MISSING_CODES:
             return False
         raise
 
@@ -136,10 +146,103 @@ class ModelStore:
             if head["ContentLength"] != manifest["size"]:
                 raise S3Error(f"upload of s3://{self.bucket}/{prefix}{WEIGHTS} is truncated "
                               f"({head['ContentLength']} of {manifest['size']} bytes)")
-            self.client.put_object(Bucket=self.bucket, Key=prefix + MANIFEST,
-                                   Body=json.dumps(manifest, indent=2, sort_keys=True).encode(),
-                                   ContentType="application/json")
+            try:  # create-only: of two racing publishers of one prefix, exactly one wins
+                self.client.put_object(Bucket=self.bucket, Key=prefix + MANIFEST,
+                                       Body=json.dumps(manifest, indent=2, sort_keys=True).encode(),
+                                       ContentType="application/json", IfNoneMatch="*")
+            except ClientError as exc:
+                if _code(exc) in _PRECONDITION_CODES:
+                    raise S3Error(f"refusing to overwrite the published model s3://{self.bucket}/{prefix}"
+                                  ) from None
+                raise
         return PublishedModel(self.prefix_uri(name, run_id), manifest)
+
+    # ------------------------------------------------------------------ champion pointer
+    def champion_key(self, name: str) -> str:
+        return f"{name}/{CHAMPION}"
+
+    def read_champion(self, name: str) -> dict[str, Any] | None:
+        """The ``champion.json`` pointer of a model name, or None before the first promotion."""
+        with s3_errors(self.endpoint, f"reading s3://{self.bucket}/{self.champion_key(name)}"):
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=self.champion_key(name))["Body"].read()
+            except ClientError as exc:
+                if _code(exc) in _MISSING_CODES:
+                    return None
+                raise
+        return json.loads(body)
+
+    def write_champion(self, name: str, pointer: dict[str, Any]) -> None:
+        with s3_errors(self.endpoint, f"writing s3://{self.bucket}/{self.champion_key(name)}"):
+            self.client.put_object(Bucket=self.bucket, Key=self.champion_key(name),
+                                   Body=json.dumps(pointer, indent=2, sort_keys=True).encode(),
+                                   ContentType="application/json")
+
+    def lease(self, name: str, owner: str, ttl_s: float = 120.0, wait_s: float = 120.0) -> S3Lease:
+        """The promotion lock of a model name (see S3Lease)."""
+        return S3Lease(self.client, self.bucket, f"{name}/{PROMOTION_LOCK}", owner, self.endpoint, ttl_s, wait_s)
+
+
+class S3Lease:
+    """A mutual-exclusion lease held as one S3 object, taken with a create-only conditional PUT
+    (``If-None-Match: *``: of N racing writers exactly one gets 200, the rest 412).
+
+    A lease older than ``ttl_s`` (its holder died) is taken over with ``If-Match: <its ETag>``, so two
+    rescuers cannot both win. Needs an S3 with conditional writes (AWS S3, MinIO, SeaweedFS >= 3.97).
+    """
+
+    def __init__(self, client: Any, bucket: str, key: str, owner: str, endpoint: str | None,
+                 ttl_s: float = 120.0, wait_s: float = 120.0) -> None:
+        self.client, self.bucket, self.key, self.owner, self.endpoint = client, bucket, key, owner, endpoint
+        self.ttl_s, self.wait_s = ttl_s, wait_s
+
+    def _put(self, **condition: str) -> bool:
+        body = json.dumps({"owner": self.owner, "expires_at": time.time() + self.ttl_s}).encode()
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **condition)
+            return True
+        except ClientError as exc:
+            if _code(exc) in _PRECONDITION_CODES or _code(exc) in ("409", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    def _holder(self) -> tuple[dict[str, Any], str] | None:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return None
+            raise
+        return json.loads(obj["Body"].read()), obj["ETag"]
+
+    def acquire(self) -> None:
+        where = f"s3://{self.bucket}/{self.key}"
+        deadline = time.monotonic() + self.wait_s
+        with s3_errors(self.endpoint, f"taking the lease {where}"):
+            while True:
+                if self._put(IfNoneMatch="*"):
+                    return
+                holder = self._holder()
+                if holder is not None and holder[0].get("expires_at", 0) < time.time() and self._put(
+                        IfMatch=holder[1]):
+                    return  # the previous holder died without releasing
+                if time.monotonic() > deadline:
+                    owner = holder[0].get("owner") if holder else "?"
+                    raise S3Error(f"lease {where} still held by {owner} after {self.wait_s:.0f} s")
+                time.sleep(0.2 + random.random() * 0.3)
+
+    def release(self) -> None:
+        with s3_errors(self.endpoint, f"releasing the lease s3://{self.bucket}/{self.key}"):
+            holder = self._holder()
+            if holder is not None and holder[0].get("owner") == self.owner:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key)
+
+    def __enter__(self) -> S3Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def fetch_model(client: Any, uri: str, dest: Path, endpoint: str | None) -> tuple[Path, dict[str, Any]]:

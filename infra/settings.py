@@ -28,6 +28,7 @@ class StackPorts(BaseSettings):
     s3_grpc: int = 18333
     mlflow: int = 5000
     prefect: int = 4200
+    prefect_worker: int = 4201  # the worker's health endpoint
     weed_master: int = 9333
     weed_master_grpc: int = 19333
     weed_volume: int = 8080
@@ -62,6 +63,8 @@ class Settings(BaseSettings):
     checkpoint_bucket: str = Field("checkpoints", validation_alias="HEADBENCH_CHECKPOINT_BUCKET")
     mlflow_bucket: str = Field("mlflow", validation_alias="HEADBENCH_MLFLOW_BUCKET")
     experiment: str = Field("headbench", validation_alias="HEADBENCH_EXPERIMENT")
+    work_pool: str = Field("headbench", validation_alias="HEADBENCH_WORK_POOL",
+                           description="Prefect process work pool the deployments use and the local worker polls")
     data_cache: Path | None = Field(None, validation_alias="HEADBENCH_DATA_CACHE",
                                     description="local dataset cache (default: $HEADBENCH_HOME/cache)")
 

@@ -1,4 +1,5 @@
-"""The embedded local stack: SeaweedFS S3, an MLflow tracking server and a Prefect server on 127.0.0.1.
+"""The embedded local stack on 127.0.0.1: SeaweedFS S3, an MLflow tracking server, a Prefect server and a
+Prefect worker polling the ``process`` work pool that ``headbench deploy`` targets.
 
 All state lives under one directory (``$HEADBENCH_HOME``, default ``.headbench/``): data, logs, pid files,
 ``stack.json`` (ports and the generated S3 keys, mode 0600) and ``env`` (sourceable ``export`` lines with
@@ -149,6 +150,18 @@ class LocalStack:
         except Exception:  # noqa: BLE001 - any failure means "not ready yet"
             return False
 
+    def worker_env(self) -> dict[str, str]:
+        """The worker's environment, inherited by every flow run it starts: the stack's standard variables
+        and HEADBENCH_HOME, so deployed runs resolve the same settings as `headbench run`."""
+        env = self.standard_env() | {
+            "HEADBENCH_HOME": str(self.home), "HEADBENCH_WORK_POOL": self.settings.work_pool,
+            "PREFECT_HOME": str(self.home / "prefect"), "PREFECT_WORKER_WEBSERVER_HOST": HOST,
+            "PREFECT_WORKER_WEBSERVER_PORT": str(self.ports.prefect_worker),
+            "PREFECT_WORKER_QUERY_SECONDS": "5", "DO_NOT_TRACK": "1"}
+        if self.settings.ray_address:  # a Ray cluster named when the stack came up is where runs train
+            env["RAY_ADDRESS"] = self.settings.ray_address
+        return env
+
     def services(self) -> list[ServiceSpec]:
         p, home = self.ports, self.home
         keys = {"AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or ""}
@@ -170,6 +183,10 @@ class LocalStack:
         ]
         prefect = [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(p.prefect),
                    "--analytics-off"]
+        # `--type process` creates the pool if it is missing; flow runs are subprocesses in the worker's
+        # process group, so `down` (worker first) stops them too.
+        worker = [str(BIN / "prefect"), "worker", "start", "--pool", self.settings.work_pool, "--type", "process",
+                  "--name", f"headbench-{p.prefect}", "--with-healthcheck"]
         return [
             ServiceSpec("s3", weed, keys, self._s3_healthy, self.s3_url, "weed"),
             ServiceSpec("mlflow", mlflow,
@@ -180,6 +197,9 @@ class LocalStack:
                         {"PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                          "DO_NOT_TRACK": "1", "PREFECT_SERVER_API_HOST": HOST},
                         lambda: http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect"),
+            ServiceSpec("worker", worker, self.worker_env() if self.access_key else {},
+                        lambda: http_ok(f"http://{HOST}:{p.prefect_worker}/health"),
+                        f"{self.prefect_url}/work-pools/work-pool/{self.settings.work_pool}", "worker"),
         ]
 
     def _pid(self, name: str) -> int | None:

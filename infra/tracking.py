@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -123,3 +124,24 @@ def resolve_registered(tracking_uri: str, uri: str) -> str:
         raise TrackingError(f"registered model {uri!r} not found at {tracking_uri}: "
                             f"{exc.message.splitlines()[0]}") from None
     return version.source
+
+
+def alias_version(tracking_uri: str, name: str, alias: str) -> ModelVersion | None:
+    """The version an alias points at, or None when the model or the alias does not exist yet."""
+    try:
+        return MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise TrackingError(f"MLflow at {tracking_uri} failed to read alias {name}@{alias}: "
+                            f"{exc.message.splitlines()[0]}") from None
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
+    MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(tracking_uri: str, name: str, version: str, tags: Mapping[str, Any]) -> None:
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))

@@ -76,6 +76,18 @@ DEMO_STRATEGIES: tuple[str, ...] = ("replace-fc", "mlp", "replace-fc+linear-prob
                                     "mlp+lp-ft", "fastai+gradual")
 
 
+def all_strategies() -> list[str]:
+    """Every valid canonical strategy name (curated ones first): the enum of the deployment forms."""
+    names = [name for name, _ in _CURATED]
+    for shape, head in HEAD_SHAPES.items():
+        for pool in head.pools:
+            for schedule in SCHEDULES:
+                name = StrategySpec(shape, pool, schedule).name
+                if name not in names:
+                    names.append(name)
+    return names
+
+
 def list_strategies() -> dict[str, str]:
     """Curated strategy names -> one-line description; each name is valid for ``build_model``."""
     return dict(_CURATED)

@@ -34,7 +34,7 @@ class Publication:
 
 def build_manifest(model: HeadNet, *, model_name: str, class_names: list[str], class_indices: list[int],
                    image_size: int, data: dict[str, Any], metrics: dict[str, float], run_id: str,
-                   hidden_dim: int, dropout: float) -> dict[str, Any]:
+                   hidden_dim: int, dropout: float, channels: int = 3) -> dict[str, Any]:
     """Everything needed to rebuild, preprocess for, and trust a published model."""
     return {
         "format_version": MANIFEST_VERSION,
@@ -46,6 +46,7 @@ def build_manifest(model: HeadNet, *, model_name: str, class_names: list[str], c
         "class_names": class_names,
         "class_indices": class_indices,
         "image_size": image_size,
+        "channels": channels,  # of the training images: 1 = grayscale (replicated to RGB at the stem)
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                           "input": "uint8 RGB (grayscale replicated), resized, /255, then (x-mean)/std"},
         "data": data,

@@ -1,0 +1,207 @@
+"""Deployments end to end: `headbench deploy` against the real Prefect server, runs triggered the way the
+dashboard's Custom Run does (POST /api/deployments/{id}/create_flow_run), executed by the stack's real
+process worker, then checked in MLflow, the registry, S3 and Prefect's artifacts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from flows.deploy import PROJECT_ROOT
+from infra.datasets import load_fashion_mnist
+from infra.ray_cluster import RayHead
+from infra.s3 import s3_client, split_uri
+from models.strategies import all_strategies
+from tests.integration.conftest import Stack
+
+HEADBENCH = str(Path(sys.executable).parent / "headbench")
+PREFECT = str(Path(sys.executable).parent / "prefect")
+MODEL = "deploy-test"
+# Trouser, Bag, Ankle boot: separable enough that two short epochs give a clearly better-than-chance model.
+GOOD = {"classes": "1,8,9", "limit": 300, "test_limit": 150, "image_size": 32, "epochs": 2, "batch_size": 32,
+        "lr": 0.05, "workers": 1, "precise_bn_batches": 5, "model_name": MODEL, "warm_start": "none"}
+# The same split and budget, but a learning rate that cannot move a random init: near chance (1/3).
+WEAK = GOOD | {"lr": 1e-6, "epochs": 1}
+
+
+def api(stack: Stack) -> httpx.Client:
+    return httpx.Client(base_url=f"{stack.stack.prefect_url}/api", timeout=30)
+
+
+@pytest.fixture(scope="module")
+def deployed(stack: Stack) -> dict[str, dict[str, Any]]:
+    args = [HEADBENCH, "deploy", "--cron", "30 2 * * 1-5", "--timezone", "Europe/Berlin",
+            "--param", "classes=1,8,9", "--param", f"model_name={MODEL}"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False, env=stack.cli_env())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "retrain/scheduled" in done.stdout and "compare-heads/on-demand" in done.stdout
+    with api(stack) as client:
+        return {name: client.get(f"/deployments/name/{name}").raise_for_status().json()
+                for name in ("retrain/scheduled", "compare-heads/on-demand")}
+
+
+def trigger(stack: Stack, deployment: dict[str, Any], params: dict[str, Any],
+            job_variables: dict[str, Any] | None = None) -> httpx.Response:
+    with api(stack) as client:
+        return client.post(f"/deployments/{deployment['id']}/create_flow_run",
+                           json={"parameters": {"params": params}, "job_variables": job_variables or {}})
+
+
+def wait_final(stack: Stack, flow_run_id: str, timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    with api(stack) as client:
+        while time.monotonic() < deadline:
+            run = client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout} s; see {stack.home}/logs/worker.log")
+
+
+def mlflow_run_of(stack: Stack, flow_run_id: str) -> Any:
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    exp = client.get_experiment_by_name(stack.settings.experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1, f"expected one MLflow run for flow run {flow_run_id}, got {len(runs)}"
+    return runs[0]
+
+
+def test_deploy_stores_schedule_pool_and_typed_schema(stack: Stack, deployed: dict[str, dict[str, Any]]) -> None:
+    retrain, compare = deployed["retrain/scheduled"], deployed["compare-heads/on-demand"]
+    [schedule] = retrain["schedules"]
+    assert schedule["schedule"]["cron"] == "30 2 * * 1-5" and schedule["schedule"]["timezone"] == "Europe/Berlin"
+    assert schedule["active"] and compare["schedules"] == []
+    for d in (retrain, compare):
+        assert d["work_pool_name"] == stack.settings.work_pool and d["enforce_parameter_schema"]
+        assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
+                                    {"directory": str(PROJECT_ROOT)}}]
+    assert retrain["parameters"]["params"]["warm_start"] == "champion"  # scheduled runs start from the champion
+    assert retrain["parameters"]["params"]["classes"] == "1,8,9"
+
+    fields = retrain["parameter_openapi_schema"]["definitions"]["RetrainParams"]["properties"]
+    assert fields["arch"]["enum"] == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    assert fields["strategy"]["enum"] == all_strategies()
+    assert fields["promote"]["enum"] == ["never", "if-better", "always"]
+    assert fields["epochs"]["minimum"] == 1 and fields["lr"]["exclusiveMinimum"] == 0
+    assert all(f.get("description") for f in fields.values()), "every form field has help text"
+    compare_fields = compare["parameter_openapi_schema"]["definitions"]["CompareParams"]["properties"]
+    assert compare_fields["strategies"]["items"]["enum"] == all_strategies()
+
+    # what `prefect deployment schedule ls` shows comes from the server
+    env = stack.cli_env(PREFECT_API_URL=f"{stack.stack.prefect_url}/api")
+    listed = subprocess.run([PREFECT, "deployment", "schedule", "ls", "retrain/scheduled"], capture_output=True,
+                            text=True, timeout=120, check=False, env=env)
+    assert listed.returncode == 0 and "30 2 * * 1-5" in listed.stdout, listed.stdout + listed.stderr
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("arch", "resnet9"), ("strategy", "nope"), ("strategy", "conv1x1+warp"), ("epochs", 0), ("lr", -0.1),
+    ("image_size", 8), ("batch_size", 1), ("promote", "sometimes"), ("min_margin", -0.5),
+    ("model_name", "../escape"), ("colour", "red"),
+])
+def test_invalid_parameter_is_rejected_with_409(stack: Stack, deployed: dict[str, dict[str, Any]], field: str,
+                                                value: Any) -> None:
+    deployment = deployed["retrain/scheduled"]
+    with api(stack) as client:
+        before = client.post("/flow_runs/count", json={}).json()
+    response = trigger(stack, deployment, GOOD | {field: value})
+    assert response.status_code == 409, response.text
+    assert field in response.json()["detail"]
+    with api(stack) as client:
+        assert client.post("/flow_runs/count", json={}).json() == before  # nothing was created
+
+
+def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster: RayHead,
+                                                      deployed: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    deployment = deployed["retrain/scheduled"]
+    on_cluster = {"env": {"RAY_ADDRESS": ray_cluster.address}}
+    mlflow = MlflowClient(stack.settings.mlflow_tracking_uri)
+    s3 = s3_client(stack.settings)
+
+    # 1) the first model of a name becomes champion
+    created = trigger(stack, deployment, GOOD, on_cluster)
+    assert created.status_code == 201, created.text
+    first = wait_final(stack, created.json()["id"])
+    assert first["state"]["type"] == "COMPLETED", f"{first['state']}; see {stack.home}/logs/worker.log"
+    run = mlflow_run_of(stack, first["id"])
+    tags = run.data.tags
+    assert tags["prefect.deployment"] == "retrain/scheduled" and tags["prefect.scheduled"] == "false"
+    assert tags["prefect.flow_run_url"] == f"{stack.stack.prefect_url}/flow-runs/flow-run/{first['id']}"
+    assert tags["promotion"] == "champion"
+    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    bucket, prefix = split_uri(tags["model_s3_uri"])
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    assert keys == {prefix + "model.safetensors", prefix + "manifest.json"}
+    [v1] = mlflow.search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert v1.name == MODEL and v1.source == tags["model_s3_uri"]
+    assert mlflow.get_model_version_by_alias(MODEL, "champion").version == v1.version
+    pointer = json.loads(s3.get_object(Bucket=bucket, Key=f"{MODEL}/champion.json")["Body"].read())
+    assert pointer["version"] == v1.version and pointer["s3_uri"] == tags["model_s3_uri"]
+    assert pointer["prefect.flow_run_id"] == first["id"]
+    champion_score = float(tags["challenger_score"])
+    assert champion_score > 0.6, "the good run should be clearly better than chance (1/3)"
+
+    with api(stack) as client:
+        artifacts = client.post("/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [first["id"]]}}}).raise_for_status().json()
+    by_key = {a["key"]: a for a in artifacts}
+    assert run.info.run_id in by_key["retrain-mlflow-run"]["data"]
+    assert "Promotion: champion" in by_key["retrain-summary"]["data"]
+
+    # 2) a deliberately weaker run on the same split is registered but does not take the alias
+    created = trigger(stack, deployment, WEAK, on_cluster)
+    assert created.status_code == 201, created.text
+    second = wait_final(stack, created.json()["id"])
+    assert second["state"]["type"] == "COMPLETED", f"{second['state']}; see {stack.home}/logs/worker.log"
+    weak = mlflow_run_of(stack, second["id"])
+    [v2] = mlflow.search_model_versions(f"run_id = '{weak.info.run_id}'")
+    assert int(v2.version) == int(v1.version) + 1
+    assert v2.tags["promotion"] == "challenger-rejected"
+    assert float(v2.tags["challenger_score"]) < float(v2.tags["champion_score"])
+    assert abs(float(v2.tags["champion_score"]) - champion_score) < 1e-6  # the champion, rescored on the split
+    assert v2.tags["champion_version"] == v1.version
+    assert mlflow.get_model_version_by_alias(MODEL, "champion").version == v1.version
+    pointer = json.loads(s3.get_object(Bucket=bucket, Key=f"{MODEL}/champion.json")["Body"].read())
+    assert pointer["version"] == v1.version
+
+    # 3) predict with the champion, preprocessing from its manifest
+    raw = load_fashion_mnist(stack.settings.cache_dir)
+    trousers = np.flatnonzero(raw.test_labels == 1)[:4]
+    paths = []
+    for i in trousers:
+        path = tmp_path / f"trouser-{i}.png"
+        Image.fromarray(raw.test_images[i]).save(path)
+        paths.append(str(path))
+    done = subprocess.run([HEADBENCH, "predict", "--model", f"models:/{MODEL}@champion", "-k", "2", *paths],
+                          capture_output=True, text=True, timeout=300, check=False, env=stack.cli_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert len(lines) == 4 and all(len(line.split(",")) == 2 for line in lines)
+    assert sum(line.split(": ", 1)[1].startswith("Trouser ") for line in lines) >= 3, done.stdout
+
+
+def test_prefect_yaml_deploys_the_same_deployments(stack: Stack, deployed: dict[str, dict[str, Any]]) -> None:
+    """`prefect deploy --all` with the repo's prefect.yaml (last in this module: it resets the schedule)."""
+    env = stack.cli_env(PREFECT_API_URL=f"{stack.stack.prefect_url}/api", PWD=str(PROJECT_ROOT))
+    done = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with api(stack) as client:
+        for name, before in deployed.items():
+            after = client.get(f"/deployments/name/{name}").raise_for_status().json()
+            assert after["id"] == before["id"]  # updated in place, not duplicated
+            assert after["pull_steps"] == before["pull_steps"]
+            assert after["work_pool_name"] == before["work_pool_name"]
+            assert after["parameter_openapi_schema"] == before["parameter_openapi_schema"]
+        retrain = client.get("/deployments/name/retrain/scheduled").json()
+        assert [s["schedule"]["cron"] for s in retrain["schedules"]] == ["0 3 * * *"]
