@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: bootstrap demo test test-all lint up down status clean screenshots
+.PHONY: bootstrap demo test test-all lint up down status clean screenshots bench
 
 bootstrap:
 	@infra/bootstrap.sh
@@ -16,6 +16,9 @@ test: bootstrap  ## ruff, then the fast default suite: unit + integration agains
 
 test-all: bootstrap  ## everything, slow tests included
 	$(BIN)/python -m pytest -m ""
+
+bench: bootstrap  ## the pipeline benchmark: B1 plain PyTorch vs B2 headbench, overheads, memory (~8 min)
+	$(BIN)/python -m bench
 
 lint: bootstrap
 	$(BIN)/ruff check .

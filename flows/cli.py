@@ -387,6 +387,15 @@ def predict(
         say(f"{path}: " + ", ".join(f"{names[i]} {p:.3f}" for p, i in zip(p_row, i_row, strict=True)))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """The pipeline benchmark (B1 plain PyTorch vs B2 headbench, overheads, memory); options: --help of
+    `python -m bench` (--tiny, --gpu, --compile, --repeats N, --workers N, --home DIR, --json FILE)."""
+    from bench.run import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
 DEMO_SOURCE = {"dataset": "fashion-mnist", "classes": "0-4", "limit": 2000, "test_limit": 500, "image_size": 32,
                "arch": "resnet18", "weights": "none", "strategy": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.05,
                "workers": 2, "model_name": "demo-source-fashion-0-4"}

@@ -25,6 +25,8 @@ class EpochStats:
     accuracy: float
     images: int  # images seen by all data-parallel ranks together
     seconds: float
+    first_step_at: float = 0.0  # wall clock (time.time()) after the first optimizer step: start-up cost
+    last_step_at: float = 0.0  # wall clock after the last optimizer step
 
     @property
     def images_per_second(self) -> float:
@@ -78,7 +80,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         module.eval()
     prepare = prepare or image_input()
     totals = torch.zeros(3, device=device)  # [sum of losses, correct, images], summed on device
-    start = time.perf_counter()
+    start, first_step_at = time.perf_counter(), 0.0
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -89,14 +91,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if not first_step_at:
+            first_step_at = time.time()
         n = targets.shape[0]
         totals += torch.stack([loss.detach().float() * n, (logits.argmax(1) == targets).sum().float(),
                                torch.tensor(float(n), device=device)])
-    seconds = time.perf_counter() - start
+    seconds, last_step_at = time.perf_counter() - start, time.time()
     totals = _all_reduce(totals)  # images = all ranks' images: the epoch's global throughput
     return EpochStats(loss=(totals[0] / totals[2].clamp(min=1)).item(),
                       accuracy=(totals[1] / totals[2].clamp(min=1)).item(), images=int(totals[2].item()),
-                      seconds=seconds)
+                      seconds=seconds, first_step_at=first_step_at, last_step_at=last_step_at)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
         assert f"MLflow UI  : http://127.0.0.1:{env['HEADBENCH_PORT_MLFLOW']}" in first.stdout
         assert f"Prefect UI : http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}" in first.stdout
         again = cli("up")
-        assert again.returncode == 0 and again.stdout.count("already running") == 3
+        assert again.returncode == 0 and again.stdout.count("already running") == 4
 
         env_file = tmp_path / "env"
         assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
@@ -54,18 +54,19 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
         assert {"MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= exported.keys()
 
         status = cli("status")
-        assert status.returncode == 0 and status.stdout.count("healthy") == 3, status.stdout
+        assert status.returncode == 0 and status.stdout.count("healthy") == 4, status.stdout
 
-        pids = {name: int((tmp_path / "pids" / f"{name}.pid").read_text()) for name in ("s3", "mlflow", "prefect")}
+        pids = {name: int((tmp_path / "pids" / f"{name}.pid").read_text())
+                for name in ("s3", "mlflow", "prefect", "worker")}
         for name, pid in pids.items():
             addresses = _listening(pid)
             assert addresses, name
             assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in addresses), (name, addresses)
     finally:
         down = cli("down")
-    assert down.returncode == 0 and "stopped: prefect, mlflow, s3" in down.stdout
+    assert down.returncode == 0 and "stopped: worker, prefect, mlflow, s3" in down.stdout  # worker first
     for name, pid in pids.items():
         assert not _pid_alive(pid, name if name != "s3" else "weed"), name
         assert _listening(pid) == []
     after = cli("status")
-    assert after.returncode == 3 and after.stdout.count("stopped") == 3
+    assert after.returncode == 3 and after.stdout.count("stopped") == 4

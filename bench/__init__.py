@@ -1,0 +1,1 @@
+"""The pipeline benchmark (`make bench`, `headbench bench`, `python -m bench`)."""
