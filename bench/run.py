@@ -47,22 +47,24 @@ class BenchConfig:
     probe_epochs: int = 10
     probe_images: int = 640
     repeats: int = 3
-    workers: int = 2
+    workers: int = 1  # B2: one worker with every core (no gradient all-reduce on a single machine)
     cpus_per_worker: int | None = None  # default: cores // workers
+    ddp_workers: int = 2  # B2 again with this many 1-CPU workers (DistributedDataParallel); 0 = skip
     gpu: bool = False
     compile: bool = False  # also time B1 with torch.compile
+    b1_only: bool = False  # no stack, no Ray: the plain PyTorch figure alone (e.g. a bare GPU machine)
 
     @classmethod
     def tiny(cls) -> BenchConfig:
         """For the test that checks every figure is emitted (seconds, not minutes)."""
         return cls(image_size=32, batch_size=32, train_images=128, epochs=2, b1_steps=2, probe_epochs=2,
-                   probe_images=64, repeats=1, workers=1)
+                   probe_images=64, repeats=1, workers=1, ddp_workers=0)
 
     @classmethod
     def gpu_default(cls) -> BenchConfig:
         """One GPU, ResNet-18 at 224 px, bf16 autocast + channels_last: fits in under 5 minutes."""
         return cls(image_size=224, batch_size=256, train_images=256 * 24, epochs=3, b1_steps=30, repeats=3,
-                   workers=1, cpus_per_worker=None, gpu=True, probe_images=4096)
+                   workers=1, cpus_per_worker=None, gpu=True, probe_images=4096, ddp_workers=0)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Figures:
     b1_img_s: list[float] = field(default_factory=list)
     b1_compiled_img_s: list[float] = field(default_factory=list)
     b2_img_s: list[float] = field(default_factory=list)
+    b2_ddp_img_s: list[float] = field(default_factory=list)  # ddp_workers x 1 CPU
     start_to_first_step_s: list[float] = field(default_factory=list)  # warm runs (Ray already up)
     cold_start_to_first_step_s: float | None = None  # the first run, which also starts Ray
     last_step_to_published_s: list[float] = field(default_factory=list)
@@ -87,6 +90,8 @@ class Figures:
         b1, b2 = med(self.b1_img_s), med(self.b2_img_s)
         out: dict[str, Any] = {
             "b1_plain_pytorch_img_s": b1, "b2_headbench_img_s": b2, "b2_over_b1": b2 / b1 if b1 else None,
+            "b2_ddp_img_s": med(self.b2_ddp_img_s),
+            "b2_ddp_over_b1": med(self.b2_ddp_img_s) / b1 if b1 and self.b2_ddp_img_s else None,
             "flow_start_to_first_step_s": med(self.start_to_first_step_s),
             "cold_flow_start_to_first_step_s": self.cold_start_to_first_step_s,
             "last_step_to_published_s": med(self.last_step_to_published_s),
@@ -331,7 +336,8 @@ def probe_times(cfg: BenchConfig, train: Any) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------- B2
 
 
-def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str) -> tuple[float, float, float]:
+def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int | None = None,
+                cpus_per_worker: int | None = None) -> tuple[float, float, float]:
     """One `retrain` flow run in this process: (steady img/s, flow start -> first step, last step -> published)."""
     from flows import retrain as retrain_module
     from flows.params import RetrainParams
@@ -339,7 +345,8 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str) -> tuple[float
     params = RetrainParams(
         limit=int(cfg.train_images / 0.9) + 10, test_limit=200, image_size=cfg.image_size, arch=cfg.arch,
         strategy="replace-fc", epochs=cfg.epochs, batch_size=cfg.batch_size, precise_bn_batches=0,
-        workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.gpu, model_name=model_name,
+        workers=workers or cfg.workers, cpus_per_worker=cpus_per_worker or cfg.cpus_per_worker, use_gpu=cfg.gpu,
+        model_name=model_name,
         promote="never")
     marks: dict[str, float] = {}
 
@@ -383,7 +390,18 @@ def local_stack(home: Path | None) -> Iterator[Any]:
             stack.down()
 
 
+def run_b1_only(cfg: BenchConfig, cache_dir: Path, log: Callable[[str], None] = print) -> Figures:
+    figures = Figures(machine=machine_facts(cfg), config=asdict(cfg))
+    data = bench_data(cfg, cache_dir)
+    for i in range(cfg.repeats):
+        figures.b1_img_s.append(b1_plain(cfg, data.train))
+        log(f"[{i + 1}/{cfg.repeats}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
+    return figures
+
+
 def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] = print) -> Figures:
+    if cfg.b1_only:
+        return run_b1_only(cfg, (home or Path(".headbench")) / "cache", log)
     figures = Figures(machine=machine_facts(cfg), config=asdict(cfg))
     with local_stack(home) as settings:
         for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
@@ -418,6 +436,10 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                     figures.last_step_to_published_s.append(to_published)
                 log(f"[{'cold' if i == 0 else i}] B2 headbench {img_s:.1f} img/s, flow start -> first step "
                     f"{to_first:.1f} s, last step -> published {to_published:.1f} s")
+            for i in range(cfg.repeats if cfg.ddp_workers else 0):
+                img_s, _, _ = b2_pipeline(cfg, settings, "bench", workers=cfg.ddp_workers, cpus_per_worker=1)
+                figures.b2_ddp_img_s.append(img_s)
+                log(f"[{i + 1}/{cfg.repeats}] B2 headbench, {cfg.ddp_workers} DDP workers x 1 CPU: {img_s:.1f} img/s")
         figures.worker_peak_rss_mb = [kb / 1024 for kb in memory.peak_rss_kb.values()]
         figures.worker_peak_uss_mb = [kb / 1024 for kb in memory.peak_uss_kb.values()]
         figures.driver_peak_rss_mb = _proc_kb(os.getpid(), "VmHWM") / 1024
@@ -433,8 +455,10 @@ def table(figures: Figures) -> str:
     rows = [
         ("B1 plain PyTorch training", fmt(s["b1_plain_pytorch_img_s"], " img/s"), "baseline"),
         ("B2 headbench retrain (Ray Train + MLflow + S3)", fmt(s["b2_headbench_img_s"], " img/s"),
-         f"{c['workers']} worker(s)"),
+         f"{c['workers']} Ray Train worker(s), {c['cpus_per_worker'] or 'all'} CPU each"),
         ("B2 / B1", fmt(s["b2_over_b1"], "", 3), "goal >= 0.95"),
+        (f"B2 with {c['ddp_workers']} DDP workers x 1 CPU", fmt(s["b2_ddp_img_s"], " img/s"),
+         f"{fmt(s['b2_ddp_over_b1'], '', 3)} of B1 (gradient all-reduce on the same cores)"),
         ("flow start -> first optimizer step", fmt(s["flow_start_to_first_step_s"], " s"),
          f"goal <= 10 s (cold, starting Ray: {fmt(s['cold_flow_start_to_first_step_s'], ' s')})"),
         ("last step -> model published", fmt(s["last_step_to_published_s"], " s"), "goal <= 10 s"),
@@ -466,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="seconds-long setting (tests)")
     parser.add_argument("--gpu", action="store_true", help="one GPU, 224 px, bf16 autocast, channels_last")
     parser.add_argument("--compile", action="store_true", help="also time B1 with torch.compile")
+    parser.add_argument("--b1-only", action="store_true", help="only the plain PyTorch figure (no stack, no Ray)")
     parser.add_argument("--repeats", type=int, help="runs per figure (median)")
     parser.add_argument("--workers", type=int, help="Ray Train workers of B2")
     parser.add_argument("--image-size", type=int)
@@ -474,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = BenchConfig.tiny() if args.tiny else BenchConfig.gpu_default() if args.gpu else BenchConfig()
     overrides = {"repeats": args.repeats, "workers": args.workers, "image_size": args.image_size,
-                 "compile": args.compile or None}
+                 "compile": args.compile or None, "b1_only": args.b1_only or None}
     cfg = BenchConfig(**(asdict(cfg) | {k: v for k, v in overrides.items() if v is not None}))
     started = time.perf_counter()
     figures = run(cfg, args.home or (Path(os.environ["HEADBENCH_HOME"]) if "HEADBENCH_HOME" in os.environ else None))

@@ -266,6 +266,8 @@ def run(
     = "if-better",
     promotion_metric: Annotated[str, typer.Option(help="test_accuracy | test_macro_f1")] = "test_accuracy",
     min_margin: Annotated[float, typer.Option(help="if-better: challenger must beat champion by more")] = 0.0,
+    resume_run_id: Annotated[str | None, typer.Option(help="MLflow run id of an unfinished retrain with the same "
+                                                      "options: continue it from its last checkpoint")] = None,
     home: HomeOpt = None,
 ) -> None:
     """Run one retraining (the `retrain` Prefect flow) and print the MLflow run URL and the S3 URI."""

@@ -114,6 +114,14 @@ class RetrainParams(TrainingParams):
     promotion_metric: PromotionMetric = Field("test_accuracy", description="test metric that decides promotion")
     min_margin: float = Field(0.0, ge=0.0, le=1.0, description="'if-better' needs challenger > champion + "
                               "min_margin on promotion_metric")
+    resume_run_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="MLflow run id of an "
+                                      "unfinished retrain with the same parameters: continue that run from its "
+                                      "last S3 checkpoint instead of starting over")
+
+    def identity(self) -> dict[str, str]:
+        """What must match for a resume: everything that shapes data, model and training (as MLflow params)."""
+        skip = {"resume_run_id", "promote", "promotion_metric", "min_margin"}
+        return {k: str(v) for k, v in self.model_dump().items() if k not in skip}
 
     @field_validator("strategy")
     @classmethod

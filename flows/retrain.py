@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from flows.params import RetrainParams
 from infra.errors import HeadbenchError
 from infra.settings import Settings, load_settings
-from infra.tracking import alias_version, flatten, run_url, start_run
+from infra.tracking import alias_version, flatten, reopen_run, run_url, start_run
 from models import parse_strategy
 from models.schedules import describe_plan, phase_params
 from tasks.build import build_head_model
@@ -135,10 +135,14 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
                              params.hidden_dim, params.dropout)
 
     links = prefect_context()
-    tracker = start_run(tracking_uri, settings.experiment, flow_run.get_name() or _flow_run_name(), tags={
-        "dataset": params.dataset, "arch": params.arch, "strategy": spec.name, "shape": spec.shape,
-        "pool": spec.pool, "schedule": spec.schedule, "seed": str(params.seed), "model_name": params.model_name,
-        **links})
+    tags = {"dataset": params.dataset, "arch": params.arch, "strategy": spec.name, "shape": spec.shape,
+            "pool": spec.pool, "schedule": spec.schedule, "seed": str(params.seed), "model_name": params.model_name,
+            **links}
+    if params.resume_run_id:  # same MLflow run, same Ray run name: Ray Train restores the last checkpoint
+        tracker = reopen_run(tracking_uri, params.resume_run_id, params.identity())
+        tracker.set_tags(tags | {"resumed": "true"})
+    else:
+        tracker = start_run(tracking_uri, settings.experiment, flow_run.get_name() or _flow_run_name(), tags=tags)
     try:
         derived: dict[str, Any] = {
             "num_classes": data.num_classes, "class_names": ",".join(data.class_names),
@@ -148,8 +152,10 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
             "total_params": built.total, "weights_source": built.weights_source,
             "warm_start_version": warm_version or "none"}
         phases = describe_plan(built.model, spec.schedule, params.epochs, params.probe_epochs, params.lr)
-        tracker.log_params(params.model_dump() | derived | flatten("version", versions()) | phase_params(phases))
-        tracker.log_dict(phases, "training/phases.json")
+        if not params.resume_run_id:  # a resumed run keeps the params it logged (MLflow params are immutable)
+            tracker.log_params(params.model_dump() | derived | flatten("version", versions()) |
+                               phase_params(phases))
+            tracker.log_dict(phases, "training/phases.json")
 
         stage("train")
         outcome = train_model(params.train_config(spec.name, data.num_classes), data.train, data.val,

@@ -67,16 +67,26 @@ class RayHead:
 
 def start_ray_head(num_cpus: int, log_dir: Path, timeout: float = 90.0) -> RayHead:
     """Start a Ray head on 127.0.0.1 with ``num_cpus`` CPUs and wait until a driver can connect."""
-    gcs, dashboard, worker_start = free_port(), free_port(), free_port_range()
+    worker_start = free_port_range()
+    taken = set(range(worker_start, worker_start + 64))
+
+    def port() -> int:
+        """A free port outside the worker range and distinct from the others (Ray refuses overlaps)."""
+        while (candidate := free_port()) in taken:
+            pass
+        taken.add(candidate)
+        return candidate
+
+    gcs, dashboard = port(), port()
     temp_dir = Path(tempfile.mkdtemp(prefix="hbray", dir="/tmp"))  # short: Ray's unix sockets live here
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"ray-head-{gcs}.log"
     argv = [str(BIN / "ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={gcs}",
             f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true", f"--dashboard-host={HOST}",
-            f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}", f"--ray-client-server-port={free_port()}",
+            f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={port()}",
+            f"--dashboard-agent-grpc-port={port()}", f"--runtime-env-agent-port={port()}",
+            f"--metrics-export-port={port()}", f"--node-manager-port={port()}",
+            f"--object-manager-port={port()}", f"--ray-client-server-port={port()}",
             f"--min-worker-port={worker_start}", f"--max-worker-port={worker_start + 63}",
             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | LOOPBACK_ENV

@@ -133,12 +133,16 @@ class ModelStore:
         return f"s3://{self.bucket}/{name}/{run_id}/"
 
     def publish(self, name: str, run_id: str, weights: Path, manifest: dict[str, Any]) -> PublishedModel:
-        """Upload weights, verify them, then write the manifest (last). Refuses to overwrite."""
+        """Upload weights, verify them, then write the manifest (last). Idempotent for the same weights;
+        refuses to overwrite different ones."""
         prefix = f"{name}/{run_id}/"
         digest = sha256_file(weights)
         manifest = {**manifest, "weights": WEIGHTS, "sha256": digest, "size": weights.stat().st_size}
         with s3_errors(self.endpoint, f"publishing s3://{self.bucket}/{prefix}"):
             if object_exists(self.client, self.bucket, prefix + MANIFEST):
+                existing = json.loads(self.client.get_object(Bucket=self.bucket, Key=prefix + MANIFEST)["Body"].read())
+                if existing.get("sha256") == digest:  # a retry of the same publication: already done
+                    return PublishedModel(self.prefix_uri(name, run_id), existing)
                 raise S3Error(f"refusing to overwrite the published model s3://{self.bucket}/{prefix}")
             self.client.upload_file(str(weights), self.bucket, prefix + WEIGHTS,
                                     ExtraArgs={"Metadata": {"sha256": digest}})

@@ -91,6 +91,24 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[s
     return Tracker(tracking_uri, run.info.run_id)
 
 
+def reopen_run(tracking_uri: str, run_id: str, expected_params: Mapping[str, str]) -> Tracker:
+    """Reopen an unfinished run to continue it; its logged params must equal ``expected_params``."""
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"--resume-run-id {run_id}: no such MLflow run at {tracking_uri}") from None
+    if run.info.status == "FINISHED":
+        raise TrackingError(f"--resume-run-id {run_id}: that run already finished; nothing to resume")
+    for key, value in expected_params.items():
+        logged = run.data.params.get(key)
+        if logged is not None and logged != value:
+            raise TrackingError(f"--resume-run-id {run_id} was run with {key}={logged!r}, this run has "
+                                f"{value!r}; a resume needs the same parameters")
+    client.update_run(run_id, status="RUNNING")
+    return Tracker(tracking_uri, run_id)
+
+
 def run_url(tracking_uri: str, run_id: str) -> str:
     run = MlflowClient(tracking_uri).get_run(run_id)
     return f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
@@ -104,6 +122,9 @@ def register_version(tracking_uri: str, name: str, source: str, run_id: str,
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="headbench fine-tuned ResNet classifiers")
+    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if existing.source == source:  # a retry after registering: one version per published model
+            return str(existing.version)
     version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}),
                                           description=description)
     return str(version.version)

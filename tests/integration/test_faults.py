@@ -1,0 +1,293 @@
+"""Faults injected for real: a Ray Train worker SIGKILLed mid-epoch, a driver killed and its run resumed,
+SeaweedFS stopped during publish, servers down at start, concurrent promotions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from infra.ray_cluster import RayHead, free_port
+from infra.s3 import ModelStore, s3_client
+from infra.stack import stop_group
+from tests.integration.conftest import Stack
+
+HEADBENCH = str(Path(sys.executable).parent / "headbench")
+# ~800 training images at 32 px on 2 workers: epochs of several seconds, long enough to strike inside one.
+RUN = ["--classes", "0-2", "--limit", "900", "--test-limit", "60", "--image-size", "32", "--epochs", "3",
+       "--batch-size", "32", "--strategy", "replace-fc", "--precise-bn-batches", "2", "--seed", "5"]
+
+
+def _mlflow(stack: Stack) -> MlflowClient:
+    return MlflowClient(stack.settings.mlflow_tracking_uri)
+
+
+def _wait_for_run(stack: Stack, model_name: str, timeout: float = 300) -> str:
+    client = _mlflow(stack)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name(stack.settings.experiment)
+        if exp:
+            runs = client.search_runs([exp.experiment_id], f"tags.model_name = '{model_name}'")
+            if runs:
+                return runs[0].info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no MLflow run for {model_name} after {timeout} s")
+
+
+def _wait_for_epoch(stack: Stack, run_id: str, epoch: int, timeout: float = 300) -> None:
+    """Epoch ``epoch`` is logged only after its checkpoint is persisted: then the next epoch is running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m.step == epoch for m in _mlflow(stack).get_metric_history(run_id, "train_loss")):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"epoch {epoch} of run {run_id} not logged after {timeout} s")
+
+
+def _wait_for_snapshot(stack: Stack, run_id: str, epochs: int, timeout: float = 120) -> None:
+    """Ray Train's controller registers a reported checkpoint shortly after the worker's report returns and
+    then writes its snapshot, which is what a new driver restores from; wait until it lists ``epochs``."""
+    client = s3_client(stack.settings)
+    key = f"ray/{run_id}/checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            body = client.get_object(Bucket=stack.settings.checkpoint_bucket, Key=key)["Body"].read()
+            if body.count(b"checkpoint_") >= epochs:
+                return
+        except client.exceptions.NoSuchKey:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"no checkpoint snapshot with {epochs} checkpoint(s) at s3://checkpoints/{key}")
+
+
+def _steps(stack: Stack, run_id: str, key: str = "train_loss") -> list[int]:
+    return sorted(m.step for m in _mlflow(stack).get_metric_history(run_id, key))
+
+
+def _epoch_lines(output: str) -> list[str]:
+    """Epochs rank 0 printed ('1/3', ...), in order; Ray may echo a worker's line more than once."""
+    return [line.split("epoch ", 1)[1].split(" ", 1)[0] for line in output.splitlines()
+            if "epoch " in line and " [finetune] " in line]
+
+
+def test_worker_sigkilled_in_epoch_2_resumes_from_its_checkpoint(stack: Stack, ray_cluster: RayHead) -> None:
+    from ray.util.state import list_actors
+
+    name = "fault-worker"
+    proc = subprocess.Popen([HEADBENCH, "run", *RUN, "--workers", "2", "--model-name", name],
+                            env=stack.cli_env(RAY_ADDRESS=ray_cluster.address), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        run_id = _wait_for_run(stack, name)
+        _wait_for_epoch(stack, run_id, 1)
+        time.sleep(1.0)  # well inside epoch 2
+        workers = list_actors(address=ray_cluster.dashboard_url, limit=100, raise_on_missing_output=False,
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        assert len(workers) == 2, workers
+        victim = max(w.pid for w in workers)
+        os.kill(victim, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    assert _steps(stack, run_id) == [1, 2, 3]  # every epoch exactly once in MLflow
+    assert _steps(stack, run_id, "val_accuracy") == [1, 2, 3]
+    # epoch 1 came from the checkpoint: only the interrupted epoch 2 (and then 3) ran again, so epoch 1 was
+    # printed as often as epoch 3 (each line is echoed the same number of times)
+    lines = _epoch_lines(output)
+    assert list(dict.fromkeys(lines)) == ["1/3", "2/3", "3/3"], output[-4000:]
+    assert lines.count("1/3") == lines.count("3/3") == lines.count("2/3"), lines
+    assert _mlflow(stack).get_run(run_id).info.status == "FINISHED"
+
+
+def test_killed_run_is_resumed_from_its_s3_checkpoint(stack: Stack, ray_cluster: RayHead) -> None:
+    """The whole driver dies (a crashed flow run); `--resume-run-id` continues the same MLflow run and the
+    same Ray run name, so Ray Train restores the last checkpoint from S3 instead of starting over."""
+    name = "fault-resume"
+    env = stack.cli_env(RAY_ADDRESS=ray_cluster.address)
+    args = [HEADBENCH, "run", *RUN, "--workers", "2", "--model-name", name]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        run_id = _wait_for_run(stack, name)
+        _wait_for_epoch(stack, run_id, 1)
+        _wait_for_snapshot(stack, run_id, 1)
+    finally:
+        stop_group(proc.pid, timeout=5)  # SIGTERM, then SIGKILL: the run is left unfinished
+        proc.communicate(timeout=60)
+    assert _mlflow(stack).get_run(run_id).info.status != "FINISHED"
+    logged_before = _steps(stack, run_id)
+    assert logged_before and logged_before[0] == 1
+
+    mismatch = subprocess.run([*args, "--epochs", "4", "--resume-run-id", run_id], env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+    assert mismatch.returncode == 2
+    assert "was run with epochs='3'" in mismatch.stderr.strip().splitlines()[-1]
+
+    done = subprocess.run([*args, "--resume-run-id", run_id], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert _steps(stack, run_id) == [1, 2, 3]
+    assert "1/3" not in _epoch_lines(done.stdout), done.stdout[-3000:]  # epoch 1 was not trained again
+    run = _mlflow(stack).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert run.data.tags["model_s3_uri"].endswith(f"/{name}/{run_id}/")
+
+
+
+def _state(stack: Stack, name: str) -> dict[str, Any]:
+    client = s3_client(stack.settings)
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=stack.settings.model_bucket,
+                                                            Prefix=f"{name}/").get("Contents", []))
+    store = ModelStore(client, stack.settings.model_bucket, stack.settings.s3_endpoint_url)
+    mlflow = _mlflow(stack)
+    versions = sorted(v.version for v in mlflow.search_model_versions(f"name = '{name}'"))
+    try:
+        alias = mlflow.get_model_version_by_alias(name, "champion").version
+    except Exception:  # noqa: BLE001 - no model or no alias yet
+        alias = None
+    return {"keys": keys, "versions": versions, "alias": alias, "pointer": store.read_champion(name)}
+
+
+SMALL = ["--classes", "0-2", "--limit", "120", "--test-limit", "60", "--image-size", "32", "--epochs", "1",
+         "--batch-size", "32", "--workers", "1", "--precise-bn-batches", "1"]
+
+
+# The CLI, with a listener on the flow's stage hook that stops SeaweedFS the moment publishing starts.
+STOP_S3_AT_PUBLISH = """
+import sys
+from infra.settings import load_settings
+load_settings().export_env()  # as the CLI does, before prefect is imported
+from flows import retrain
+from flows.cli import app
+from infra.stack import stop_group
+
+retrain.STAGE_LISTENERS.append(lambda stage: stage == "publish" and stop_group({pid}, 20))
+app(sys.argv[1:])
+"""
+
+
+def test_s3_down_during_publish_fails_in_one_line_changes_nothing_and_resumes_once(
+        stack: Stack, ray_cluster: RayHead) -> None:
+    name = "fault-s3"
+    env = stack.cli_env(RAY_ADDRESS=ray_cluster.address)
+    first = subprocess.run([HEADBENCH, "run", *SMALL, "--model-name", name], env=env, capture_output=True,
+                           text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    before = _state(stack, name)
+    assert before["alias"] == "1" and before["pointer"]["version"] == "1"
+
+    s3_pid = int((stack.home / "pids" / "s3.pid").read_text())
+    args = ["run", *SMALL, "--model-name", name, "--promote", "always"]
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", STOP_S3_AT_PUBLISH.format(pid=s3_pid), *args], env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        elapsed = time.monotonic() - started
+    finally:
+        stack.stack.up(timeout=120)  # S3 back, same data directory, for the checks and later tests
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and stack.settings.s3_endpoint_url in last, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and elapsed < 300  # bounded retries, then one line
+    assert _state(stack, name) == before  # no manifest, no version; alias and champion.json untouched
+    run_id = _wait_for_run_count(stack, name, 2)
+    assert _mlflow(stack).get_run(run_id).info.status == "FAILED"
+
+    # S3 is back: rerun the same run; training is restored from its last checkpoint, publish happens once
+    again = subprocess.run([HEADBENCH, *args, "--resume-run-id", run_id], env=env, capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    after = _state(stack, name)
+    new_keys = sorted(set(after["keys"]) - set(before["keys"]))
+    assert new_keys == [f"{name}/{run_id}/manifest.json", f"{name}/{run_id}/model.safetensors"], new_keys
+    assert after["versions"] == ["1", "2"] and after["alias"] == "2" and after["pointer"]["version"] == "2"
+    assert _steps(stack, run_id) == [1]  # the epoch was logged once, not again by the resumed run
+
+
+def _wait_for_run_count(stack: Stack, model_name: str, count: int, timeout: float = 300) -> str:
+    client = _mlflow(stack)
+    exp = client.get_experiment_by_name(stack.settings.experiment)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = client.search_runs([exp.experiment_id], f"tags.model_name = '{model_name}'",
+                                  order_by=["attributes.start_time DESC"])
+        if len(runs) >= count:
+            return runs[0].info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {count} MLflow runs for {model_name} after {timeout} s")
+
+
+@pytest.mark.parametrize("server", ["mlflow", "prefect", "s3"])
+def test_server_down_at_start_fails_fast_before_any_work(stack: Stack, tmp_path: Path, server: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    variable = {"mlflow": "MLFLOW_TRACKING_URI", "prefect": "PREFECT_API_URL", "s3": "AWS_ENDPOINT_URL_S3"}[server]
+    cache = tmp_path / "cache"
+    env = stack.cli_env(**{variable: dead + ("/api" if server == "prefect" else "")}, HEADBENCH_DATA_CACHE=str(cache))
+    started = time.monotonic()
+    done = subprocess.run([HEADBENCH, "run", *SMALL, "--model-name", "fault-down"], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert dead in last and "headbench up" in last, last
+    assert elapsed < 10 + 5, elapsed  # the check itself is bounded by a few seconds; the rest is start-up
+    assert not cache.exists()  # nothing was downloaded
+
+
+def test_concurrent_promotions_move_the_alias_once_per_compare_and_set(stack: Stack) -> None:
+    """The S3 lease admits one holder at a time: 8 threads racing for it never overlap."""
+    store = ModelStore(s3_client(stack.settings), stack.settings.model_bucket, stack.settings.s3_endpoint_url)
+    inside, overlaps, order = [0], [0], []
+    lock = threading.Lock()
+
+    def contender(i: int) -> None:
+        with store.lease("fault-lease", owner=f"t{i}", ttl_s=60, wait_s=60):
+            with lock:
+                inside[0] += 1
+                overlaps[0] = max(overlaps[0], inside[0])
+            time.sleep(0.2)
+            order.append(i)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=contender, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(order) == list(range(8)) and overlaps[0] == 1
+    assert store.client.list_objects_v2(Bucket=store.bucket, Prefix="fault-lease/").get("KeyCount", 0) == 0
+
+
+def test_two_retrains_at_once_get_two_runs_prefixes_and_versions(stack: Stack, ray_cluster: RayHead) -> None:
+    name = "fault-concurrent"
+    env = stack.cli_env(RAY_ADDRESS=ray_cluster.address)
+    procs = [subprocess.Popen([HEADBENCH, "run", *SMALL, "--model-name", name, "--seed", str(seed)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for seed in (1, 2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    state = _state(stack, name)
+    manifests = [k for k in state["keys"] if k.endswith("manifest.json")]
+    assert len(manifests) == 2 and len({k.split("/")[1] for k in manifests}) == 2
+    assert state["versions"] == ["1", "2"]
+    assert state["alias"] in ("1", "2") and state["pointer"]["version"] == state["alias"]
+    promoted = [v for v in _mlflow(stack).search_model_versions(f"name = '{name}'")
+                if v.tags.get("promotion") == "champion"]
+    # the first to finish is champion; the second took the alias only if it beat it on its test split
+    assert 1 <= len(promoted) <= 2
+    if len(promoted) == 2:
+        assert state["alias"] == max(promoted, key=lambda v: int(v.version)).version
+    json.dumps(state)  # plain data
