@@ -64,13 +64,20 @@ def _settings(home: Path | None) -> Settings:
 
 
 @app.command()
-def up(home: HomeOpt = None) -> None:
-    """Start SeaweedFS S3, MLflow and Prefect on 127.0.0.1 (idempotent) and write $HEADBENCH_HOME/env."""
+def up(home: HomeOpt = None,
+       backend: Annotated[str | None, typer.Option(help="store of MLflow and Prefect: sqlite (files under "
+                                                   "$HEADBENCH_HOME) or postgres [default: sqlite, or what this "
+                                                   "stack was started with]")] = None,
+       database_url: Annotated[str | None, typer.Option(help="postgres: postgresql://user[:password]@host:5432/"
+                                                        "name; databases name_mlflow and name_prefect are "
+                                                        "created when missing")] = None) -> None:
+    """Start SeaweedFS S3, MLflow, Prefect and a Prefect worker on 127.0.0.1 (idempotent) and write
+    $HEADBENCH_HOME/env."""
     from infra.stack import LocalStack
 
-    stack = LocalStack(_settings(home))
     started = time.perf_counter()
     try:
+        stack = LocalStack(_settings(home), backend=backend, database_url=database_url)
         stack.up(on_ready=lambda name, url, already: console.print(
             f"  {name:<8} {'already running' if already else 'ready':<16} {url}"))
     except HeadbenchError as exc:
@@ -79,6 +86,10 @@ def up(home: HomeOpt = None) -> None:
     say(f"  MLflow UI  : {stack.mlflow_url}")
     say(f"  Prefect UI : {stack.prefect_url}")
     say(f"  S3 endpoint: {stack.s3_url}")
+    if stack.backend == "postgres":
+        from infra.stack import _redact
+
+        say(f"  stores     : PostgreSQL {_redact(stack.database('mlflow'))}, {_redact(stack.database('prefect'))}")
     say(f"  env file   : {stack.env_file}  (source it to use the stack from other tools)")
 
 
@@ -414,7 +425,7 @@ def demo(home: HomeOpt = None,
     """Transfer demo: `up`; pretrain a source model on Fashion-MNIST classes 0-4 and publish it; then
     compare head strategies on classes 5-9 starting from that published backbone."""
     started = time.perf_counter()
-    up(home)
+    up(home, None, None)
     settings = _settings(home)
     if weights is None:
         console.rule("1/2 source model: classes 0-4, random init, published to S3 and the registry")

@@ -28,6 +28,7 @@ from infra.errors import HeadbenchError
 from infra.settings import Settings, StackPorts
 
 HOST = "127.0.0.1"
+BACKENDS = ("sqlite", "postgres")
 BIN = Path(sys.executable).parent  # console scripts of this venv: weed, mlflow, prefect
 
 
@@ -75,13 +76,21 @@ def _pid_alive(pid: int, marker: str) -> bool:
 class LocalStack:
     """Start, inspect and stop the local stack rooted at ``settings.home``."""
 
-    def __init__(self, settings: Settings, ports: StackPorts | None = None) -> None:
+    def __init__(self, settings: Settings, ports: StackPorts | None = None, backend: str | None = None,
+                 database_url: str | None = None) -> None:
         self.home = settings.home.resolve()
         self.settings = settings
         saved = self._read_state()
         self.ports = ports or (StackPorts(**saved["ports"]) if saved else settings.ports)
         self.access_key = saved.get("access_key") if saved else None
         self.secret_key = saved.get("secret_key") if saved else None
+        # sqlite (default, files under $HEADBENCH_HOME) or postgres: the choice sticks to the stack's state
+        self.backend = backend or saved.get("backend", "sqlite")
+        self.database_url = database_url or saved.get("database_url")
+        if self.backend not in BACKENDS:
+            raise StackError(f"unknown --backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if self.backend == "postgres" and not self.database_url:
+            raise StackError("--backend postgres needs --database-url postgresql://user[:password]@host:5432/name")
 
     # ------------------------------------------------------------------ state files
     @property
@@ -150,6 +159,46 @@ class LocalStack:
         except Exception:  # noqa: BLE001 - any failure means "not ready yet"
             return False
 
+    # ------------------------------------------------------------------ backend stores
+    def database(self, service: str) -> str:
+        """postgresql://.../<name> -> the URL of database ``<name>_<service>`` (one per server)."""
+        assert self.database_url
+        base, _, name = self.database_url.rstrip("/").rpartition("/")
+        return f"{base}/{name or 'headbench'}_{service}"
+
+    @property
+    def mlflow_store(self) -> str:
+        if self.backend == "postgres":
+            return self.database("mlflow")
+        return f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def prefect_store(self) -> str:
+        return self.database("prefect").replace("postgresql://", "postgresql+asyncpg://", 1)
+
+    def _create_databases(self) -> None:
+        """CREATE DATABASE for MLflow's and Prefect's stores when missing (through the maintenance db)."""
+        import asyncio
+
+        import asyncpg
+
+        async def create() -> None:
+            base = self.database_url.rstrip("/").rpartition("/")[0] if self.database_url else ""
+            try:
+                conn = await asyncpg.connect(f"{base}/postgres", timeout=10)
+            except (OSError, asyncpg.PostgresError) as exc:
+                raise StackError(f"PostgreSQL at {_redact(base)} unreachable or refused the login: "
+                                 f"{str(exc).splitlines()[0]}") from None
+            try:
+                for service in ("mlflow", "prefect"):
+                    name = self.database(service).rpartition("/")[2]
+                    if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+                        await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+
     def worker_env(self) -> dict[str, str]:
         """The worker's environment, inherited by every flow run it starts: the stack's standard variables
         and HEADBENCH_HOME, so deployed runs resolve the same settings as `headbench run`."""
@@ -178,9 +227,8 @@ class LocalStack:
         ]
         mlflow = [
             str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(p.mlflow), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{self.settings.mlflow_bucket}",
-        ]
+        ]  # the backend store URI goes by environment: it may hold a password, argv is world-readable
         prefect = [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(p.prefect),
                    "--analytics-off"]
         # `--type process` creates the pool if it is missing; flow runs are subprocesses in the worker's
@@ -190,11 +238,13 @@ class LocalStack:
         return [
             ServiceSpec("s3", weed, keys, self._s3_healthy, self.s3_url, "weed"),
             ServiceSpec("mlflow", mlflow,
-                        {**keys, "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+                        {**keys, "MLFLOW_S3_ENDPOINT_URL": self.s3_url, "MLFLOW_BACKEND_STORE_URI": self.mlflow_store,
                          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "AWS_DEFAULT_REGION": "us-east-1"},
                         lambda: http_ok(f"{self.mlflow_url}/health"), self.mlflow_url, "mlflow"),
             ServiceSpec("prefect", prefect,
                         {"PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                         **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.prefect_store}
+                            if self.backend == "postgres" else {}),
                          "DO_NOT_TRACK": "1", "PREFECT_SERVER_API_HOST": HOST},
                         lambda: http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect"),
             ServiceSpec("worker", worker, self.worker_env() if self.access_key else {},
@@ -239,7 +289,10 @@ class LocalStack:
         if not self.access_key or not self.secret_key:
             self.access_key, self.secret_key = "hb" + secrets.token_hex(8), secrets.token_urlsafe(24)
         self._write_private(self.state_file, json.dumps(
-            {"ports": self.ports.all(), "access_key": self.access_key, "secret_key": self.secret_key}, indent=2))
+            {"ports": self.ports.all(), "access_key": self.access_key, "secret_key": self.secret_key,
+             "backend": self.backend, "database_url": self.database_url}, indent=2))
+        if self.backend == "postgres":
+            self._create_databases()
         for spec in self.services():
             pid = self._pid(spec.name)
             already = pid is not None and _pid_alive(pid, spec.marker) and spec.health()
@@ -287,6 +340,15 @@ class LocalStack:
                 stopped.append(spec.name)
             self.pid_file(spec.name).unlink(missing_ok=True)
         return stopped
+
+
+def _redact(url: str) -> str:
+    """postgresql://user:secret@host -> postgresql://user:***@host (for error messages)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if at and ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{creds}{at}{host}"
 
 
 def stop_group(pid: int, timeout: float = 20.0) -> None:
