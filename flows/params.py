@@ -43,7 +43,7 @@ class TrainingParams(BaseModel):
     image_size: int = Field(64, ge=MIN_IMAGE_SIZE, le=512, description="square input size in pixels")
     arch: Arch = Field("resnet18", description="torchvision ResNet depth")
     weights: str = Field("none", description="'none', a torchvision weights name (DEFAULT, IMAGENET1K_V1), "
-                         "a published model (s3://... or models:/<name>@<alias>) or a local file")
+                         "a published model (s3://... or models:/NAME@ALIAS) or a local file")
     epochs: int = Field(2, ge=1, le=1000, description="training epochs")
     batch_size: int = Field(64, ge=2, le=8192, description="global batch size (split across workers)")
     lr: float = Field(0.01, gt=0.0, le=10.0, description="peak learning rate (SGD, cosine schedule)")
@@ -102,7 +102,7 @@ class TrainingParams(BaseModel):
 class RetrainParams(TrainingParams):
     """One retraining run, published to S3 and the MLflow registry."""
 
-    strategy: str = Field("mlp", description="head strategy <shape>[:<pool>][+<schedule>], e.g. "
+    strategy: str = Field("mlp", description="head strategy SHAPE[:POOL][+SCHEDULE], e.g. "
                           "'replace-fc', 'mlp', 'mlp+lp-ft', 'replace-fc+linear-probe'",
                           json_schema_extra=STRATEGY_ENUM)
     model_name: str = Field("headbench-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",

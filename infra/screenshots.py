@@ -1,6 +1,8 @@
 """Pictures for people (`make screenshots`): run a tiny comparison on the local stack, open the MLflow run
 comparison and the Prefect flow-run page in headless Chromium, check that the strategy names and the test
-accuracy are visible, and save PNGs under docs/img/.
+accuracy are visible, and save PNGs under docs/img/. Then do what a person does in the dashboard: open
+`retrain/scheduled` -> Custom run, change a field of the typed form, Submit, and wait until the process
+worker has run it to COMPLETED (a champion in the registry, a link artifact to MLflow).
 
 Needs Debian's `chromium` and the `playwright` Python package (the Makefile target installs both); the
 browser is Debian's, never one downloaded by playwright.
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
@@ -28,7 +32,7 @@ def main() -> int:
     from flows.cli import run_compare, up
     from infra.settings import load_settings
 
-    up(None)
+    up(None, None, None)
     settings = load_settings()
     result = run_compare(settings, {"strategies": STRATEGIES, "seeds": 1, "classes": "0-2", "limit": 90,
                                     "test_limit": 60, "image_size": 32, "epochs": 2, "batch_size": 16,
@@ -50,6 +54,7 @@ def main() -> int:
     ]
     OUT.mkdir(parents=True, exist_ok=True)
     failures = []
+    deployment_url = deploy_small(settings)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -67,8 +72,59 @@ def main() -> int:
             print(f"{OUT / name}: {url}" + (f"  MISSING {missing}" if missing else "  ok"))
             if missing:
                 failures.append((name, missing))
+        failures += custom_run_through_the_dashboard(page, settings, deployment_url)
         browser.close()
     return 1 if failures else 0
+
+
+def deploy_small(settings: Any) -> str:
+    """`headbench deploy` with small defaults (outside the browser's event loop); the retrain deployment URL."""
+    from flows.deploy import deploy_all
+    from flows.params import RetrainParams
+
+    params = RetrainParams(classes="1,8,9", limit=300, test_limit=150, image_size=32, epochs=1, workers=1,
+                           model_name="ui-custom-run")
+    return next(d.url for d in deploy_all(settings, retrain_params=params) if d.target.name == "scheduled")
+
+
+def custom_run_through_the_dashboard(page: Any, settings: Any, deployment_url: str) -> list[tuple[str, list[str]]]:
+    """Run -> Custom run in the UI with epochs changed to 2; wait for the worker; check the outcome."""
+    import httpx
+    from mlflow.tracking import MlflowClient
+
+    api = settings.prefect_api_url
+    before = {r["id"] for r in httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30).json()}
+    page.goto(f"{deployment_url}/run", wait_until="domcontentloaded", timeout=60_000)
+    label = page.get_by_text("Epochs (Optional)", exact=True)
+    label.wait_for(timeout=45_000)
+    page.screenshot(path=str(OUT / "prefect-custom-run-form.png"), full_page=False)
+    field = page.locator("div").filter(has=label).filter(has=page.locator("input")).last
+    field.locator("input").first.fill("2")
+    page.get_by_role("button", name="Submit").click()
+    deadline, run = time.monotonic() + 600, None
+    while time.monotonic() < deadline:
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30).json()
+        new = [r for r in runs if r["id"] not in before and not r["auto_scheduled"]]
+        if new and new[0]["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"):
+            run = new[0]
+            break
+        time.sleep(3)
+    problems = []
+    if run is None or run["state"]["type"] != "COMPLETED" or run["parameters"]["params"]["epochs"] != 2:
+        problems.append(("custom run", [f"flow run {run and run['id']} {run and run['state']['type']}"]))
+    else:
+        client = MlflowClient(settings.mlflow_tracking_uri)
+        exp = client.get_experiment_by_name(settings.experiment)
+        [mlrun] = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run['id']}'")
+        if mlrun.data.tags.get("prefect.deployment") != "retrain/scheduled":
+            problems.append(("custom run", ["prefect.deployment tag"]))
+        page.goto(f"{settings.prefect_api_url.removesuffix('/api')}/runs/flow-run/{run['id']}",
+                  wait_until="domcontentloaded", timeout=60_000)
+        page.wait_for_timeout(5000)
+        page.screenshot(path=str(OUT / "prefect-custom-run-done.png"), full_page=False)
+        print(f"custom run from the dashboard: flow run {run['id']} COMPLETED with epochs=2, MLflow run "
+              f"{mlrun.info.run_id}, promotion {mlrun.data.tags.get('promotion')}")
+    return problems
 
 
 if __name__ == "__main__":
