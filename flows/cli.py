@@ -157,7 +157,7 @@ def preflight(settings: Settings) -> None:
                              "`headbench up`)")
     from infra.s3 import s3_client, s3_errors
 
-    with s3_errors(s3_url, "checking the model bucket"):
+    with s3_errors(s3_url, f"checking the model bucket {settings.model_bucket!r}"):
         s3_client(settings, max_attempts=2).head_bucket(Bucket=settings.model_bucket)
 
 

@@ -30,7 +30,8 @@ CHAMPION = "champion.json"  # per model name: which published model the 'champio
 PROMOTION_LOCK = ".promotion.lock"
 _PRECONDITION_CODES = {"PreconditionFailed", "412"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken"}
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+                     "403"}  # HEAD requests carry no error body: just the status
 
 
 class S3Error(HeadbenchError):
@@ -70,8 +71,9 @@ def s3_errors(endpoint: str | None, what: str) -> Iterator[None]:
         if code in _CREDENTIAL_CODES:
             raise S3Error(f"S3 at {endpoint} rejected the credentials ({code}) while {what}; check "
                           "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
-        if code == "NoSuchBucket":
-            raise S3Error(f"S3 bucket missing at {endpoint} while {what} ({code})") from None
+        if code == "NoSuchBucket" or (code == "404" and "bucket" in what):
+            raise S3Error(f"S3 bucket missing at {endpoint} while {what} ({code}); create it or set "
+                          "HEADBENCH_*_BUCKET") from None
         raise S3Error(f"S3 at {endpoint} failed while {what}: {code}") from None
     except BotoCoreError as exc:
         raise S3Error(f"S3 at {endpoint} failed while {what}: {exc}") from None

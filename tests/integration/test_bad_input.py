@@ -35,11 +35,13 @@ def _tree_with_empty_class(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["missing-dir", "empty-class", "classes-out-of-range", "workers-over-cpus"])
+@pytest.mark.parametrize("case", ["missing-dir", "malformed-s3-uri", "empty-class", "classes-out-of-range",
+                                  "workers-over-cpus"])
 def test_bad_input_fails_in_one_line_and_publishes_nothing(stack: Stack, tmp_path: Path, case: str) -> None:
     tree = _tree_with_empty_class(tmp_path / "tree")
     args, expected = {
         "missing-dir": (["--dataset", str(tmp_path / "nope")], f"unknown dataset '{tmp_path / 'nope'}'"),
+        "malformed-s3-uri": (["--dataset", "s3://"], "not an S3 URI: 's3://'; expected s3://bucket/prefix"),
         "empty-class": (["--dataset", str(tree)], "class folder 'dog' in"),
         "classes-out-of-range": (["--dataset", str(tmp_path / "tree"), "--classes", "0-3"], None),
         "workers-over-cpus": (["--workers", "64", "--classes", "0-1", "--limit", "40", "--batch-size", "32",
