@@ -372,9 +372,8 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
 @contextmanager
 def local_stack(home: Path | None) -> Iterator[Any]:
     """The stack at ``home`` when it is up, else a private one on free ports, stopped afterwards."""
-    from infra.ray_cluster import free_port
-    from infra.settings import StackPorts, load_settings
-    from infra.stack import LocalStack
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, free_ports
 
     if home is not None:
         settings = load_settings(home)
@@ -382,7 +381,7 @@ def local_stack(home: Path | None) -> Iterator[Any]:
             yield settings
             return
     with tempfile.TemporaryDirectory(prefix="headbench-bench-") as tmp:
-        stack = LocalStack(load_settings(Path(tmp)), StackPorts(**{n: free_port() for n in StackPorts.model_fields}))
+        stack = LocalStack(load_settings(Path(tmp)), free_ports())
         try:
             stack.up()
             yield load_settings(Path(tmp))
@@ -390,19 +389,14 @@ def local_stack(home: Path | None) -> Iterator[Any]:
             stack.down()
 
 
-def run_b1_only(cfg: BenchConfig, cache_dir: Path, log: Callable[[str], None] = print) -> Figures:
-    figures = Figures(machine=machine_facts(cfg), config=asdict(cfg))
-    data = bench_data(cfg, cache_dir)
-    for i in range(cfg.repeats):
-        figures.b1_img_s.append(b1_plain(cfg, data.train))
-        log(f"[{i + 1}/{cfg.repeats}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
-    return figures
-
-
 def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] = print) -> Figures:
-    if cfg.b1_only:
-        return run_b1_only(cfg, (home or Path(".headbench")) / "cache", log)
     figures = Figures(machine=machine_facts(cfg), config=asdict(cfg))
+    if cfg.b1_only:  # no stack, no Ray
+        data = bench_data(cfg, (home or Path(".headbench")) / "cache")
+        for i in range(cfg.repeats):
+            figures.b1_img_s.append(b1_plain(cfg, data.train))
+            log(f"[{i + 1}/{cfg.repeats}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
+        return figures
     with local_stack(home) as settings:
         for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                     "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):

@@ -87,9 +87,10 @@ def up(home: HomeOpt = None,
     say(f"  Prefect UI : {stack.prefect_url}")
     say(f"  S3 endpoint: {stack.s3_url}")
     if stack.backend == "postgres":
-        from infra.stack import _redact
+        from infra.stack import redact_url
 
-        say(f"  stores     : PostgreSQL {_redact(stack.database('mlflow'))}, {_redact(stack.database('prefect'))}")
+        say(f"  stores     : PostgreSQL {redact_url(stack.database('mlflow'))}, "
+            f"{redact_url(stack.database('prefect'))}")
     say(f"  env file   : {stack.env_file}  (source it to use the stack from other tools)")
 
 
@@ -143,18 +144,22 @@ def console_without_tracebacks() -> None:
             handler.setFormatter(_NoTraceback(handler.formatter))
 
 
+def require_up(name: str, url: str | None) -> None:
+    """One line naming the URL when a server's health endpoint does not answer (a few seconds at most)."""
+    from infra.stack import http_ok
+
+    if not url or not http_ok(f"{url.rstrip('/')}/health"):
+        raise HeadbenchError(f"{name} unreachable at {url} (is it running? `headbench up`)")
+
+
 def preflight(settings: Settings) -> None:
     """Fail fast, before any download or training, when a server is missing or unreachable."""
     from flows.retrain import require_servers
-    from infra.stack import http_ok
 
     tracking_uri, s3_url = require_servers(settings)
-    if not http_ok(f"{tracking_uri.rstrip('/')}/health"):
-        raise HeadbenchError(f"MLflow tracking server unreachable at {tracking_uri} (is it running? "
-                             "`headbench up`)")
-    if settings.prefect_api_url and not http_ok(f"{settings.prefect_api_url.rstrip('/')}/health"):
-        raise HeadbenchError(f"Prefect API unreachable at {settings.prefect_api_url} (is it running? "
-                             "`headbench up`)")
+    require_up("MLflow tracking server", tracking_uri)
+    if settings.prefect_api_url:  # unset: Prefect runs the flow against a temporary local server
+        require_up("Prefect API", settings.prefect_api_url)
     from infra.s3 import s3_client, s3_errors
 
     with s3_errors(s3_url, f"checking the model bucket {settings.model_bucket!r}"):
@@ -347,15 +352,13 @@ def deploy(
     settings.export_env()  # before prefect is imported
     from flows.deploy import deploy_all
     from flows.params import RetrainParams
-    from infra.stack import http_ok
 
     try:
         params = RetrainParams(**({"warm_start": "champion"} | parse_assignments(param or [])))
     except ValidationError as exc:
         fail(validation_line(exc).replace("--", "--param ", 1))
-    if not settings.prefect_api_url or not http_ok(f"{settings.prefect_api_url.rstrip('/')}/health"):
-        fail(f"Prefect API unreachable at {settings.prefect_api_url} (is it running? `headbench up`)")
     try:
+        require_up("Prefect API", settings.prefect_api_url)
         deployed = deploy_all(settings, cron=cron, timezone=timezone, retrain_params=params, paused=paused)
     except HeadbenchError as exc:
         fail(str(exc))
@@ -388,6 +391,7 @@ def predict(
         if model.startswith("models:/"):
             if not settings.mlflow_tracking_uri:
                 fail("MLFLOW_TRACKING_URI is not set and no local stack env file was found; run `headbench up`")
+            require_up("MLflow tracking server", settings.mlflow_tracking_uri)
             source = resolve_registered(settings.mlflow_tracking_uri, model)
         net, manifest = load_published(source, settings)
         batch = load_images(images, int(manifest["image_size"]), int(manifest.get("channels", 3)))

@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.params import CompareParams
-from flows.retrain import require_servers, run_params, stage, versions
+from flows.retrain import prefect_context, require_servers, run_params, stage, versions
 from infra.settings import load_settings
 from infra.tracking import flatten, run_url, start_run
 from tasks.build import resolve_weights
@@ -49,8 +49,7 @@ def compare_heads(params: CompareParams = CompareParams()) -> CompareResult:  # 
     weights = resolve_weights(params.weights, settings)  # fetched and verified once, shared by every child
 
     parent = start_run(tracking_uri, settings.experiment, flow_run.get_name() or _flow_run_name(), tags={
-        "headbench.kind": "compare", "dataset": params.dataset, "arch": params.arch,
-        "prefect.flow_run_id": str(flow_run.get_id() or "")})
+        "headbench.kind": "compare", "dataset": params.dataset, "arch": params.arch, **prefect_context()})
     try:
         common = params.model_dump(exclude={"strategies", "seeds", "parallel", "seed"}) | {
             "num_classes": data.num_classes, "class_names": ",".join(data.class_names),

@@ -17,17 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.errors import HeadbenchError
-from infra.stack import BIN, HOST, stop_group
+from infra.stack import BIN, HOST, free_port, stop_group
 
 # Ray maps 127.0.0.1 to the machine's routable address unless told this is a single-host setup; this is
 # Ray's own switch for that (named for desktop OSes), and keeps every Ray socket on the loopback interface.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def free_port_range(width: int = 64) -> int:

@@ -58,6 +58,10 @@ def s3_client(settings: Settings, *, max_attempts: int = 4, connect_timeout: flo
     )
 
 
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "?"))
+
+
 @contextmanager
 def s3_errors(endpoint: str | None, what: str) -> Iterator[None]:
     """Translate boto3 exceptions into a one-line S3Error naming the endpoint and the object."""
@@ -67,7 +71,7 @@ def s3_errors(endpoint: str | None, what: str) -> Iterator[None]:
         raise S3UnreachableError(f"S3 endpoint {endpoint} is unreachable while {what} (is it running? `headbench up`)"
                       ) from None
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "?")
+        code = _code(exc)
         if code in _CREDENTIAL_CODES:
             raise S3Error(f"S3 at {endpoint} rejected the credentials ({code}) while {what}; check "
                           "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
@@ -103,10 +107,6 @@ def ensure_buckets(client: Any, buckets: list[str], endpoint: str | None) -> Non
         for bucket in buckets:
             if bucket not in existing:
                 client.create_bucket(Bucket=bucket)
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "?"))
 
 
 def object_exists(client: Any, bucket: str, key: str) -> bool:

@@ -15,6 +15,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,18 @@ class ServiceStatus:
     running: bool
     healthy: bool
     url: str
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def free_ports() -> StackPorts:
+    """Every stack port free, for a second stack beside the default one (tests, the benchmark)."""
+    return StackPorts(**{name: free_port() for name in StackPorts.model_fields})
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
@@ -187,7 +200,7 @@ class LocalStack:
             try:
                 conn = await asyncpg.connect(f"{base}/postgres", timeout=10)
             except (OSError, asyncpg.PostgresError) as exc:
-                raise StackError(f"PostgreSQL at {_redact(base)} unreachable or refused the login: "
+                raise StackError(f"PostgreSQL at {redact_url(base)} unreachable or refused the login: "
                                  f"{str(exc).splitlines()[0]}") from None
             try:
                 for service in ("mlflow", "prefect"):
@@ -342,7 +355,7 @@ class LocalStack:
         return stopped
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """postgresql://user:secret@host -> postgresql://user:***@host (for error messages)."""
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -118,7 +117,7 @@ def promote_model(publication: Publication, metrics: dict[str, float], test: Arr
             break
         if current is not None and policy.mode == "if-better" and seen not in scored:
             scored[seen] = score_champion(current.source, test, class_names, policy.metric, settings)
-        champion_score, incomparable = scored.get(seen, (None, None)) if seen else (None, None)
+        champion_score, incomparable = scored.get(seen, (None, None))
         decision = decide(policy, version, score, seen, champion_score, incomparable)
         if not decision.promoted:
             break
@@ -140,7 +139,3 @@ def promote_model(publication: Publication, metrics: dict[str, float], test: Arr
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def champion_pointer(settings: Settings, name: str) -> dict[str, Any] | None:
-    return ModelStore(s3_client(settings), settings.model_bucket, settings.s3_endpoint_url).read_champion(name)

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from infra.ray_cluster import RayHead, free_port, start_ray_head
-from infra.settings import Settings, StackPorts, load_settings
-from infra.stack import LocalStack
+from infra.ray_cluster import RayHead, start_ray_head
+from infra.settings import Settings, load_settings
+from infra.stack import LocalStack, free_ports
 
 pytestmark = pytest.mark.integration
-
-
-def free_ports() -> StackPorts:
-    return StackPorts(**{name: free_port() for name in StackPorts.model_fields})
 
 
 @dataclass

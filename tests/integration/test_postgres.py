@@ -16,8 +16,7 @@ import pytest
 
 from infra.ray_cluster import RayHead
 from infra.settings import load_settings
-from infra.stack import LocalStack
-from tests.integration.conftest import free_ports
+from infra.stack import LocalStack, free_ports
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 SERVER = "postgresql://postgres@127.0.0.1:5432"
