@@ -70,16 +70,23 @@ def up(home: HomeOpt = None,
                                                    "stack was started with]")] = None,
        database_url: Annotated[str | None, typer.Option(help="postgres: postgresql://user[:password]@host:5432/"
                                                         "name; databases name_mlflow and name_prefect are "
-                                                        "created when missing")] = None) -> None:
-    """Start SeaweedFS S3, MLflow, Prefect and a Prefect worker on 127.0.0.1 (idempotent) and write
-    $HEADBENCH_HOME/env."""
+                                                        "created when missing")] = None,
+       ray_nodes: Annotated[int | None, typer.Option(help="a Ray cluster of a head and N-1 worker nodes on this "
+                                                     "machine, which every run trains on (RAY_ADDRESS in the env "
+                                                     "file); 0 = a private Ray per run [default: 0, or what this "
+                                                     "stack was started with]")] = None,
+       ray_cpus: Annotated[int | None, typer.Option(help="CPUs each Ray node offers [default: the machine's CPUs "
+                                                    "shared evenly]")] = None) -> None:
+    """Start SeaweedFS S3, MLflow, Prefect, a Prefect worker and (--ray-nodes N) a Ray cluster on 127.0.0.1
+    (idempotent) and write $HEADBENCH_HOME/env."""
     from infra.stack import LocalStack
 
     started = time.perf_counter()
     try:
-        stack = LocalStack(_settings(home), backend=backend, database_url=database_url)
-        stack.up(on_ready=lambda name, url, already: console.print(
-            f"  {name:<8} {'already running' if already else 'ready':<16} {url}"))
+        stack = LocalStack(_settings(home), backend=backend, database_url=database_url, ray_nodes=ray_nodes,
+                           ray_cpus=ray_cpus)
+        stack.up(on_ready=lambda name, url, already: say(
+            f"  {name:<10} {'already running' if already else 'ready':<16} {url}"))
     except HeadbenchError as exc:
         fail(str(exc))
     console.print(f"stack up in {time.perf_counter() - started:.1f} s")
@@ -91,6 +98,9 @@ def up(home: HomeOpt = None,
 
         say(f"  stores     : PostgreSQL {redact_url(stack.database('mlflow'))}, "
             f"{redact_url(stack.database('prefect'))}")
+    if stack.ray_address:
+        say(f"  Ray cluster: RAY_ADDRESS={stack.ray_address}, {stack.ray_nodes} node(s) x {stack.ray_cpus} CPU, "
+            f"dashboard {stack.ray_dashboard_url}")
     say(f"  env file   : {stack.env_file}  (source it to use the stack from other tools)")
 
 
@@ -255,6 +265,8 @@ PreciseBn = Annotated[int, typer.Option(help="exact BatchNorm stats from N batch
 Workers = Annotated[int, typer.Option(help="Ray Train workers per run")]
 CpusPerWorker = Annotated[int | None, typer.Option(help="CPUs per worker (default: even share)")]
 Gpu = Annotated[bool, typer.Option("--gpu/--cpu", help="one GPU per worker")]
+Placement = Annotated[str, typer.Option(help="PACK | SPREAD | STRICT_PACK | STRICT_SPREAD: Ray placement of "
+                                        "the workers over the cluster's nodes")]
 Seed = Annotated[int, typer.Option(help="seed for split, init and shuffling")]
 
 
@@ -273,7 +285,7 @@ def run(
     epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
     hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
     cache_features: CacheFeatures = True, precise_bn_batches: PreciseBn = 20, workers: Workers = 2,
-    cpus_per_worker: CpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None, placement_strategy: Placement = "PACK",
     gpu: Gpu = False, seed: Seed = 0,
     model_name: Annotated[str, typer.Option(help="registered model name / S3 prefix")] = "headbench-classifier",
     warm_start: Annotated[str, typer.Option(help="none | champion (start from the current champion's weights)")]
@@ -301,7 +313,7 @@ def compare(
     epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
     hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
     cache_features: CacheFeatures = True, precise_bn_batches: PreciseBn = 20, workers: Workers = 1,
-    cpus_per_worker: CpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None, placement_strategy: Placement = "PACK",
     gpu: Gpu = False, seed: Seed = 0, home: HomeOpt = None,
 ) -> None:
     """Compare head strategies x seeds on one split (the `compare-heads` flow); prints the table."""

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from infra.datasets import FASHION_MNIST_CLASSES, DataSpec
+from infra.ray_cluster import PLACEMENT_STRATEGIES
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
 from models.data import parse_classes
 from models.schedules import plan
@@ -24,6 +25,7 @@ STRATEGY_ENUM = {"enum": all_strategies()}
 WarmStart = Literal["none", "champion"]
 Promote = Literal["never", "if-better", "always"]
 PromotionMetric = Literal["test_accuracy", "test_macro_f1"]
+PlacementStrategy = Literal[PLACEMENT_STRATEGIES]  # type: ignore[valid-type]
 BUILTIN_CLASSES = {"fashion-mnist": len(FASHION_MNIST_CLASSES)}
 
 
@@ -60,6 +62,9 @@ class TrainingParams(BaseModel):
     cpus_per_worker: int | None = Field(None, ge=1, le=512, description="CPUs per worker; empty = the "
                                         "cluster's CPUs shared evenly")
     use_gpu: bool = Field(False, description="one GPU per worker (bf16 autocast, channels_last)")
+    placement_strategy: PlacementStrategy = Field(
+        "PACK", description="where Ray puts the workers: PACK onto as few nodes as fit, SPREAD over as many "
+        "nodes as possible, STRICT_PACK all on one node, STRICT_SPREAD each on a different node")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the data split, init and shuffling")
 
     @field_validator("classes")
@@ -92,7 +97,8 @@ class TrainingParams(BaseModel):
                            hidden_dim=self.hidden_dim, dropout=self.dropout, workers=self.workers,
                            cpus_per_worker=cpus_per_worker or self.cpus_per_worker, use_gpu=self.use_gpu,
                            seed=self.seed if seed is None else seed, probe_epochs=self.probe_epochs,
-                           cache_features=self.cache_features, precise_bn_batches=self.precise_bn_batches)
+                           cache_features=self.cache_features, precise_bn_batches=self.precise_bn_batches,
+                           placement_strategy=self.placement_strategy)
 
     def data_spec(self) -> DataSpec:
         return DataSpec(dataset=self.dataset, classes=self.classes, limit=self.limit, test_limit=self.test_limit,
@@ -120,7 +126,7 @@ class RetrainParams(TrainingParams):
 
     def identity(self) -> dict[str, str]:
         """What must match for a resume: everything that shapes data, model and training (as MLflow params)."""
-        skip = {"resume_run_id", "promote", "promotion_metric", "min_margin"}
+        skip = {"resume_run_id", "promote", "promotion_metric", "min_margin", "placement_strategy"}
         return {k: str(v) for k, v in self.model_dump().items() if k not in skip}
 
     @field_validator("strategy")

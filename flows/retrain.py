@@ -161,6 +161,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
         outcome = train_model(params.train_config(spec.name, data.num_classes), data.train, data.val,
                               built.initial_state(), settings, tracking_uri, tracker.run_id, run_key=tracker.run_id)
         built.model.load_state_dict(outcome.state_dict)
+        tracker.set_tags(outcome.tags())
         log_learning_curves(outcome.history, tracker)
 
         stage("evaluate")

@@ -37,6 +37,8 @@ class StackPorts(BaseSettings):
     weed_filer_grpc: int = 18888
     weed_admin: int = 23646
     weed_admin_grpc: int = 33646
+    ray_gcs: int = 6390  # `up --ray-nodes N`: the head's GCS, what RAY_ADDRESS holds (Ray's 6379 is Redis's)
+    ray_dashboard: int = 8265
 
     def all(self) -> dict[str, int]:
         return self.model_dump()

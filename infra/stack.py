@@ -1,5 +1,6 @@
-"""The embedded local stack on 127.0.0.1: SeaweedFS S3, an MLflow tracking server, a Prefect server and a
-Prefect worker polling the ``process`` work pool that ``headbench deploy`` targets.
+"""The embedded local stack on 127.0.0.1: SeaweedFS S3, an MLflow tracking server, a Prefect server, a
+Prefect worker polling the ``process`` work pool that ``headbench deploy`` targets and, with
+``--ray-nodes N``, a Ray cluster of a head and N-1 worker nodes that every run trains on.
 
 All state lives under one directory (``$HEADBENCH_HOME``, default ``.headbench/``): data, logs, pid files,
 ``stack.json`` (ports and the generated S3 keys, mode 0600) and ``env`` (sourceable ``export`` lines with
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +33,10 @@ from infra.settings import Settings, StackPorts
 HOST = "127.0.0.1"
 BACKENDS = ("sqlite", "postgres")
 BIN = Path(sys.executable).parent  # console scripts of this venv: weed, mlflow, prefect
+# the StackPorts fields each service listens on
+SERVICE_PORTS = {"s3": [f for f in StackPorts.model_fields if f.startswith(("s3", "weed"))], "mlflow": ["mlflow"],
+                 "prefect": ["prefect"], "worker": ["prefect_worker"], "ray-head": ["ray_gcs", "ray_dashboard"]}
+MAX_RAY_NODES = 16  # one host: each node is a raylet, an object store and agents (~0.3 GB each)
 
 
 class StackError(HeadbenchError):
@@ -45,6 +51,7 @@ class ServiceSpec:
     health: Callable[[], bool]
     url: str  # what a person opens (UI or endpoint)
     marker: str  # a word of the command line, to tell our process from a recycled pid
+    leader_first: bool = False  # stop: SIGTERM the leader alone first (a Ray node drains through its GCS)
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,8 @@ class LocalStack:
     """Start, inspect and stop the local stack rooted at ``settings.home``."""
 
     def __init__(self, settings: Settings, ports: StackPorts | None = None, backend: str | None = None,
-                 database_url: str | None = None) -> None:
+                 database_url: str | None = None, ray_nodes: int | None = None,
+                 ray_cpus: int | None = None) -> None:
         self.home = settings.home.resolve()
         self.settings = settings
         saved = self._read_state()
@@ -104,6 +112,15 @@ class LocalStack:
             raise StackError(f"unknown --backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         if self.backend == "postgres" and not self.database_url:
             raise StackError("--backend postgres needs --database-url postgresql://user[:password]@host:5432/name")
+        # 0: no cluster, each run starts a private Ray; N >= 1: a head and N-1 worker nodes, RAY_ADDRESS set
+        self.ray_nodes = saved.get("ray_nodes", 0) if ray_nodes is None else ray_nodes
+        if not 0 <= self.ray_nodes <= MAX_RAY_NODES:
+            raise StackError(f"--ray-nodes {self.ray_nodes} is out of range; allowed: 0 (a private Ray per run) "
+                             f"to {MAX_RAY_NODES}")
+        self.ray_cpus = (ray_cpus if ray_cpus is not None else saved.get("ray_cpus")) or \
+            max(1, (os.cpu_count() or 1) // max(1, self.ray_nodes))
+        if not 1 <= self.ray_cpus <= 1024:
+            raise StackError(f"--ray-cpus {self.ray_cpus} is out of range; allowed: 1 to 1024 CPUs per node")
 
     # ------------------------------------------------------------------ state files
     @property
@@ -145,10 +162,19 @@ class LocalStack:
     def prefect_url(self) -> str:
         return f"http://{HOST}:{self.ports.prefect}"
 
+    @property
+    def ray_address(self) -> str | None:
+        """The GCS of this stack's Ray cluster (None without --ray-nodes)."""
+        return f"{HOST}:{self.ports.ray_gcs}" if self.ray_nodes else None
+
+    @property
+    def ray_dashboard_url(self) -> str:
+        return f"http://{HOST}:{self.ports.ray_dashboard}"
+
     def standard_env(self) -> dict[str, str]:
         """What the env file exports: the standard variable of each tool, pointing at this stack."""
         assert self.access_key and self.secret_key
-        return {
+        return ({"RAY_ADDRESS": self.ray_address} if self.ray_address else {}) | {
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
             "AWS_ENDPOINT_URL_S3": self.s3_url,
@@ -220,9 +246,34 @@ class LocalStack:
             "PREFECT_HOME": str(self.home / "prefect"), "PREFECT_WORKER_WEBSERVER_HOST": HOST,
             "PREFECT_WORKER_WEBSERVER_PORT": str(self.ports.prefect_worker),
             "PREFECT_WORKER_QUERY_SECONDS": "5", "DO_NOT_TRACK": "1"}
-        if self.settings.ray_address:  # a Ray cluster named when the stack came up is where runs train
-            env["RAY_ADDRESS"] = self.settings.ray_address
+        foreign = self.settings.ray_address
+        if not self.ray_nodes and foreign and foreign != f"{HOST}:{self.ports.ray_gcs}":
+            env["RAY_ADDRESS"] = foreign  # a Ray cluster named when the stack came up is where runs train
         return env
+
+    def ray_services(self) -> list[ServiceSpec]:
+        """The Ray head and its worker nodes (``infra.ray_cluster``), every port picked clear of the stack's."""
+        from infra.ray_cluster import NODE_ENV, PortPicker, alive_nodes, head_argv, node_argv
+
+        if not self.ray_nodes:
+            return []
+        picker = PortPicker(set(self.ports.all().values()))
+        dashboard = self.ray_dashboard_url
+        # Ray's unix sockets live under its temp dir, and a socket path must stay under 108 bytes
+        temp_dir = self.home / "ray"
+        if len(str(temp_dir)) > 48:
+            temp_dir = Path(tempfile.gettempdir()) / f"hbray-{self.ports.ray_gcs}"
+        specs = [ServiceSpec("ray-head", head_argv(self.ports.ray_gcs, self.ports.ray_dashboard, self.ray_cpus,
+                                                   temp_dir, picker),
+                             dict(NODE_ENV), lambda: 0 in alive_nodes(dashboard), dashboard, "--head",
+                             leader_first=True)]
+        for index in range(1, self.ray_nodes):
+            specs.append(ServiceSpec(f"ray-node-{index}", node_argv(self.ray_address or "", index, self.ray_cpus,
+                                                                    picker),
+                                     dict(NODE_ENV), functools.partial(lambda i: i in alive_nodes(dashboard),
+                                                                           index),
+                                     dashboard, "infra.ray_cluster", leader_first=True))
+        return specs
 
     def services(self) -> list[ServiceSpec]:
         p, home = self.ports, self.home
@@ -260,6 +311,7 @@ class LocalStack:
                             if self.backend == "postgres" else {}),
                          "DO_NOT_TRACK": "1", "PREFECT_SERVER_API_HOST": HOST},
                         lambda: http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect"),
+            *self.ray_services(),
             ServiceSpec("worker", worker, self.worker_env() if self.access_key else {},
                         lambda: http_ok(f"http://{HOST}:{p.prefect_worker}/health"),
                         f"{self.prefect_url}/work-pools/work-pool/{self.settings.work_pool}", "worker"),
@@ -301,9 +353,15 @@ class LocalStack:
         """Start what is not running (idempotent), wait for health, create buckets, write the env file."""
         if not self.access_key or not self.secret_key:
             self.access_key, self.secret_key = "hb" + secrets.token_hex(8), secrets.token_urlsafe(24)
+        saved = self._read_state()
+        if (saved.get("ray_nodes", 0), saved.get("ray_cpus")) not in ((self.ray_nodes, self.ray_cpus), (0, None)):
+            # another cluster shape: stop the old Ray nodes, and the worker whose runs train on them
+            previous = LocalStack(self.settings, self.ports)
+            self._stop([s for s in previous.services() if s.name.startswith("ray-") or s.name == "worker"])
         self._write_private(self.state_file, json.dumps(
             {"ports": self.ports.all(), "access_key": self.access_key, "secret_key": self.secret_key,
-             "backend": self.backend, "database_url": self.database_url}, indent=2))
+             "backend": self.backend, "database_url": self.database_url, "ray_nodes": self.ray_nodes,
+             "ray_cpus": self.ray_cpus}, indent=2))
         if self.backend == "postgres":
             self._create_databases()
         for spec in self.services():
@@ -313,6 +371,7 @@ class LocalStack:
                 if pid is not None and _pid_alive(pid, spec.marker):  # started earlier, still coming up
                     alive = functools.partial(_pid_alive, pid, spec.marker)
                 else:
+                    self._check_ports(spec.name)
                     proc = self._start(spec)
                     alive = functools.partial(lambda p: p.poll() is None, proc)
                 self._wait_healthy(spec, alive, timeout)
@@ -322,6 +381,18 @@ class LocalStack:
                 on_ready(spec.name, spec.url, already)
         self._write_private(self.env_file, "".join(
             f"export {k}={shlex.quote(v)}\n" for k, v in self.standard_env().items()))
+
+    def _check_ports(self, service: str) -> None:
+        """One line naming the port and its setting when another program already listens on it."""
+        for name in SERVICE_PORTS.get(service, []):
+            port = getattr(self.ports, name)
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
+                try:
+                    s.bind((HOST, port))
+                except OSError:
+                    raise StackError(f"{service}: port {port} on {HOST} is in use by another program; choose a "
+                                     f"free one with HEADBENCH_PORT_{name.upper()}=PORT") from None
 
     def _create_buckets(self) -> None:
         from pydantic import SecretStr
@@ -345,11 +416,14 @@ class LocalStack:
 
     def down(self, timeout: float = 20.0) -> list[str]:
         """Stop, in reverse start order, the process groups this stack started. Returns what was stopped."""
+        return self._stop(self.services(), timeout)
+
+    def _stop(self, specs: list[ServiceSpec], timeout: float = 20.0) -> list[str]:
         stopped = []
-        for spec in reversed(self.services()):
+        for spec in reversed(specs):
             pid = self._pid(spec.name)
             if pid is not None and _pid_alive(pid, spec.marker):
-                stop_group(pid, timeout)
+                stop_group(pid, timeout, leader_first=spec.leader_first)
                 stopped.append(spec.name)
             self.pid_file(spec.name).unlink(missing_ok=True)
         return stopped
@@ -364,13 +438,25 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{creds}{at}{host}"
 
 
-def stop_group(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM the process group led by ``pid`` (started with start_new_session), SIGKILL after timeout."""
+def stop_group(pid: int, timeout: float = 20.0, leader_first: bool = False) -> None:
+    """SIGTERM the process group led by ``pid`` (started with start_new_session), SIGKILL after timeout.
+
+    ``leader_first``: SIGTERM only the leader and give it the timeout to shut its children down in order
+    (a Ray node drains through its GCS, which a group-wide signal would kill first), then the group."""
+    deadline = time.monotonic() + timeout
+    if leader_first:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        while time.monotonic() < deadline and _alive(pid):
+            _reap(pid)
+            time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout
+    deadline = max(deadline, time.monotonic() + 5)
     while time.monotonic() < deadline:
         try:
             os.killpg(pid, 0)
@@ -382,6 +468,14 @@ def stop_group(pid: int, timeout: float = 20.0) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def _reap(pid: int) -> None:

@@ -181,6 +181,7 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
                                tracking_uri=tracking_uri, run_id=tracker.run_id, run_key=tracker.run_id)
         seconds = time.perf_counter() - started
         model.load_state_dict(outcome.state_dict)
+        tracker.set_tags(outcome.tags())
         metrics = evaluate_split(model, data.test, data.num_classes)
         tracker.log_metrics(metrics.as_dict() | {"train_seconds": seconds})
         tracker.log_dict(outcome.history, "training/history.json")

@@ -37,6 +37,12 @@ class TrainOutcome:
     state_dict: dict[str, torch.Tensor]  # final weights, unwrapped (no DDP prefixes)
     history: list[dict[str, float]]  # one row per epoch, as logged
     checkpoint_path: str  # where Ray persisted the last checkpoint
+    ray_job_id: str  # the driver's Ray job: its RayTrainWorker actors (and their nodes) in Ray's state API
+    ray_nodes: int  # alive nodes of the cluster it trained on
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags that say where the run trained."""
+        return {"ray.job_id": self.ray_job_id, "ray.nodes": str(self.ray_nodes)}
 
 
 def _storage(settings: Settings) -> tuple[str, Any]:
@@ -80,6 +86,29 @@ def cluster_cpus(settings: Settings) -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
+def node_cpus() -> list[int]:
+    """CPUs of each alive node of the cluster this process is connected to."""
+    import ray
+
+    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_placement(workers: int, cpus: int, strategy: str, nodes: list[int]) -> None:
+    """Fail before Ray waits forever for a placement group the cluster can never hold."""
+    total, biggest = sum(nodes), max(nodes, default=0)
+    need = f"workers={workers} x {cpus} CPU"
+    if workers * cpus > total:
+        raise TrainingError(f"{need} need {workers * cpus} CPUs but the Ray cluster has {total}; allowed: "
+                            f"workers * cpus_per_worker <= {total}")
+    if strategy == "STRICT_PACK" and workers * cpus > biggest:
+        raise TrainingError(f"{need} with placement STRICT_PACK need one node with {workers * cpus} CPUs; the "
+                            f"largest node has {biggest}; use PACK or fewer workers")
+    fitting = sum(1 for n in nodes if n >= cpus)
+    if strategy == "STRICT_SPREAD" and workers > fitting:
+        raise TrainingError(f"{need} with placement STRICT_SPREAD need {workers} nodes of >= {cpus} CPUs; the "
+                            f"cluster has {fitting}; use SPREAD or at most {fitting} workers")
+
+
 def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                  *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
@@ -89,16 +118,16 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     from ray.train.torch import TorchTrainer
 
     cpus = cfg.cpus_per_worker or max(1, available // cfg.workers)
-    if cfg.workers * cpus > available and not cfg.use_gpu:
-        raise TrainingError(f"workers={cfg.workers} x {cpus} CPU need {cfg.workers * cpus} CPUs but the Ray "
-                            f"cluster has {available}; allowed: workers * cpus_per_worker <= {available}")
+    if not cfg.use_gpu:
+        check_placement(cfg.workers, cpus, cfg.placement_strategy, node_cpus())
     storage_path, storage_fs = _storage(settings)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(cfg), "threads": cpus, "tracking_uri": tracking_uri,
                            "run_id": run_id, "data_ref": ray.put((train, val)), "init_ref": ray.put(init_state)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
+                                     resources_per_worker={"CPU": cpus},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=run_key, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -118,7 +147,8 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
 
         state = load_file(Path(ckpt_dir) / WEIGHTS_FILE)
         history = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)["history"]
-    return TrainOutcome(state_dict=state, history=list(history), checkpoint_path=result.checkpoint.path)
+    return TrainOutcome(state_dict=state, history=list(history), checkpoint_path=result.checkpoint.path,
+                        ray_job_id=ray.get_runtime_context().get_job_id(), ray_nodes=len(node_cpus()))
 
 
 @task(name="train", cache_policy=NO_CACHE, log_prints=True)

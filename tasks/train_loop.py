@@ -57,6 +57,7 @@ class TrainConfig:
     probe_epochs: int | None = None  # two-phase schedules: epochs of the frozen first phase (default half)
     cache_features: bool = True  # frozen phases train the head on backbone features computed once
     precise_bn_batches: int = 20  # after each epoch that trains the backbone, exact BN stats from N batches
+    placement_strategy: str = "PACK"  # Ray placement group of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
 
 
 def _epoch_line(row: dict[str, float], epochs: int, phase: str) -> str:

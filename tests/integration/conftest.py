@@ -1,4 +1,5 @@
-"""Session fixtures: a REAL local stack (SeaweedFS S3, MLflow, Prefect) and a REAL Ray head, on free ports."""
+"""Session fixtures: a REAL local stack (SeaweedFS S3, MLflow, Prefect) and a REAL two-node Ray cluster, on
+free ports."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.ray_cluster import RayHead, start_ray_head
+from infra.ray_cluster import RayCluster, start_ray_cluster
 from infra.settings import Settings, load_settings
 from infra.stack import LocalStack, free_ports
 
@@ -44,9 +45,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    head = start_ray_head(num_cpus=2, log_dir=tmp_path_factory.mktemp("ray"))
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A head with 2 CPUs (node 0) and a worker node with 1 CPU (node 1), two raylets on 127.0.0.1: PACK keeps
+    two 1-CPU workers on the head, SPREAD puts one on each node."""
+    cluster = start_ray_cluster([2, 1], log_dir=tmp_path_factory.mktemp("ray"))
     try:
-        yield head
+        yield cluster
     finally:
-        head.stop(timeout=15)
+        cluster.stop(timeout=15)
+
+
+def train_worker_nodes(cluster: RayCluster, tracking_uri: str, run_id: str) -> set[str]:
+    """Node ids of the RayTrainWorker actors of one MLflow run's training, from Ray's state API: the run's
+    `ray.job_id` tag names the driver's job, whose actors Ray keeps listing after they exit."""
+    from mlflow.tracking import MlflowClient
+    from ray.util.state import list_actors
+
+    job_id = MlflowClient(tracking_uri).get_run(run_id).data.tags["ray.job_id"]
+    actors = list_actors(address=cluster.dashboard_url, limit=1000, detail=True, raise_on_missing_output=False,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)])
+    return {a.node_id for a in actors}

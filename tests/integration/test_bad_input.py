@@ -36,7 +36,7 @@ def _tree_with_empty_class(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing-dir", "malformed-s3-uri", "empty-class", "classes-out-of-range",
-                                  "workers-over-cpus"])
+                                  "workers-over-cpus", "strict-spread-over-nodes"])
 def test_bad_input_fails_in_one_line_and_publishes_nothing(stack: Stack, tmp_path: Path, case: str) -> None:
     tree = _tree_with_empty_class(tmp_path / "tree")
     args, expected = {
@@ -46,6 +46,11 @@ def test_bad_input_fails_in_one_line_and_publishes_nothing(stack: Stack, tmp_pat
         "classes-out-of-range": (["--dataset", str(tmp_path / "tree"), "--classes", "0-3"], None),
         "workers-over-cpus": (["--workers", "64", "--classes", "0-1", "--limit", "40", "--batch-size", "32",
                                "--image-size", "32"], "workers=64 x 1 CPU need 64 CPUs but the Ray cluster has"),
+        # a private Ray is one node: no placement group of two workers on two nodes can ever exist
+        "strict-spread-over-nodes": (["--workers", "2", "--cpus-per-worker", "1", "--placement-strategy",
+                                      "STRICT_SPREAD", "--classes", "0-1", "--limit", "40", "--batch-size", "32",
+                                      "--image-size", "32"],
+                                     "with placement STRICT_SPREAD need 2 nodes of >= 1 CPUs; the cluster has 1"),
     }[case]
     if case == "classes-out-of-range":  # a valid tree, but only 2 classes
         Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tree / "dog" / "0.png")
@@ -59,4 +64,5 @@ def test_bad_input_fails_in_one_line_and_publishes_nothing(stack: Stack, tmp_pat
     assert "Traceback" not in done.stderr
     objects, runs = _snapshot(stack)
     assert objects == before[0]  # nothing published
-    assert runs <= before[1] + (1 if case == "workers-over-cpus" else 0)  # a training failure is a FAILED run
+    training = case in ("workers-over-cpus", "strict-spread-over-nodes")
+    assert runs <= before[1] + (1 if training else 0)  # a training failure is a FAILED run

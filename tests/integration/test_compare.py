@@ -11,14 +11,14 @@ from pathlib import Path
 import httpx
 from mlflow.tracking import MlflowClient
 
-from infra.ray_cluster import RayHead
+from infra.ray_cluster import RayCluster
 from tests.integration.conftest import Stack
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 STRATEGIES = ["replace-fc+linear-probe", "mlp"]
 
 
-def test_compare_two_strategies_two_seeds(stack: Stack, ray_cluster: RayHead, tmp_path: Path) -> None:
+def test_compare_two_strategies_two_seeds(stack: Stack, ray_cluster: RayCluster, tmp_path: Path) -> None:
     args = [HEADBENCH, "compare", "--strategies", ",".join(STRATEGIES), "--seeds", "2", "--classes", "0-1",
             "--limit", "60", "--test-limit", "40", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
             "--workers", "1", "--cpus-per-worker", "1", "--seed", "5"]

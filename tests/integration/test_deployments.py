@@ -19,7 +19,7 @@ from PIL import Image
 
 from flows.deploy import PROJECT_ROOT
 from infra.datasets import load_fashion_mnist
-from infra.ray_cluster import RayHead
+from infra.ray_cluster import RayCluster
 from infra.s3 import s3_client, split_uri
 from models.strategies import all_strategies
 from tests.integration.conftest import Stack
@@ -121,7 +121,7 @@ def test_invalid_parameter_is_rejected_with_409(stack: Stack, deployed: dict[str
         assert client.post("/flow_runs/count", json={"flow_runs": {"tags": {"all_": [tag]}}}).json() == 0
 
 
-def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster: RayHead,
+def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster: RayCluster,
                                                       deployed: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     deployment = deployed["retrain/scheduled"]
     on_cluster = {"env": {"RAY_ADDRESS": ray_cluster.address}}

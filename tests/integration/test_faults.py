@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.ray_cluster import RayHead, free_port
+from infra.ray_cluster import RayCluster, free_port
 from infra.s3 import ModelStore, s3_client
 from infra.stack import stop_group
 from tests.integration.conftest import Stack
@@ -80,7 +80,7 @@ def _epoch_lines(output: str) -> list[str]:
             if "epoch " in line and " [finetune] " in line]
 
 
-def test_worker_sigkilled_in_epoch_2_resumes_from_its_checkpoint(stack: Stack, ray_cluster: RayHead) -> None:
+def test_worker_sigkilled_in_epoch_2_resumes_from_its_checkpoint(stack: Stack, ray_cluster: RayCluster) -> None:
     from ray.util.state import list_actors
 
     name = "fault-worker"
@@ -111,7 +111,7 @@ def test_worker_sigkilled_in_epoch_2_resumes_from_its_checkpoint(stack: Stack, r
     assert _mlflow(stack).get_run(run_id).info.status == "FINISHED"
 
 
-def test_killed_run_is_resumed_from_its_s3_checkpoint(stack: Stack, ray_cluster: RayHead) -> None:
+def test_killed_run_is_resumed_from_its_s3_checkpoint(stack: Stack, ray_cluster: RayCluster) -> None:
     """The whole driver dies (a crashed flow run); `--resume-run-id` continues the same MLflow run and the
     same Ray run name, so Ray Train restores the last checkpoint from S3 instead of starting over."""
     name = "fault-resume"
@@ -179,7 +179,7 @@ app(sys.argv[1:])
 
 
 def test_s3_down_during_publish_fails_in_one_line_changes_nothing_and_resumes_once(
-        stack: Stack, ray_cluster: RayHead) -> None:
+        stack: Stack, ray_cluster: RayCluster) -> None:
     name = "fault-s3"
     env = stack.cli_env(RAY_ADDRESS=ray_cluster.address)
     first = subprocess.run([HEADBENCH, "run", *SMALL, "--model-name", name], env=env, capture_output=True,
@@ -271,7 +271,7 @@ def test_concurrent_promotions_move_the_alias_once_per_compare_and_set(stack: St
     assert store.client.list_objects_v2(Bucket=store.bucket, Prefix="fault-lease/").get("KeyCount", 0) == 0
 
 
-def test_two_retrains_at_once_get_two_runs_prefixes_and_versions(stack: Stack, ray_cluster: RayHead) -> None:
+def test_two_retrains_at_once_get_two_runs_prefixes_and_versions(stack: Stack, ray_cluster: RayCluster) -> None:
     name = "fault-concurrent"
     env = stack.cli_env(RAY_ADDRESS=ray_cluster.address)
     procs = [subprocess.Popen([HEADBENCH, "run", *SMALL, "--model-name", name, "--seed", str(seed)], env=env,

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from infra.ray_cluster import RayHead
+from infra.ray_cluster import RayCluster
 from infra.settings import load_settings
 from infra.stack import LocalStack, free_ports
 
@@ -44,7 +44,7 @@ def pg_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             asyncio.run(_sql("postgres", f'DROP DATABASE IF EXISTS "{name}_{service}" WITH (FORCE)'))
 
 
-def test_retrain_end_to_end_on_postgres(pg_stack: LocalStack, ray_cluster: RayHead) -> None:
+def test_retrain_end_to_end_on_postgres(pg_stack: LocalStack, ray_cluster: RayCluster) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "PREFECT_API"))}
     env |= {"HEADBENCH_HOME": str(pg_stack.home), "RAY_ADDRESS": ray_cluster.address}
     done = subprocess.run([HEADBENCH, "run", "--classes", "0-1", "--limit", "80", "--test-limit", "40",

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from mlflow.tracking import MlflowClient
 
-from infra.ray_cluster import RayHead
+from infra.ray_cluster import RayCluster
 from tests.integration.conftest import Stack
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
@@ -26,7 +26,7 @@ def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> list[str]:
     return out
 
 
-def test_no_secret_in_mlflow_prefect_or_logs(stack: Stack, ray_cluster: RayHead) -> None:
+def test_no_secret_in_mlflow_prefect_or_logs(stack: Stack, ray_cluster: RayCluster) -> None:
     secrets = [s for s in (stack.stack.access_key, stack.stack.secret_key) if s]
     assert len(secrets) == 2
     done = subprocess.run([HEADBENCH, "run", "--classes", "0-1", "--limit", "80", "--test-limit", "40",

@@ -1,4 +1,5 @@
-"""`headbench up | status | down` as a user runs them: idempotent, loopback only, stops exactly what it started."""
+"""`headbench up | status | down` as a user runs them: idempotent, loopback only, stops exactly what it started,
+with a two-node Ray cluster (`--ray-nodes 2`) among the services."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infra.ray_cluster import free_port
+from infra.ray_cluster import alive_nodes, free_port
 from infra.settings import StackPorts
 from infra.stack import _pid_alive
 
@@ -29,6 +30,10 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+SERVICES = {"s3": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "worker", "ray-head": "--head",
+            "ray-node-1": "infra.ray_cluster"}  # service -> a word of its command line
+
+
 def test_up_status_down_lifecycle(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "PREFECT_API"))}
     env |= {"HEADBENCH_HOME": str(tmp_path), "COLUMNS": "200"}
@@ -38,12 +43,16 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
         return subprocess.run([HEADBENCH, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
 
     try:
-        first = cli("up")
+        first = cli("up", "--ray-nodes", "2", "--ray-cpus", "1")
         assert first.returncode == 0, first.stdout + first.stderr
+        gcs, dashboard = env["HEADBENCH_PORT_RAY_GCS"], env["HEADBENCH_PORT_RAY_DASHBOARD"]
+        assert f"Ray cluster: RAY_ADDRESS=127.0.0.1:{gcs}, 2 node(s) x 1 CPU" in first.stdout
         assert f"MLflow UI  : http://127.0.0.1:{env['HEADBENCH_PORT_MLFLOW']}" in first.stdout
         assert f"Prefect UI : http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}" in first.stdout
-        again = cli("up")
-        assert again.returncode == 0 and again.stdout.count("already running") == 4
+        again = cli("up")  # remembers --ray-nodes
+        assert again.returncode == 0 and again.stdout.count("already running") == 6, again.stdout
+        nodes = alive_nodes(f"http://127.0.0.1:{dashboard}")
+        assert sorted(nodes) == [0, 1] and len(set(nodes.values())) == 2  # two raylets, two node ids
 
         env_file = tmp_path / "env"
         assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
@@ -52,21 +61,22 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
         assert exported["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{env['HEADBENCH_PORT_S3']}"
         assert exported["PREFECT_API_URL"] == f"http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}/api"
         assert {"MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= exported.keys()
+        assert exported["RAY_ADDRESS"] == f"127.0.0.1:{gcs}"
 
         status = cli("status")
-        assert status.returncode == 0 and status.stdout.count("healthy") == 4, status.stdout
+        assert status.returncode == 0 and status.stdout.count("healthy") == 6, status.stdout
 
-        pids = {name: int((tmp_path / "pids" / f"{name}.pid").read_text())
-                for name in ("s3", "mlflow", "prefect", "worker")}
+        pids = {name: int((tmp_path / "pids" / f"{name}.pid").read_text()) for name in SERVICES}
         for name, pid in pids.items():
             addresses = _listening(pid)
             assert addresses, name
             assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in addresses), (name, addresses)
     finally:
         down = cli("down")
-    assert down.returncode == 0 and "stopped: worker, prefect, mlflow, s3" in down.stdout  # worker first
+    # the worker first, then Ray's worker node before the head that holds its GCS
+    assert down.returncode == 0 and "stopped: worker, ray-node-1, ray-head, prefect, mlflow, s3" in down.stdout
     for name, pid in pids.items():
-        assert not _pid_alive(pid, name if name != "s3" else "weed"), name
+        assert not _pid_alive(pid, SERVICES[name]), name
         assert _listening(pid) == []
     after = cli("status")
-    assert after.returncode == 3 and after.stdout.count("stopped") == 4
+    assert after.returncode == 3 and after.stdout.count("stopped") == 6

@@ -52,6 +52,8 @@ def _run(args: list[str], home: Path, extra_env: dict[str, str] | None = None) -
     (["--min-margin", "-1"], "--min-margin: Input should be greater than or equal to 0 (got -1.0)"),
     (["--model-name", "../escape"], "--model-name: String should match pattern"),
     (["--resume-run-id", "not-a-run"], "--resume-run-id: String should match pattern"),
+    (["--placement-strategy", "spread"], "--placement-strategy: Input should be 'PACK', 'SPREAD', 'STRICT_PACK' or "
+     "'STRICT_SPREAD' (got 'spread')"),
 ])
 def test_bad_options_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
                                       expected: str) -> None:

@@ -1,0 +1,47 @@
+"""Placement checks that run before Ray would wait forever for a placement group the cluster cannot hold,
+and the pieces of the local multi-node cluster that need no Ray processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infra.ray_cluster import NODE_RESOURCE, PortPicker, head_argv, node_argv
+from tasks.train import TrainingError, check_placement
+
+
+@pytest.mark.parametrize("workers, cpus, strategy, nodes", [
+    (2, 1, "PACK", [2, 1]), (3, 1, "SPREAD", [2, 1]), (2, 1, "STRICT_PACK", [2, 1]),
+    (2, 1, "STRICT_SPREAD", [2, 1]), (4, 2, "STRICT_SPREAD", [2, 2, 2, 2]), (1, 8, "PACK", [8]),
+])
+def test_placements_the_cluster_can_hold_pass(workers: int, cpus: int, strategy: str, nodes: list[int]) -> None:
+    check_placement(workers, cpus, strategy, nodes)
+
+
+@pytest.mark.parametrize("workers, cpus, strategy, nodes, message", [
+    (4, 1, "PACK", [2, 1], "workers=4 x 1 CPU need 4 CPUs but the Ray cluster has 3"),
+    (3, 1, "STRICT_PACK", [2, 1], "with placement STRICT_PACK need one node with 3 CPUs; the largest node has 2"),
+    (3, 1, "STRICT_SPREAD", [2, 1], "with placement STRICT_SPREAD need 3 nodes of >= 1 CPUs; the cluster has 2"),
+    (2, 2, "STRICT_SPREAD", [2, 1, 1], "need 2 nodes of >= 2 CPUs; the cluster has 1"),
+])
+def test_impossible_placements_fail_in_one_line(workers: int, cpus: int, strategy: str, nodes: list[int],
+                                                message: str) -> None:
+    with pytest.raises(TrainingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_placement(workers, cpus, strategy, nodes)
+
+
+def test_nodes_get_distinct_ports_marker_resources_and_loopback() -> None:
+    picker = PortPicker()
+    head = head_argv(41000, 41001, 2, Path("hbray"), picker)
+    nodes = [node_argv("127.0.0.1:41000", i, 1, picker) for i in (1, 2)]
+    ports: list[int] = []
+    for argv in (head, *nodes):
+        flags = dict(a.removeprefix("--").split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        assert flags["node-ip-address"] == "127.0.0.1"
+        ports += [int(v) for k, v in flags.items() if k.endswith("-port") and k not in ("min-worker-port",
+                                                                                        "max-worker-port")]
+        ports += list(range(int(flags["min-worker-port"]), int(flags["max-worker-port"]) + 1))
+    assert len(ports) == len(set(ports))  # no two nodes (or worker ranges) share a port
+    assert NODE_RESOURCE.format(0) in " ".join(head) and NODE_RESOURCE.format(2) in " ".join(nodes[1])
+    assert "--head" in head and all("--address=127.0.0.1:41000" in n for n in nodes)
