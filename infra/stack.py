@@ -117,10 +117,10 @@ class LocalStack:
         if not 0 <= self.ray_nodes <= MAX_RAY_NODES:
             raise StackError(f"--ray-nodes {self.ray_nodes} is out of range; allowed: 0 (a private Ray per run) "
                              f"to {MAX_RAY_NODES}")
-        self.ray_cpus = (ray_cpus if ray_cpus is not None else saved.get("ray_cpus")) or \
-            max(1, (os.cpu_count() or 1) // max(1, self.ray_nodes))
-        if not 1 <= self.ray_cpus <= 1024:
-            raise StackError(f"--ray-cpus {self.ray_cpus} is out of range; allowed: 1 to 1024 CPUs per node")
+        self.ray_cpus_option = ray_cpus if ray_cpus is not None else saved.get("ray_cpus")  # None: even share
+        if self.ray_cpus_option is not None and not 1 <= self.ray_cpus_option <= 1024:
+            raise StackError(f"--ray-cpus {self.ray_cpus_option} is out of range; allowed: 1 to 1024 CPUs per node")
+        self.ray_cpus = self.ray_cpus_option or max(1, (os.cpu_count() or 1) // max(1, self.ray_nodes))
 
     # ------------------------------------------------------------------ state files
     @property
@@ -354,14 +354,14 @@ class LocalStack:
         if not self.access_key or not self.secret_key:
             self.access_key, self.secret_key = "hb" + secrets.token_hex(8), secrets.token_urlsafe(24)
         saved = self._read_state()
-        if (saved.get("ray_nodes", 0), saved.get("ray_cpus")) not in ((self.ray_nodes, self.ray_cpus), (0, None)):
+        if saved and (saved.get("ray_nodes", 0), saved.get("ray_cpus")) != (self.ray_nodes, self.ray_cpus_option):
             # another cluster shape: stop the old Ray nodes, and the worker whose runs train on them
             previous = LocalStack(self.settings, self.ports)
             self._stop([s for s in previous.services() if s.name.startswith("ray-") or s.name == "worker"])
         self._write_private(self.state_file, json.dumps(
             {"ports": self.ports.all(), "access_key": self.access_key, "secret_key": self.secret_key,
              "backend": self.backend, "database_url": self.database_url, "ray_nodes": self.ray_nodes,
-             "ray_cpus": self.ray_cpus}, indent=2))
+             "ray_cpus": self.ray_cpus_option}, indent=2))
         if self.backend == "postgres":
             self._create_databases()
         for spec in self.services():

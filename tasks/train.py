@@ -25,7 +25,7 @@ from models.data import ArraySplit
 from models.weights import WEIGHTS_FILE
 from tasks.train_loop import TRAIN_STATE, TrainConfig, train_worker
 
-__all__ = ["TrainConfig", "TrainOutcome", "TrainingError", "cluster_cpus", "init_ray", "run_training",
+__all__ = ["TrainConfig", "TrainOutcome", "TrainingError", "cluster_node_cpus", "init_ray", "run_training",
            "train_model"]
 
 class TrainingError(HeadbenchError):
@@ -78,12 +78,10 @@ def init_ray(settings: Settings) -> None:
                  _node_ip_address="127.0.0.1", log_to_driver=True, logging_level="WARNING")
 
 
-def cluster_cpus(settings: Settings) -> int:
-    """CPUs of the Ray cluster this process trains on (starting or joining it first)."""
+def cluster_node_cpus(settings: Settings) -> list[int]:
+    """CPUs of each alive node of the Ray cluster this process trains on (starting or joining it first)."""
     init_ray(settings)  # first: it sets the variables ray reads when it is imported
-    import ray
-
-    return int(ray.cluster_resources().get("CPU", 1))
+    return node_cpus()
 
 
 def node_cpus() -> list[int]:
@@ -93,6 +91,13 @@ def node_cpus() -> list[int]:
     return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
+def even_share(workers: int, nodes: list[int]) -> int:
+    """The most CPUs per worker such that ``workers`` such bundles fit on the nodes (a bundle never spans
+    nodes): the cluster's CPUs shared evenly, e.g. 1 worker on nodes [2, 1] gets 2, not 3."""
+    fits = [c for c in range(1, max(nodes, default=1) + 1) if sum(n // c for n in nodes) >= workers]
+    return max(fits, default=1)
+
+
 def check_placement(workers: int, cpus: int, strategy: str, nodes: list[int]) -> None:
     """Fail before Ray waits forever for a placement group the cluster can never hold."""
     total, biggest = sum(nodes), max(nodes, default=0)
@@ -100,6 +105,12 @@ def check_placement(workers: int, cpus: int, strategy: str, nodes: list[int]) ->
     if workers * cpus > total:
         raise TrainingError(f"{need} need {workers * cpus} CPUs but the Ray cluster has {total}; allowed: "
                             f"workers * cpus_per_worker <= {total}")
+    if cpus > biggest:
+        raise TrainingError(f"{need}: a worker runs on one node, and the largest node has {biggest} CPUs; "
+                            f"allowed: cpus_per_worker <= {biggest}")
+    if sum(n // cpus for n in nodes) < workers:
+        raise TrainingError(f"{need}: the nodes ({', '.join(map(str, nodes))} CPUs) hold only "
+                            f"{sum(n // cpus for n in nodes)} such workers; use fewer workers or CPUs per worker")
     if strategy == "STRICT_PACK" and workers * cpus > biggest:
         raise TrainingError(f"{need} with placement STRICT_PACK need one node with {workers * cpus} CPUs; the "
                             f"largest node has {biggest}; use PACK or fewer workers")
@@ -112,14 +123,14 @@ def check_placement(workers: int, cpus: int, strategy: str, nodes: list[int]) ->
 def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                  *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
-    available = cluster_cpus(settings)  # starts or joins Ray before anything imports it
+    nodes = cluster_node_cpus(settings)  # starts or joins Ray before anything imports it
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cpus = cfg.cpus_per_worker or max(1, available // cfg.workers)
+    cpus = cfg.cpus_per_worker or even_share(cfg.workers, nodes)
     if not cfg.use_gpu:
-        check_placement(cfg.workers, cpus, cfg.placement_strategy, node_cpus())
+        check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
     storage_path, storage_fs = _storage(settings)
     trainer = TorchTrainer(
         train_worker,

@@ -10,8 +10,8 @@ import sys
 PROBE = r'''
 import json, os, subprocess
 from infra.settings import Settings
-from tasks.train import cluster_cpus
-cpus = cluster_cpus(Settings(RAY_ADDRESS=None))
+from tasks.train import cluster_node_cpus
+cpus = sum(cluster_node_cpus(Settings(RAY_ADDRESS=None)))
 
 def descendants(root):
     children = {}
