@@ -35,8 +35,22 @@ GOOD = {"classes": "1,8,9", "limit": 300, "test_limit": 150, "image_size": 32, "
 WEAK = GOOD | {"lr": 1e-6, "epochs": 1}
 
 
+class _RetryBusy(httpx.HTTPTransport):
+    """Retry 429/503 with backoff, as Prefect's own client (and so the dashboard's calls through it) does: the
+    server answers 503 for errors it deems retryable, e.g. SQLite busy while flow runs write their states."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(5):
+            response = super().handle_request(request)
+            if response.status_code not in (429, 503):
+                return response
+            response.close()
+            time.sleep(2**attempt)
+        return super().handle_request(request)
+
+
 def api(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=f"{stack.stack.prefect_url}/api", timeout=30)
+    return httpx.Client(base_url=f"{stack.stack.prefect_url}/api", timeout=30, transport=_RetryBusy())
 
 
 @pytest.fixture(scope="module")
