@@ -159,8 +159,6 @@ class RayCluster:
                 pass
 
 
-RayHead = RayCluster  # a cluster of one node
-
 
 def _launch(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as fh:
@@ -206,11 +204,6 @@ def start_ray_cluster(cpus: list[int], log_dir: Path, timeout: float = 120.0) ->
         cluster.stop(timeout=15)
         raise
     return cluster
-
-
-def start_ray_head(num_cpus: int, log_dir: Path, timeout: float = 120.0) -> RayCluster:
-    """A one-node cluster: a Ray head on 127.0.0.1 with ``num_cpus`` CPUs."""
-    return start_ray_cluster([num_cpus], log_dir, timeout)
 
 
 def _ray_start_on_loopback(argv: list[str]) -> None:
