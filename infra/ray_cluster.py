@@ -159,7 +159,6 @@ class RayCluster:
                 pass
 
 
-
 def _launch(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as fh:
         return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
