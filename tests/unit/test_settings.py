@@ -15,7 +15,10 @@ STANDARD = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in STANDARD:
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: monkeypatch records each name, so whatever a test exports (export_env writes
+        # os.environ directly) is undone afterwards instead of leaking into later tests' stacks
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 def test_env_file_fills_unset_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
