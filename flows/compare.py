@@ -20,7 +20,7 @@ from infra.tracking import flatten, run_url, start_run
 from tasks.build import resolve_weights
 from tasks.compare import ChildResult, fit_strategy, markdown_table, report_comparison, table_records
 from tasks.data import download_data
-from tasks.train import cluster_node_cpus
+from tasks.train import cluster_node_cpus, workers_that_fit
 
 
 class CompareResult(BaseModel):
@@ -60,8 +60,7 @@ def compare_heads(params: CompareParams = CompareParams()) -> CompareResult:  # 
         stage("train")
         jobs = [(strategy, params.seed + i) for i in range(params.seeds) for strategy in params.strategies]
         cpus = params.cpus_per_worker or 1
-        # as many children as the nodes hold at once (a worker's CPUs never span nodes)
-        parallel = params.parallel or max(1, sum(n // cpus for n in cluster_node_cpus(settings)) // params.workers)
+        parallel = params.parallel or max(1, workers_that_fit(cpus, cluster_node_cpus(settings)) // params.workers)
         results: list[ChildResult] = []
         for start in range(0, len(jobs), parallel):  # a wave of children at a time, as the cluster fits them
             futures = [fit_strategy.submit(

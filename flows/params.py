@@ -60,7 +60,8 @@ class TrainingParams(BaseModel):
                                     "recompute exact BatchNorm statistics from this many batches (0 = off)")
     workers: int = Field(2, ge=1, le=512, description="Ray Train data-parallel workers")
     cpus_per_worker: int | None = Field(None, ge=1, le=512, description="CPUs per worker; empty = the "
-                                        "cluster's CPUs shared evenly")
+                                        "largest even share of the cluster's CPUs that fits every worker on one "
+                                        "node")
     use_gpu: bool = Field(False, description="one GPU per worker (bf16 autocast, channels_last)")
     placement_strategy: PlacementStrategy = Field(
         "PACK", description="where Ray puts the workers: PACK onto as few nodes as fit, SPREAD over as many "

@@ -122,12 +122,11 @@ def alive_nodes(dashboard_url: str, timeout: float = 3.0) -> dict[int, str]:
             rows = json.loads(resp.read())["data"]["result"]["result"]
     except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
         return {}
-    found = {}
+    found, prefix = {}, NODE_RESOURCE.format("")
     for row in rows:
         if row.get("state") != "ALIVE":
             continue
         for name in row.get("resources_total", {}):
-            prefix = NODE_RESOURCE.format("")
             if name.startswith(prefix) and name[len(prefix):].isdigit():
                 found[int(name[len(prefix):])] = row["node_id"]
     return found
@@ -140,12 +139,8 @@ class RayCluster:
     processes: list[subprocess.Popen[bytes]]
     address: str
     dashboard_url: str
-    temp_dir: Path
+    temp_dir: Path  # Ray's session directory, with every node's logs
     logs: list[Path] = field(default_factory=list)
-
-    @property
-    def process(self) -> subprocess.Popen[bytes]:
-        return self.processes[0]
 
     def node_ids(self) -> dict[int, str]:
         return alive_nodes(self.dashboard_url)

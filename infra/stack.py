@@ -163,9 +163,13 @@ class LocalStack:
         return f"http://{HOST}:{self.ports.prefect}"
 
     @property
+    def ray_gcs_address(self) -> str:
+        return f"{HOST}:{self.ports.ray_gcs}"
+
+    @property
     def ray_address(self) -> str | None:
         """The GCS of this stack's Ray cluster (None without --ray-nodes)."""
-        return f"{HOST}:{self.ports.ray_gcs}" if self.ray_nodes else None
+        return self.ray_gcs_address if self.ray_nodes else None
 
     @property
     def ray_dashboard_url(self) -> str:
@@ -247,7 +251,7 @@ class LocalStack:
             "PREFECT_WORKER_WEBSERVER_PORT": str(self.ports.prefect_worker),
             "PREFECT_WORKER_QUERY_SECONDS": "5", "DO_NOT_TRACK": "1"}
         foreign = self.settings.ray_address
-        if not self.ray_nodes and foreign and foreign != f"{HOST}:{self.ports.ray_gcs}":
+        if not self.ray_nodes and foreign and foreign != self.ray_gcs_address:  # not a stale own address
             env["RAY_ADDRESS"] = foreign  # a Ray cluster named when the stack came up is where runs train
         return env
 
@@ -268,7 +272,7 @@ class LocalStack:
                              dict(NODE_ENV), lambda: 0 in alive_nodes(dashboard), dashboard, "--head",
                              leader_first=True)]
         for index in range(1, self.ray_nodes):
-            specs.append(ServiceSpec(f"ray-node-{index}", node_argv(self.ray_address or "", index, self.ray_cpus,
+            specs.append(ServiceSpec(f"ray-node-{index}", node_argv(self.ray_gcs_address, index, self.ray_cpus,
                                                                     picker),
                                      dict(NODE_ENV), functools.partial(lambda i: i in alive_nodes(dashboard),
                                                                            index),

@@ -38,7 +38,7 @@ class TrainOutcome:
     history: list[dict[str, float]]  # one row per epoch, as logged
     checkpoint_path: str  # where Ray persisted the last checkpoint
     ray_job_id: str  # the driver's Ray job: its RayTrainWorker actors (and their nodes) in Ray's state API
-    ray_nodes: int  # alive nodes of the cluster it trained on
+    ray_nodes: int  # alive nodes of the cluster when training started
 
     def tags(self) -> dict[str, str]:
         """MLflow tags that say where the run trained."""
@@ -91,10 +91,15 @@ def node_cpus() -> list[int]:
     return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
+def workers_that_fit(cpus: int, nodes: list[int]) -> int:
+    """How many workers of ``cpus`` CPUs the nodes hold at once: a worker's bundle never spans nodes."""
+    return sum(n // cpus for n in nodes)
+
+
 def even_share(workers: int, nodes: list[int]) -> int:
-    """The most CPUs per worker such that ``workers`` such bundles fit on the nodes (a bundle never spans
-    nodes): the cluster's CPUs shared evenly, e.g. 1 worker on nodes [2, 1] gets 2, not 3."""
-    fits = [c for c in range(1, max(nodes, default=1) + 1) if sum(n // c for n in nodes) >= workers]
+    """The most CPUs per worker such that ``workers`` such bundles fit on the nodes: the cluster's CPUs
+    shared evenly, e.g. 1 worker on nodes [2, 1] gets 2, not 3."""
+    fits = [c for c in range(1, max(nodes, default=1) + 1) if workers_that_fit(c, nodes) >= workers]
     return max(fits, default=1)
 
 
@@ -108,9 +113,9 @@ def check_placement(workers: int, cpus: int, strategy: str, nodes: list[int]) ->
     if cpus > biggest:
         raise TrainingError(f"{need}: a worker runs on one node, and the largest node has {biggest} CPUs; "
                             f"allowed: cpus_per_worker <= {biggest}")
-    if sum(n // cpus for n in nodes) < workers:
-        raise TrainingError(f"{need}: the nodes ({', '.join(map(str, nodes))} CPUs) hold only "
-                            f"{sum(n // cpus for n in nodes)} such workers; use fewer workers or CPUs per worker")
+    if (held := workers_that_fit(cpus, nodes)) < workers:
+        raise TrainingError(f"{need}: the nodes ({', '.join(map(str, nodes))} CPUs) hold only {held} such "
+                            "workers; use fewer workers or CPUs per worker")
     if strategy == "STRICT_PACK" and workers * cpus > biggest:
         raise TrainingError(f"{need} with placement STRICT_PACK need one node with {workers * cpus} CPUs; the "
                             f"largest node has {biggest}; use PACK or fewer workers")
@@ -159,7 +164,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
         state = load_file(Path(ckpt_dir) / WEIGHTS_FILE)
         history = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)["history"]
     return TrainOutcome(state_dict=state, history=list(history), checkpoint_path=result.checkpoint.path,
-                        ray_job_id=ray.get_runtime_context().get_job_id(), ray_nodes=len(node_cpus()))
+                        ray_job_id=ray.get_runtime_context().get_job_id(), ray_nodes=len(nodes))
 
 
 @task(name="train", cache_policy=NO_CACHE, log_prints=True)
