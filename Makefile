@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: bootstrap demo test test-all lint up down status clean screenshots bench
+.PHONY: bootstrap demo test test-unit test-all lint up down status clean screenshots bench quality
 
 bootstrap:
 	@infra/bootstrap.sh
@@ -19,6 +19,9 @@ test-all: bootstrap  ## everything, slow tests included
 
 bench: bootstrap  ## the pipeline benchmark: B1 plain PyTorch vs B2 headbench, overheads, memory (~8 min)
 	$(BIN)/python -m bench
+
+quality: bootstrap  ## the quality benchmark: pipeline vs plain script, best recipe, demo comparison (docs/quality.md)
+	$(BIN)/python -m bench --quality
 
 lint: bootstrap
 	$(BIN)/ruff check .

@@ -2,7 +2,8 @@
 
 Everything runs in ONE process tree on the same data, model, batch and image size:
 
-- B1  plain PyTorch training loop (no Ray, Prefect or MLflow), all cores, steady-state img/s;
+- B1  the same training loop (``models.loop.fit``) called in this process: no Ray, Prefect or MLflow, all
+      cores, steady-state img/s from epochs 2..;
 - B2  the `retrain` flow (Ray Train workers, rank-0 MLflow logging per epoch, S3 checkpoints), steady-state
       img/s from epochs 2.. of each run, and its fixed costs: flow start -> first optimizer step and last
       optimizer step -> model published;
@@ -43,7 +44,6 @@ class BenchConfig:
     batch_size: int = 64
     train_images: int = 960  # per epoch
     epochs: int = 3  # B2 epochs per run; epoch 1 is warm-up, steady state is the median of the rest
-    b1_steps: int = 12  # timed steps per B1 repeat (after 3 warm-up steps)
     probe_epochs: int = 10
     probe_images: int = 640
     repeats: int = 3
@@ -57,13 +57,13 @@ class BenchConfig:
     @classmethod
     def tiny(cls) -> BenchConfig:
         """For the test that checks every figure is emitted (seconds, not minutes)."""
-        return cls(image_size=32, batch_size=32, train_images=128, epochs=2, b1_steps=2, probe_epochs=2,
+        return cls(image_size=32, batch_size=32, train_images=128, epochs=2, probe_epochs=2,
                    probe_images=64, repeats=1, workers=1, ddp_workers=0)
 
     @classmethod
     def gpu_default(cls) -> BenchConfig:
         """One GPU, ResNet-18 at 224 px, bf16 autocast + channels_last: fits in under 5 minutes."""
-        return cls(image_size=224, batch_size=256, train_images=256 * 24, epochs=3, b1_steps=30, repeats=3,
+        return cls(image_size=224, batch_size=256, train_images=256 * 24, epochs=3, repeats=3,
                    workers=1, cpus_per_worker=None, gpu=True, probe_images=4096, ddp_workers=0)
 
 
@@ -229,53 +229,26 @@ def _timed(fn: Callable[[], Any]) -> float:
 # ------------------------------------------------------------------------------------------- B1
 
 
-def b1_plain(cfg: BenchConfig, train: Any, *, compiled: bool = False) -> float:
-    """Plain PyTorch: the same model, batch, optimizer and input pipeline, no orchestration. img/s."""
+def b1_plain(cfg: BenchConfig, train: Any, val: Any, *, compiled: bool = False) -> float:
+    """Plain PyTorch: ``models.loop.fit``, the loop every Ray Train worker runs, called in this process with
+    the same model, batch, optimizer and inputs as B2 and no Ray, Prefect or MLflow. Steady img/s, measured
+    as B2 is: the median over epochs 2.. of ``cfg.epochs``."""
     import torch
-    from torch import nn
 
     from models import build_model
-    from models.data import ArrayDataset
-    from models.engine import image_input
+    from models.loop import FitConfig, FitHooks, fit
 
     device = torch.device("cuda" if cfg.gpu else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
-    model = build_model(cfg.arch, 10, "replace-fc", None).to(device)
+    model = build_model(cfg.arch, 10, "replace-fc", None, seed=0).to(device)
     if cfg.gpu:
         model = model.to(memory_format=torch.channels_last)
-    net: nn.Module = torch.compile(model) if compiled else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    loss_fn = nn.CrossEntropyLoss()
-    prepare = image_input(channels_last=cfg.gpu)
-    loader = torch.utils.data.DataLoader(ArrayDataset(train), batch_size=cfg.batch_size, shuffle=True,
-                                         drop_last=True, pin_memory=cfg.gpu)
-
-    def batches() -> Iterator[tuple[Any, Any]]:
-        while True:
-            yield from loader
-
-    stream = batches()
-
-    def step() -> None:
-        images, targets = next(stream)
-        x = prepare(images.to(device, non_blocking=True), True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.gpu):
-            loss = loss_fn(net(x), targets.to(device, non_blocking=True))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    model.train()
-    for _ in range(3):  # warm-up: allocator, oneDNN/cuDNN algorithm choice, compilation
-        step()
-    if cfg.gpu:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(cfg.b1_steps):
-        step()
-    if cfg.gpu:
-        torch.cuda.synchronize()
-    return cfg.b1_steps * cfg.batch_size / (time.perf_counter() - start)
+    hooks = FitHooks(device=device, wrap_model=torch.compile if compiled else (lambda m: m),
+                     autocast_dtype=torch.bfloat16 if cfg.gpu else None, channels_last=cfg.gpu, pin_memory=cfg.gpu)
+    result = fit(model, FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=0.01, precise_bn_batches=0),
+                 train, val, hooks)
+    steady = [row["images_per_second"] for row in result.history[1:]] or [result.history[0]["images_per_second"]]
+    return statistics.median(steady)
 
 
 # ------------------------------------------------------------------------------------------- loader, probe
@@ -286,7 +259,7 @@ def loader_rate(cfg: BenchConfig, train: Any) -> float:
     import torch
 
     from models.data import ArrayDataset
-    from models.engine import image_input
+    from models.loop import image_input
 
     loader = torch.utils.data.DataLoader(ArrayDataset(train), batch_size=cfg.batch_size, shuffle=True,
                                          drop_last=True)
@@ -305,7 +278,7 @@ def probe_times(cfg: BenchConfig, train: Any) -> tuple[float, float]:
 
     from models import build_model
     from models.data import ArrayDataset, ArraySplit
-    from models.engine import extract_features, feature_input, train_one_epoch
+    from models.loop import extract_features, feature_input, train_one_epoch
 
     device = torch.device("cuda" if cfg.gpu else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -394,7 +367,7 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
     if cfg.b1_only:  # no stack, no Ray
         data = bench_data(cfg, (home or Path(".headbench")) / "cache")
         for i in range(cfg.repeats):
-            figures.b1_img_s.append(b1_plain(cfg, data.train))
+            figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
             log(f"[{i + 1}/{cfg.repeats}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
         return figures
     with local_stack(home) as settings:
@@ -406,12 +379,12 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
         log(f"data: {len(data.train)} training images at {cfg.image_size} px; machine {figures.machine}")
         for i in range(cfg.repeats):
             figures.loader_img_s.append(loader_rate(cfg, data.train))
-            figures.b1_img_s.append(b1_plain(cfg, data.train))
+            figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
             log(f"[{i + 1}/{cfg.repeats}] loader {figures.loader_img_s[-1]:.0f} img/s, "
                 f"B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
         if cfg.compile:
             for i in range(cfg.repeats):
-                figures.b1_compiled_img_s.append(b1_plain(cfg, data.train, compiled=True))
+                figures.b1_compiled_img_s.append(b1_plain(cfg, data.train, data.val, compiled=True))
                 log(f"[{i + 1}/{cfg.repeats}] B1 torch.compile {figures.b1_compiled_img_s[-1]:.1f} img/s")
         for i in range(cfg.repeats):
             cached, uncached = probe_times(cfg, data.train)
@@ -480,7 +453,16 @@ def table(figures: Figures) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--quality" in argv:
+        from bench.quality import main as quality_main
+
+        return quality_main(argv)
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quality", action="store_true", help="the quality benchmark instead (bench/quality.py; "
+                        "its own options: --tiny, --epochs N, --no-demo, --home DIR, --json FILE, --doc FILE)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long setting (tests)")
     parser.add_argument("--gpu", action="store_true", help="one GPU, 224 px, bf16 autocast, channels_last")
     parser.add_argument("--compile", action="store_true", help="also time B1 with torch.compile")

@@ -257,6 +257,11 @@ Epochs = Annotated[int, typer.Option(help="training epochs")]
 BatchSize = Annotated[int, typer.Option(help="global batch size")]
 Lr = Annotated[float, typer.Option(help="peak learning rate (SGD + cosine)")]
 WeightDecay = Annotated[float, typer.Option(help="SGD weight decay")]
+WarmupEpochs = Annotated[float, typer.Option(help="linear LR warm-up per phase, in epochs")]
+Augment = Annotated[str, typer.Option(help="none | flip | standard (RandomResizedCrop + flip)")]
+LabelSmoothing = Annotated[float, typer.Option(help="label smoothing of the training loss")]
+Patience = Annotated[int | None, typer.Option(help="early stopping: epochs without a lower val loss; publishes "
+                                              "the best epoch (default: off)")]
 HiddenDim = Annotated[int, typer.Option(help="MLP head hidden width")]
 Dropout = Annotated[float, typer.Option(help="MLP head dropout")]
 ProbeEpochs = Annotated[int | None, typer.Option(help="lp-ft/gradual: frozen-phase epochs (default: half)")]
@@ -283,6 +288,8 @@ def run(
     strategy: Annotated[str, typer.Option(help="head strategy <shape>[:<pool>][+<schedule>] "
                                           "(see `headbench strategies`)")] = "mlp",
     epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
+    warmup_epochs: WarmupEpochs = 0.0, augment: Augment = "flip", label_smoothing: LabelSmoothing = 0.0,
+    early_stopping_patience: Patience = None,
     hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
     cache_features: CacheFeatures = True, precise_bn_batches: PreciseBn = 20, workers: Workers = 2,
     cpus_per_worker: CpusPerWorker = None, placement_strategy: Placement = "PACK",
@@ -311,6 +318,8 @@ def compare(
     dataset: Dataset = "fashion-mnist", classes: Classes = None, limit: Limit = None, test_limit: TestLimit = None,
     val_fraction: ValFraction = 0.1, image_size: ImageSize = 64, arch: Arch = "resnet18", weights: Weights = "none",
     epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
+    warmup_epochs: WarmupEpochs = 0.0, augment: Augment = "flip", label_smoothing: LabelSmoothing = 0.0,
+    early_stopping_patience: Patience = None,
     hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
     cache_features: CacheFeatures = True, precise_bn_batches: PreciseBn = 20, workers: Workers = 1,
     cpus_per_worker: CpusPerWorker = None, placement_strategy: Placement = "PACK",
@@ -419,7 +428,8 @@ def predict(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """The pipeline benchmark (B1 plain PyTorch vs B2 headbench, overheads, memory); options: --help of
-    `python -m bench` (--tiny, --gpu, --compile, --repeats N, --workers N, --home DIR, --json FILE)."""
+    `python -m bench` (--tiny, --gpu, --compile, --repeats N, --workers N, --home DIR, --json FILE).
+    `--quality`: the quality benchmark (pipeline vs plain script, best recipe, demo comparison)."""
     from bench.run import main as bench_main
 
     raise typer.Exit(bench_main(list(ctx.args)))

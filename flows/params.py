@@ -14,6 +14,7 @@ from infra.datasets import FASHION_MNIST_CLASSES, DataSpec
 from infra.ray_cluster import PLACEMENT_STRATEGIES
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
 from models.data import parse_classes
+from models.loop import AUGMENTATIONS
 from models.schedules import plan
 from models.strategies import DEMO_STRATEGIES, all_strategies
 from tasks.train import TrainConfig
@@ -26,6 +27,7 @@ WarmStart = Literal["none", "champion"]
 Promote = Literal["never", "if-better", "always"]
 PromotionMetric = Literal["test_accuracy", "test_macro_f1"]
 PlacementStrategy = Literal[PLACEMENT_STRATEGIES]  # type: ignore[valid-type]
+Augment = Literal[tuple(AUGMENTATIONS)]  # type: ignore[valid-type]
 BUILTIN_CLASSES = {"fashion-mnist": len(FASHION_MNIST_CLASSES)}
 
 
@@ -50,6 +52,15 @@ class TrainingParams(BaseModel):
     batch_size: int = Field(64, ge=2, le=8192, description="global batch size (split across workers)")
     lr: float = Field(0.01, gt=0.0, le=10.0, description="peak learning rate (SGD, cosine schedule)")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="SGD weight decay")
+    warmup_epochs: float = Field(0.0, ge=0.0, le=100.0, description="linear LR warm-up at the start of every "
+                                 "phase, in epochs (then cosine to 0, per step)")
+    augment: Augment = Field("flip", description="training augmentation of image batches: none, flip "
+                             "(horizontal), standard (RandomResizedCrop + flip); cached-feature probe phases "
+                             "are never augmented")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the training loss")
+    early_stopping_patience: int | None = Field(None, ge=1, le=1000, description="stop after this many epochs "
+                                                "without a lower val loss and publish the best epoch's weights; "
+                                                "empty = train every epoch, publish the last")
     hidden_dim: int = Field(512, ge=8, le=8192, description="hidden width of MLP heads")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout of MLP heads")
     probe_epochs: int | None = Field(None, ge=1, le=999, description="lp-ft / gradual: epochs of the frozen "
@@ -95,6 +106,9 @@ class TrainingParams(BaseModel):
         """The Ray training config for one strategy (and seed) under these parameters."""
         return TrainConfig(arch=self.arch, strategy=strategy, num_classes=num_classes, epochs=self.epochs,
                            batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           warmup_epochs=self.warmup_epochs, augment=self.augment,
+                           label_smoothing=self.label_smoothing,
+                           early_stopping_patience=self.early_stopping_patience,
                            hidden_dim=self.hidden_dim, dropout=self.dropout, workers=self.workers,
                            cpus_per_worker=cpus_per_worker or self.cpus_per_worker, use_gpu=self.use_gpu,
                            seed=self.seed if seed is None else seed, probe_epochs=self.probe_epochs,

@@ -132,7 +132,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
     stage("build")
     weights, warm_version = resolve_warm_start(params, tracking_uri)
     built = build_head_model(params.arch, data.num_classes, params.strategy, weights, settings,
-                             params.hidden_dim, params.dropout)
+                             params.hidden_dim, params.dropout, params.seed)
 
     links = prefect_context()
     tags = {"dataset": params.dataset, "arch": params.arch, "strategy": spec.name, "shape": spec.shape,

@@ -109,6 +109,18 @@ def reopen_run(tracking_uri: str, run_id: str, expected_params: Mapping[str, str
     return Tracker(tracking_uri, run_id)
 
 
+def run_children(tracking_uri: str, parent_run_id: str) -> dict[str, list[str]]:
+    """Child run ids of a parent run, grouped by their ``strategy`` tag."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              max_results=1000)
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        out.setdefault(run.data.tags.get("strategy", ""), []).append(run.info.run_id)
+    return out
+
+
 def run_url(tracking_uri: str, run_id: str) -> str:
     run = MlflowClient(tracking_uri).get_run(run_id)
     return f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -81,13 +81,17 @@ def is_torchvision_weights_name(weights: str) -> bool:
 
 
 def build_model(arch: str, num_classes: int, strategy: str, weights: str | Path | None = None, *,
-                hidden_dim: int = 512, dropout: float = 0.2) -> HeadNet:
+                hidden_dim: int = 512, dropout: float = 0.2, seed: int | None = None) -> HeadNet:
     """Build a ResNet with the given head strategy.
 
     weights: None or ``"none"`` (random init), a torchvision weights name (``DEFAULT``,
     ``IMAGENET1K_V1``...), or a local checkpoint path (safetensors, or a weights-only torch file) holding
     a headbench or torchvision state dict. The backbone loads strictly; a checkpoint head loads too when
     its shapes match this model's head (a warm start), otherwise the new head keeps its fresh init.
+
+    seed: the random init, drawn from its own generator state (the caller's is left as it was). The trunk
+    and the head are seeded apart, so every strategy on one seed starts from the same backbone and every
+    strategy of one shape and pooling from the same head, whatever the schedule.
     """
     check_arch(arch)
     spec = parse_strategy(strategy)
@@ -95,10 +99,15 @@ def build_model(arch: str, num_classes: int, strategy: str, weights: str | Path 
         raise ValueError(f"num_classes must be >= 2 for a classifier, got {num_classes}")
     weights_name = None if weights is None or str(weights).lower() == "none" else str(weights)
     tv_name = weights_name if weights_name and is_torchvision_weights_name(weights_name) else None
-    resnet = _torchvision_resnet(arch, tv_name)
-    in_features: int = resnet.fc.in_features  # 512 for resnet18/34, 2048 for resnet50/101/152
-    backbone = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in TRUNK_MODULES))
-    head = build_head(spec.shape, HeadConfig(in_features, num_classes, spec.pool, hidden_dim, dropout))
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        resnet = _torchvision_resnet(arch, tv_name)
+        in_features: int = resnet.fc.in_features  # 512 for resnet18/34, 2048 for resnet50/101/152
+        backbone = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in TRUNK_MODULES))
+        if seed is not None:
+            torch.manual_seed(seed + 1)  # the head's init: the same for a shape whatever came before it
+        head = build_head(spec.shape, HeadConfig(in_features, num_classes, spec.pool, hidden_dim, dropout))
     model = HeadNet(backbone, head, arch=arch, in_features=in_features, num_classes=num_classes,
                     strategy=spec)
     if weights_name and tv_name is None:

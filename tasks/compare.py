@@ -1,12 +1,12 @@
 """Comparison of head strategies: one child run per strategy x seed, and the summary over them.
 
-The summary is plain Python (mean and a 95% t-interval per strategy, the winner, whether its interval
-separates it from the runner-up); the table and chart go to the MLflow parent run and to Prefect.
+The summary (``models.stats``): mean and 95% t-interval per strategy, the winner, and for every other
+strategy the paired 95% t-interval of its per-seed difference to the winner; the table and chart go to
+the MLflow parent run and to Prefect.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -21,19 +21,9 @@ from infra.settings import Settings
 from infra.tracking import Tracker, start_run
 from models import build_model, parse_strategy
 from models.schedules import describe_plan, phase_params
+from models.stats import Interval, paired_difference
 from tasks.evaluate import evaluate_split, learning_curves_png
 from tasks.train import TrainConfig, run_training
-
-# two-sided 95% Student t quantiles by degrees of freedom (n - 1); normal beyond the table
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t95(df: int) -> float:
-    if df <= 0:
-        return float("nan")
-    keys = sorted(k for k in _T95 if k <= df)
-    return _T95[keys[-1]] if df <= 30 else 1.96
 
 
 @dataclass(frozen=True)
@@ -47,23 +37,7 @@ class ChildResult:
     trainable_params: int
     images_per_second: float  # training images / training seconds over all epochs
     history: list[dict[str, float]]
-
-
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: list[float]) -> Interval:
-        n = len(values)
-        mean = sum(values) / n
-        if n < 2:
-            return cls(mean, float("nan"), float("nan"))
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        half = t95(n - 1) * sd / math.sqrt(n)
-        return cls(mean, mean - half, mean + half)
+    lr: float = 0.0  # the base LR it trained at
 
 
 @dataclass(frozen=True)
@@ -72,9 +46,16 @@ class StrategyRow:
     runs: int
     accuracy: Interval
     macro_f1: Interval
+    versus_winner: Interval | None  # paired interval of (winner - this) per seed; None for the winner
+    lr: float  # the base LR its children trained at (the tuned one with --tune lr)
     train_seconds: float
     trainable_params: int
     images_per_second: float
+
+    @property
+    def separated(self) -> bool:
+        """The winner is better than this strategy: the paired interval of the differences excludes 0."""
+        return self.versus_winner is not None and self.versus_winner.excludes_zero()
 
 
 @dataclass(frozen=True)
@@ -83,42 +64,61 @@ class Comparison:
     winner: str
     runner_up: str | None
     margin: float  # winner's mean accuracy minus the runner-up's
-    separated: bool  # the winner's 95% interval lies entirely above the runner-up's
+    separated: bool  # the paired 95% interval of winner - runner-up per seed excludes 0
 
     def verdict(self) -> str:
         if self.runner_up is None:
             return f"only one strategy: {self.winner}"
-        how = "its 95% CI separates it from" if self.separated else "its 95% CI overlaps"
-        return f"winner {self.winner} by {self.margin:+.4f} test accuracy; {how} {self.runner_up}"
+        head = f"winner {self.winner} by {self.margin:+.4f} test accuracy over {self.runner_up}"
+        paired = self.rows[1].versus_winner
+        if paired is None or not paired.defined:
+            return f"{head}; one seed: no interval"
+        band = f"paired 95% CI of the difference [{paired.low:+.4f}, {paired.high:+.4f}] over {paired.n} seeds"
+        return f"{head}; {band} {'excludes 0: separated' if self.separated else 'includes 0: not separated'}"
 
 
 def summarize(results: list[ChildResult]) -> Comparison:
+    """Per strategy: mean and t-interval over seeds; against the winner: the paired interval per seed."""
     by_strategy: dict[str, list[ChildResult]] = {}
     for r in results:
         by_strategy.setdefault(r.strategy, []).append(r)
-    rows = [StrategyRow(name, len(rs), Interval.of([r.test_accuracy for r in rs]),
-                        Interval.of([r.test_macro_f1 for r in rs]), sum(r.train_seconds for r in rs) / len(rs),
-                        rs[0].trainable_params, sum(r.images_per_second for r in rs) / len(rs))
-            for name, rs in by_strategy.items()]
-    rows.sort(key=lambda row: row.accuracy.mean, reverse=True)
+    ranked = sorted(by_strategy.items(), key=lambda kv: Interval.of([r.test_accuracy for r in kv[1]]).mean,
+                    reverse=True)
+    winner_scores = {r.seed: r.test_accuracy for r in ranked[0][1]}
+    rows = []
+    for i, (name, rs) in enumerate(ranked):
+        versus = None if i == 0 else paired_difference(winner_scores, {r.seed: r.test_accuracy for r in rs})
+        rows.append(StrategyRow(name, len(rs), Interval.of([r.test_accuracy for r in rs]),
+                                Interval.of([r.test_macro_f1 for r in rs]), versus, rs[0].lr,
+                                sum(r.train_seconds for r in rs) / len(rs), rs[0].trainable_params,
+                                sum(r.images_per_second for r in rs) / len(rs)))
     winner, runner = rows[0], rows[1] if len(rows) > 1 else None
     margin = winner.accuracy.mean - runner.accuracy.mean if runner else 0.0
-    separated = bool(runner and winner.accuracy.low > runner.accuracy.high)
-    return Comparison(rows, winner.strategy, runner.strategy if runner else None, margin, separated)
+    return Comparison(rows, winner.strategy, runner.strategy if runner else None, margin,
+                      bool(runner and runner.separated))
 
 
 def _ci(i: Interval) -> str:
     """'mean [low, high]', the interval clipped to [0, 1] (it bounds a proportion)."""
-    if math.isnan(i.low):
+    if not i.defined:
         return f"{i.mean:.4f}"
     return f"{i.mean:.4f} [{max(0.0, i.low):.4f}, {min(1.0, i.high):.4f}]"
+
+
+def _paired(i: Interval | None) -> str:
+    if i is None:
+        return "winner"
+    if not i.defined:
+        return f"{-i.mean:+.4f} (one seed)"
+    return f"{-i.mean:+.4f} [{-i.high:+.4f}, {-i.low:+.4f}]"  # this minus the winner
 
 
 def table_records(comparison: Comparison) -> list[dict[str, Any]]:
     """One dict per strategy (the Prefect table artifact and the MLflow JSON)."""
     return [{"strategy": r.strategy, "runs": r.runs, "test acc [95% CI]": _ci(r.accuracy),
-             "macro-F1 [95% CI]": _ci(r.macro_f1), "train s": round(r.train_seconds, 1),
-             "trainable params": r.trainable_params, "img/s": round(r.images_per_second, 1)}
+             "vs winner [paired 95% CI]": _paired(r.versus_winner), "macro-F1 [95% CI]": _ci(r.macro_f1),
+             "lr": f"{r.lr:.3g}", "train s": round(r.train_seconds, 1), "trainable params": r.trainable_params,
+             "img/s": round(r.images_per_second, 1)}
             for r in comparison.rows]
 
 
@@ -138,17 +138,22 @@ def comparison_png(comparison: Comparison, results: list[ChildResult], path: Pat
 
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = [r.strategy for r in comparison.rows]
+    labels = [f"{r.strategy} (lr {r.lr:.3g})" for r in comparison.rows]
     means = [r.accuracy.mean for r in comparison.rows]
-    errors = [0.0 if math.isnan(r.accuracy.low) else r.accuracy.mean - r.accuracy.low for r in comparison.rows]
-    bars.barh(names[::-1], means[::-1], xerr=errors[::-1], capsize=4, color="tab:blue", alpha=0.8)
+    errors = [r.accuracy.mean - r.accuracy.low if r.accuracy.defined else 0.0 for r in comparison.rows]
+    bars.barh(labels[::-1], means[::-1], xerr=errors[::-1], capsize=4, color="tab:blue", alpha=0.8)
     bars.set(xlabel="test accuracy (mean, 95% CI)", title="head strategies")
     low = min(m - e for m, e in zip(means, errors, strict=True))
     bars.set_xlim(max(0.0, low - 0.05), min(1.0, max(means) + 0.05))
     for i, name in enumerate(names):
         runs = [r for r in results if r.strategy == name]
-        epochs = [row["epoch"] for row in runs[0].history]
-        mean_curve = [sum(r.history[j]["val_accuracy"] for r in runs) / len(runs) for j in range(len(epochs))]
-        curves.plot(epochs, mean_curve, marker="o", label=name, color=f"C{i % 10}")
+        by_epoch: dict[float, list[float]] = {}  # early stopping can end seeds at different epochs
+        for run in runs:
+            for row in run.history:
+                by_epoch.setdefault(row["epoch"], []).append(row["val_accuracy"])
+        epochs = sorted(by_epoch)
+        curves.plot(epochs, [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs], marker="o", label=labels[i],
+                    color=f"C{i % 10}")
     curves.set(xlabel="epoch", ylabel="val accuracy (mean over seeds)", title="learning curves")
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8)
@@ -166,7 +171,7 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
     """Build, fine-tune and test one strategy x seed as a nested MLflow run of the comparison."""
     spec = parse_strategy(strategy)
     model = build_model(cfg.arch, data.num_classes, spec.name, weights, hidden_dim=cfg.hidden_dim,
-                        dropout=cfg.dropout)
+                        dropout=cfg.dropout, seed=seed)
     tracker = start_run(tracking_uri, experiment, f"{spec.name}-seed{seed}", parent_run_id=parent_run_id, tags={
         "strategy": spec.name, "shape": spec.shape, "pool": spec.pool, "schedule": spec.schedule,
         "seed": str(seed), "headbench.kind": "compare-child"})
@@ -194,7 +199,7 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
     seen = sum(row["images_per_second"] * row["epoch_seconds"] for row in outcome.history)
     busy = sum(row["epoch_seconds"] for row in outcome.history)
     return ChildResult(spec.name, seed, tracker.run_id, metrics.accuracy, metrics.macro_f1, seconds, trainable,
-                       seen / busy if busy else 0.0, outcome.history)
+                       seen / busy if busy else 0.0, outcome.history, cfg.lr)
 
 
 @task(name="summarize", cache_policy=NO_CACHE)

@@ -13,7 +13,8 @@ from torch import nn
 
 from infra.tracking import Tracker, metric_key
 from models.data import ArrayDataset, ArraySplit
-from models.engine import ClassificationReport, classification_report, evaluate
+from models.loop import evaluate
+from models.metrics import ClassificationReport, classification_report
 
 
 @dataclass(frozen=True)

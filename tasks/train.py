@@ -1,9 +1,9 @@
 """Ray Train fine-tuning: data-parallel TorchTrainer over N workers, CPU or GPU, local or a cluster.
 
 This module is the driver side (the Prefect task, joining or starting Ray, the trainer, the result); the
-loop each worker runs is ``tasks.train_loop.train_worker``. Rank 0 logs each epoch to MLflow by run id
-and writes a checkpoint (safetensors weights + optimizer state) that Ray persists to the S3 checkpoint
-bucket; a restarted worker group resumes from the latest one.
+loop each worker runs is ``tasks.ray_worker.train_worker`` (``models.loop.fit`` inside). Rank 0 logs each
+epoch to MLflow by run id and writes a checkpoint (safetensors weights + optimizer state) that Ray
+persists to the S3 checkpoint bucket; a restarted worker group resumes from the latest one.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from prefect.cache_policies import NO_CACHE
 from infra.errors import HeadbenchError
 from infra.ray_cluster import LOOPBACK_ENV
 from infra.settings import Settings
+from models import parse_strategy
 from models.data import ArraySplit
-from models.weights import WEIGHTS_FILE
-from tasks.train_loop import TRAIN_STATE, TrainConfig, train_worker
+from models.schedules import plan
+from tasks.ray_worker import TrainConfig, load_checkpoint, train_worker
 
 __all__ = ["TrainConfig", "TrainOutcome", "TrainingError", "cluster_node_cpus", "init_ray", "run_training",
            "train_model"]
@@ -34,15 +35,31 @@ class TrainingError(HeadbenchError):
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    state_dict: dict[str, torch.Tensor]  # final weights, unwrapped (no DDP prefixes)
+    state_dict: dict[str, torch.Tensor]  # the weights to publish, unwrapped (no DDP prefixes): the last
+    #                                      epoch's, or the best epoch's under early stopping
     history: list[dict[str, float]]  # one row per epoch, as logged
+    best_epoch: int  # the epoch whose weights ``state_dict`` holds
+    stopped_early: bool
     checkpoint_path: str  # where Ray persisted the last checkpoint
     ray_job_id: str  # the driver's Ray job: its RayTrainWorker actors (and their nodes) in Ray's state API
     ray_nodes: int  # alive nodes of the cluster when training started
+    augmentation: str  # what the augmentation applied to, e.g. "flip on image phases; none on cached features"
 
     def tags(self) -> dict[str, str]:
-        """MLflow tags that say where the run trained."""
-        return {"ray.job_id": self.ray_job_id, "ray.nodes": str(self.ray_nodes)}
+        """MLflow tags that say where the run trained, which epoch was kept and what was augmented."""
+        return {"ray.job_id": self.ray_job_id, "ray.nodes": str(self.ray_nodes), "chosen_epoch": str(self.best_epoch),
+                "stopped_early": str(self.stopped_early).lower(), "augmentation": self.augmentation}
+
+
+def augmentation_note(cfg: TrainConfig) -> str:
+    """Which phases the augmentation reached: cached-feature phases see each image once, unaugmented."""
+    phases = plan(parse_strategy(cfg.strategy).schedule, cfg.epochs, cfg.probe_epochs)
+    cached = cfg.cache_features and any(p.frozen for p in phases)
+    if cfg.augment == "none":
+        return "none"
+    if cached and all(p.frozen for p in phases):
+        return f"none: {cfg.augment} does not apply to cached backbone features"
+    return f"{cfg.augment} on image phases" + ("; cached-feature phases unaugmented" if cached else "")
 
 
 def _storage(settings: Settings) -> tuple[str, Any]:
@@ -159,12 +176,14 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     if result.checkpoint is None:
         raise TrainingError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as ckpt_dir:
-        from safetensors.torch import load_file
-
-        state = load_file(Path(ckpt_dir) / WEIGHTS_FILE)
-        history = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)["history"]
-    return TrainOutcome(state_dict=state, history=list(history), checkpoint_path=result.checkpoint.path,
-                        ray_job_id=ray.get_runtime_context().get_job_id(), ray_nodes=len(nodes))
+        last, state = load_checkpoint(Path(ckpt_dir))
+    keep_best = cfg.early_stopping_patience is not None and state.best_weights is not None
+    stopped = keep_best and state.epoch < cfg.epochs
+    return TrainOutcome(state_dict=state.best_weights if keep_best else last,  # type: ignore[arg-type]
+                        history=state.history, best_epoch=state.best_epoch if keep_best else state.epoch,
+                        stopped_early=stopped, checkpoint_path=result.checkpoint.path,
+                        ray_job_id=ray.get_runtime_context().get_job_id(), ray_nodes=len(nodes),
+                        augmentation=augmentation_note(cfg))
 
 
 @task(name="train", cache_policy=NO_CACHE, log_prints=True)

@@ -10,11 +10,10 @@ import torch
 
 from models import StrategyError, build_model, list_strategies, parse_strategy
 from models.data import normalize_batch
-from models.engine import extract_features, feature_input, train_one_epoch
 from models.heads import HEAD_SHAPES, POOLS
+from models.loop import extract_features, feature_input, train_one_epoch
 from models.schedules import SCHEDULES, apply_phase, param_groups, plan, set_train_mode
 from models.weights import save_state_dict
-from tasks.compare import ChildResult, Interval, summarize
 
 STRATEGIES = list(list_strategies())
 
@@ -64,7 +63,7 @@ def test_second_phase_unfreezes_with_the_scheduled_learning_rates() -> None:
     assert lrs == sorted(lrs) and lrs[-1] == pytest.approx(0.005) and lrs[0] == pytest.approx(0.005 / 100)
     assert all(p.requires_grad for p in model.parameters())
     probe, finetune = plan("lp-ft", 5, probe_epochs=2)
-    assert (probe.epochs, finetune.epochs, finetune.lr_scale) == (2, 3, 0.1)
+    assert (probe.epochs, finetune.epochs, finetune.lr_scale) == (2, 3, 1.0)
 
 
 def test_invalid_combinations_name_what_is_allowed() -> None:
@@ -123,26 +122,8 @@ def test_head_trains_on_cached_features_and_backbone_stays_put() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
 
 
-def _child(strategy: str, seed: int, accuracy: float) -> ChildResult:
-    return ChildResult(strategy, seed, f"run-{strategy}-{seed}", accuracy, accuracy - 0.01, 10.0, 100, 50.0,
-                       [{"epoch": 1, "val_accuracy": accuracy}])
-
-
-def test_interval_and_winner() -> None:
-    interval = Interval.of([0.80, 0.82, 0.84])
-    assert interval.mean == pytest.approx(0.82)
-    assert interval.high - interval.mean == pytest.approx(4.303 * 0.02 / 3 ** 0.5)
-    clear = summarize([_child("a", s, v) for s, v in enumerate((0.90, 0.91, 0.92))]
-                      + [_child("b", s, v) for s, v in enumerate((0.70, 0.71, 0.72))])
-    assert (clear.winner, clear.runner_up, clear.separated) == ("a", "b", True)
-    assert clear.margin == pytest.approx(0.20)
-    close = summarize([_child("a", s, v) for s, v in enumerate((0.90, 0.70))]
-                      + [_child("b", s, v) for s, v in enumerate((0.80, 0.79))])
-    assert close.winner == "a" and not close.separated and "overlaps b" in close.verdict()
-
-
 def test_precise_bn_replaces_lagging_running_stats_by_exact_means() -> None:
-    from models.engine import recompute_bn_stats
+    from models.loop import recompute_bn_stats
 
     torch.manual_seed(0)
     model = build_model("resnet18", 3, "mlp")

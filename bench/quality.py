@@ -1,0 +1,380 @@
+"""The quality benchmark (`make quality`, `headbench bench --quality`): does the pipeline train as well as a
+plain script, how good is the best recipe within a time budget, and what does the demo comparison say.
+
+All in one process, on one machine, one after the other:
+
+- (a) the same recipe twice on the full 10-class Fashion-MNIST: a plain script (``models.loop.fit`` in this
+      process: no Ray, Prefect or MLflow) and the ``retrain`` flow (Ray Train, MLflow, S3). Same split, seed,
+      initial weights and data order, so the two test accuracies should agree to within 0.5 point;
+- (b) that recipe's test accuracy on the full 10,000-image test set, with the wall time of each side,
+      against the goal of 0.93 within 15 minutes;
+- (c) the demo's transfer comparison through the ``compare-heads`` flow (source model on classes 0-4,
+      strategies on classes 5-9 from its backbone): per strategy the mean and the paired interval against
+      the winner, each two-phase schedule against its own linear probe, and the first fine-tuning epoch's
+      train loss against the probe's last; plus the same probe -> fine-tune with the probe on source
+      BatchNorm statistics (``probe_bn_stats=source``), in one process, to show what the target statistics fix.
+
+Prints a table, writes ``bench/quality.json`` and ``docs/quality.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+QUALITY_DOC = Path("docs/quality.md")
+GOAL_ACCURACY, GOAL_SECONDS, GOAL_GAP = 0.93, 15 * 60, 0.005
+PROBE_LOSS_RATIO = 1.2  # first fine-tune epoch's train loss <= 1.2 x the probe's last
+PROBE_TOLERANCE = 0.01  # a two-phase schedule scores >= its linear probe - 1 point
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The recipe of (a) and (b): ResNet-18 from random init on all of Fashion-MNIST."""
+
+    strategy: str = "replace-fc"
+    image_size: int = 32
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.1
+    warmup_epochs: float = 0.3
+    weight_decay: float = 5e-4
+    augment: str = "flip"
+    label_smoothing: float = 0.0
+    limit: int | None = None  # full training pool: 54,000 train + 6,000 val
+    test_limit: int | None = None  # full test set: 10,000
+    seed: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DemoStudy:
+    strategies: tuple[str, ...] = ("replace-fc", "mlp", "replace-fc+linear-probe", "replace-fc+lp-ft",
+                                   "mlp+linear-probe", "mlp+lp-ft", "fastai+gradual")
+    seeds: int = 3
+    source: tuple[tuple[str, Any], ...] = ()  # overrides of the demo's source run (the tiny setting)
+    target: tuple[tuple[str, Any], ...] = ()  # overrides of the demo's target comparison
+
+
+@dataclass
+class QualityFigures:
+    machine: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    plain_accuracy: float | None = None
+    plain_seconds: float | None = None
+    plain_history: list[dict[str, float]] = field(default_factory=list)
+    pipeline_accuracy: float | None = None
+    pipeline_seconds: float | None = None
+    pipeline_run_url: str = ""
+    demo_table: list[dict[str, Any]] = field(default_factory=list)
+    demo_verdict: str = ""
+    demo_parent_url: str = ""
+    demo_checks: list[dict[str, Any]] = field(default_factory=list)
+    source_bn_ablation: list[dict[str, Any]] = field(default_factory=list)
+
+    def gap(self) -> float | None:
+        if self.plain_accuracy is None or self.pipeline_accuracy is None:
+            return None
+        return abs(self.plain_accuracy - self.pipeline_accuracy)
+
+
+# ------------------------------------------------------------------------------------------- (a), (b)
+
+
+def plain_run(recipe: Recipe, cache_dir: Path) -> tuple[float, float, list[dict[str, float]]]:
+    """The recipe as a plain script: data, ``build_model``, ``fit``, test. (accuracy, seconds, history)."""
+    import torch
+
+    from infra.datasets import DataSpec, load_raw, prepare
+    from models import build_model, parse_strategy
+    from models.loop import FitConfig, fit
+    from tasks.evaluate import evaluate_split
+
+    started = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    spec = DataSpec(limit=recipe.limit, test_limit=recipe.test_limit, image_size=recipe.image_size, seed=recipe.seed)
+    data = prepare(load_raw(spec, cache_dir), spec)
+    model = build_model("resnet18", data.num_classes, recipe.strategy, None, seed=recipe.seed)
+    cfg = FitConfig(schedule=parse_strategy(recipe.strategy).schedule, epochs=recipe.epochs,
+                    batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                    warmup_epochs=recipe.warmup_epochs, augment=recipe.augment,
+                    label_smoothing=recipe.label_smoothing, seed=recipe.seed)
+    result = fit(model, cfg, data.train, data.val)
+    accuracy = evaluate_split(model, data.test, data.num_classes).accuracy
+    return accuracy, time.perf_counter() - started, result.history
+
+
+def pipeline_run(recipe: Recipe) -> tuple[float, float, str]:
+    """The recipe through the ``retrain`` flow, one Ray Train worker with every core. (accuracy, s, run URL)."""
+    from flows.params import RetrainParams
+    from flows.retrain import retrain
+
+    params = RetrainParams(**recipe.params(), workers=1, model_name="quality-fashion-mnist", promote="never")
+    started = time.perf_counter()
+    result = retrain(params)
+    return result.test_accuracy, time.perf_counter() - started, result.run_url
+
+
+# ------------------------------------------------------------------------------------------- (c)
+
+
+def _phase_histories(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
+    """(phase, train_loss) per epoch of a child run, from MLflow's metric history."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "train_loss")}
+    phases = {m.step: int(m.value) for m in client.get_metric_history(run_id, "phase")}
+    return [(phases[step], losses[step]) for step in sorted(losses)]
+
+
+def demo_checks(table: list[dict[str, Any]], children: dict[str, list[str]], tracking_uri: str
+                ) -> list[dict[str, Any]]:
+    """Each two-phase schedule against its shape's linear probe, and its phase-2 start against phase 1's end."""
+    means = {row["strategy"]: float(str(row["test acc [95% CI]"]).split()[0]) for row in table}
+    checks = []
+    for name in means:
+        shape, _, schedule = name.partition("+")
+        if schedule not in ("lp-ft", "gradual"):
+            continue
+        ratios = []
+        for run_id in children.get(name, []):
+            epochs = _phase_histories(tracking_uri, run_id)
+            probe_last = [loss for phase, loss in epochs if phase == 1][-1]
+            ft_first = next(loss for phase, loss in epochs if phase == 2)
+            ratios.append(ft_first / probe_last)
+        probe = f"{shape}+linear-probe"
+        check: dict[str, Any] = {"strategy": name, "mean test acc": means[name],
+                                 "max phase-2 loss / phase-1 loss": max(ratios) if ratios else None,
+                                 "loss ok": bool(ratios) and max(ratios) <= PROBE_LOSS_RATIO}
+        if probe in means:
+            check |= {"linear probe": probe, "probe mean test acc": means[probe],
+                      "not below probe": means[name] >= means[probe] - PROBE_TOLERANCE}
+        checks.append(check)
+    return checks
+
+
+def source_bn_ablation(weights_path: str, study: DemoStudy, target: dict[str, Any], cache_dir: Path
+                       ) -> list[dict[str, Any]]:
+    """LP-FT on the demo's transfer task in one process, with the probe on target vs source BN statistics."""
+    import torch
+
+    from infra.datasets import DataSpec, load_raw, prepare
+    from models import build_model
+    from models.loop import FitConfig, fit
+    from tasks.evaluate import evaluate_split
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    spec = DataSpec(classes=target["classes"], limit=target["limit"], test_limit=target["test_limit"],
+                    image_size=target["image_size"])
+    data = prepare(load_raw(spec, cache_dir), spec)
+    rows = []
+    for strategy in ("replace-fc+lp-ft", "mlp+lp-ft"):
+        for mode in ("target", "source"):
+            accuracies, ratios = [], []
+            for seed in range(study.seeds):
+                model = build_model("resnet18", data.num_classes, strategy, weights_path, seed=seed)
+                cfg = FitConfig(schedule="lp-ft", epochs=target["epochs"], batch_size=target["batch_size"],
+                                lr=target["lr"], seed=seed, probe_bn_stats=mode)
+                history = fit(model, cfg, data.train, data.val).history
+                ratios.append(history[1]["train_loss"] / history[0]["train_loss"])
+                accuracies.append(evaluate_split(model, data.test, data.num_classes).accuracy)
+            rows.append({"strategy": strategy, "probe BN statistics": mode,
+                         "mean test acc": sum(accuracies) / len(accuracies),
+                         "phase-2 / phase-1 train loss": max(ratios)})
+    return rows
+
+
+def demo_study(study: DemoStudy, settings: Any, figures: QualityFigures) -> None:
+    from flows.cli import DEMO_SOURCE, DEMO_TARGET
+    from flows.compare import compare_heads
+    from flows.params import CompareParams, RetrainParams
+    from flows.retrain import retrain
+    from infra.tracking import run_children
+    from tasks.build import resolve_weights
+
+    source = retrain(RetrainParams(**(DEMO_SOURCE | dict(study.source))))
+    target = {k: v for k, v in (DEMO_TARGET | dict(study.target)).items() if k != "seeds"}
+    result = compare_heads(CompareParams(**target, weights=source.s3_uri, strategies=list(study.strategies),
+                                         seeds=study.seeds))
+    figures.demo_table, figures.demo_verdict, figures.demo_parent_url = (result.table, result.verdict,
+                                                                         result.parent_run_url)
+    assert settings.mlflow_tracking_uri
+    children = run_children(settings.mlflow_tracking_uri, result.parent_run_id)
+    figures.demo_checks = demo_checks(result.table, children, settings.mlflow_tracking_uri)
+    local = resolve_weights(source.s3_uri, settings)
+    assert local is not None
+    figures.source_bn_ablation = source_bn_ablation(local, study, target, settings.cache_dir)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)\n"
+    header = list(rows[0])
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(r.get(h, "")) for h in header) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def summary_lines(f: QualityFigures) -> list[str]:
+    def acc(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    def mins(v: float | None) -> str:
+        return "n/a" if v is None else f"{v / 60:.1f} min"
+
+    gap = f.gap()
+    best = max((v for v in (f.plain_accuracy, f.pipeline_accuracy) if v is not None), default=None)
+    r = f.recipe
+    lines = [f"recipe: resnet18 {r.get('strategy')} from random init, {r.get('image_size')} px, {r.get('epochs')} "
+             f"epochs, batch {r.get('batch_size')}, lr {r.get('lr')} (warm-up {r.get('warmup_epochs')} epochs + "
+             f"cosine), augment {r.get('augment')}, label smoothing {r.get('label_smoothing')}, seed {r.get('seed')}",
+             f"(a) plain script (models.loop.fit)     test acc {acc(f.plain_accuracy)}  wall {mins(f.plain_seconds)}",
+             f"    retrain flow (Ray + MLflow + S3)   test acc {acc(f.pipeline_accuracy)}  wall "
+             f"{mins(f.pipeline_seconds)}",
+             f"    |difference| {('n/a' if gap is None else f'{100 * gap:.2f} points')} (goal <= "
+             f"{100 * GOAL_GAP:.1f}): {'met' if gap is not None and gap <= GOAL_GAP else 'NOT met'}"]
+    within = [s for s in (f.plain_seconds, f.pipeline_seconds) if s is not None and s <= GOAL_SECONDS]
+    lines.append(f"(b) best test accuracy {acc(best)} (goal >= {GOAL_ACCURACY} within {GOAL_SECONDS // 60} min): "
+                 + ("met" if best is not None and best >= GOAL_ACCURACY and within else "NOT met"))
+    if f.demo_checks:
+        probe_ok = all(c.get("not below probe", True) for c in f.demo_checks)
+        loss_ok = all(c["loss ok"] for c in f.demo_checks)
+        lines.append(f"(c) demo comparison: {f.demo_verdict}")
+        lines.append(f"    no two-phase schedule below its own probe - 1 point: {'met' if probe_ok else 'NOT met'}; "
+                     f"phase-2 first-epoch loss <= {PROBE_LOSS_RATIO}x probe's last: "
+                     f"{'met' if loss_ok else 'NOT met'}")
+    return lines
+
+
+def write_doc(f: QualityFigures, command: str, seconds: float, path: Path = QUALITY_DOC) -> None:
+    machine = f.machine
+    body = [
+        "# Quality benchmark",
+        "",
+        f"Reproduce with `{command}` (about {seconds / 60:.0f} minutes here). It runs everything below in one "
+        f"process, one part after the other, and rewrites this file. Machine: {machine.get('cores')} cores "
+        f"({machine.get('cpu')}), torch {machine.get('torch')}, Python {machine.get('python')}.",
+        "",
+        "```",
+        *summary_lines(f),
+        "```",
+        "",
+        "## (a), (b): the pipeline against a plain script, on all of Fashion-MNIST",
+        "",
+        "Both sides run the same function, `models.loop.fit`, on the same split (54,000 train, 6,000 val, the "
+        "full 10,000-image test set at the recipe's size), from the same seeded initial weights and in the same "
+        "seeded data order; the pipeline adds Ray Train (one worker with every core), per-epoch MLflow logging and "
+        "S3 checkpoints, and publishes the model. Wall times include data preparation; the pipeline's also "
+        "includes starting Ray, evaluation, plots and publication. MLflow run of the pipeline side: "
+        f"{f.pipeline_run_url or 'n/a'}.",
+        "",
+        "Plain side, per epoch:",
+        "",
+        _md_table([{k: row[k] for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                                          "images_per_second", "epoch_seconds")} for row in f.plain_history]),
+        "What limits (b) on this machine: training throughput. ResNet-18 at 32 px trains at the images/s in "
+        "the table above on these cores, so one pass over the 54,000 training images takes minutes and the "
+        "15-minute budget holds only the epochs of this recipe. The published ResNet-18 figure (0.949) comes "
+        "from far longer training; short budgets here trade epochs against image count, and fewer images per "
+        "epoch lose more than they gain.",
+        "",
+        "## (c) the demo comparison (compare-heads flow)",
+        "",
+        f"Source: ResNet-18 + `mlp` on classes 0-4 from random init, published; target: classes 5-9 (500 images, "
+        f"32 px, 2 epochs) from its backbone. Parent run: {f.demo_parent_url or 'n/a'}.",
+        "",
+        _md_table(f.demo_table),
+        f"Verdict: {f.demo_verdict}",
+        "",
+        "Two-phase schedules against their own probe phase:",
+        "",
+        _md_table(f.demo_checks),
+        "Why the probe uses target BatchNorm statistics: the same LP-FT runs in one process, with the probe "
+        "trained on features normalised by the source model's running statistics (`probe_bn_stats=source`) "
+        "and by statistics re-estimated on the target training images (`target`, the default). With source "
+        "statistics, the fine-tuning phase (BatchNorm in train mode, target batch statistics) shifts the "
+        "features under the probed head and its training loss rises or stalls:",
+        "",
+        _md_table(f.source_bn_ablation),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(body) + "\n")
+
+
+def machine_facts() -> dict[str, Any]:
+    import torch
+
+    from bench.run import _cpu_model
+
+    return {"cores": os.cpu_count(), "cpu": _cpu_model(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def run_quality(recipe: Recipe, study: DemoStudy | None, home: Path | None, *, plain: bool = True,
+                pipeline: bool = True, log: Any = print) -> QualityFigures:
+    from bench.run import local_stack
+
+    figures = QualityFigures(machine=machine_facts(), recipe=recipe.params())
+    with local_stack(home) as settings:
+        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
+            os.environ.pop(key, None)
+        settings.export_env()  # before prefect is imported
+        if plain:
+            figures.plain_accuracy, figures.plain_seconds, figures.plain_history = plain_run(recipe, settings.cache_dir)
+            log(f"(a) plain script: test acc {figures.plain_accuracy:.4f} in {figures.plain_seconds:.0f} s")
+        if pipeline:
+            figures.pipeline_accuracy, figures.pipeline_seconds, figures.pipeline_run_url = pipeline_run(recipe)
+            log(f"(a) retrain flow: test acc {figures.pipeline_accuracy:.4f} in {figures.pipeline_seconds:.0f} s")
+        if study is not None:
+            demo_study(study, settings, figures)
+            log(f"(c) demo comparison: {figures.demo_verdict}")
+    return figures
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="headbench bench --quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long setting (tests): 600 images, 1 epoch")
+    parser.add_argument("--epochs", type=int, help="epochs of the (a)/(b) recipe")
+    parser.add_argument("--no-demo", action="store_true", help="skip (c)")
+    parser.add_argument("--home", type=Path, help="use the local stack at this HEADBENCH_HOME if it is up")
+    parser.add_argument("--json", type=Path, default=Path("bench/quality.json"))
+    parser.add_argument("--doc", type=Path, default=QUALITY_DOC, help="where to write the report")
+    args = parser.parse_args(argv)
+    recipe = Recipe(limit=600, test_limit=200, epochs=1, batch_size=32, lr=0.05) if args.tiny else Recipe()
+    if args.epochs:
+        recipe = Recipe(**(recipe.params() | {"epochs": args.epochs}))
+    tiny_study = DemoStudy(("replace-fc+linear-probe", "replace-fc+lp-ft"), 2,
+                           source=(("limit", 300), ("test_limit", 60), ("epochs", 1), ("workers", 1)),
+                           target=(("limit", 120), ("test_limit", 60)))
+    study = None if args.no_demo else tiny_study if args.tiny else DemoStudy()
+    started = time.perf_counter()
+    home = args.home or (Path(os.environ["HEADBENCH_HOME"]) if "HEADBENCH_HOME" in os.environ else None)
+    figures = run_quality(recipe, study, home)
+    seconds = time.perf_counter() - started
+    print("\n".join(summary_lines(figures)), flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(asdict(figures) | {"seconds": seconds}, indent=2))
+    command = "make quality" if not (args.tiny or args.epochs or args.no_demo) else "headbench bench --quality " + \
+        " ".join(a for a in argv if a != "--quality")
+    write_doc(figures, command, seconds, args.doc)
+    print(f"figures: {args.json}, report: {args.doc} (quality benchmark took {seconds:.0f} s)")
+    return 0

@@ -1,0 +1,150 @@
+"""The Ray Train worker: what runs inside each of the N data-parallel worker processes.
+
+Kept apart from the Prefect task (``tasks/train.py``) so a worker imports only torch, ray.train and
+``models`` (rank 0 adds the MLflow client to log its epochs): every import here is resident memory in
+every worker. The loop itself is ``models.loop.fit``, the same function a plain script calls; Ray
+appears only in the hooks: rank and world size, ``prepare_model`` (DDP), ``prepare_data_loader`` (device
+moves; ``fit`` brings its own seeded sampler), ``report`` and the checkpoints (the shape of Ray's
+Fashion-MNIST Train example).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import build_model, parse_strategy
+from models.loop import NOT_METRICS, EpochEnd, FitConfig, FitHooks, FitState, fit
+from models.weights import WEIGHTS_FILE, save_state_dict
+
+TRAIN_STATE = "train_state.pt"
+BEST_WEIGHTS_FILE = "best.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters and resources of one fine-tuning run (logged to MLflow as params)."""
+
+    arch: str
+    strategy: str
+    num_classes: int
+    epochs: int
+    batch_size: int  # global batch: each of N workers takes batch_size // N
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    hidden_dim: int = 512
+    dropout: float = 0.2
+    workers: int = 2
+    cpus_per_worker: int | None = None  # default: the cluster's CPUs shared evenly
+    use_gpu: bool = False
+    seed: int = 0
+    augment: str = "flip"  # none | flip | standard (image phases only)
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0
+    early_stopping_patience: int | None = None
+    max_failures: int = 2
+    probe_epochs: int | None = None  # two-phase schedules: epochs of the frozen first phase (default half)
+    cache_features: bool = True  # frozen phases train the head on backbone features computed once
+    precise_bn_batches: int = 20  # exact BN stats from N batches (after backbone epochs, before frozen phases)
+    placement_strategy: str = "PACK"  # Ray placement group of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+
+    def fit_config(self, world: int = 1) -> FitConfig:
+        """The loop's recipe for one of ``world`` data-parallel processes (each takes batch_size // world)."""
+        return FitConfig(schedule=parse_strategy(self.strategy).schedule, epochs=self.epochs,
+                         batch_size=max(1, self.batch_size // world), lr=self.lr, momentum=self.momentum,
+                         weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
+                         label_smoothing=self.label_smoothing, augment=self.augment, probe_epochs=self.probe_epochs,
+                         cache_features=self.cache_features, precise_bn_batches=self.precise_bn_batches,
+                         early_stopping_patience=self.early_stopping_patience, seed=self.seed)
+
+
+def _epoch_line(row: dict[str, float], epochs: int, phase: str) -> str:
+    return (f"epoch {int(row['epoch'])}/{epochs} [{phase}] train_loss={row['train_loss']:.4f} "
+            f"train_acc={row['train_accuracy']:.4f} val_loss={row['val_loss']:.4f} "
+            f"val_acc={row['val_accuracy']:.4f} {row['images_per_second']:.0f} img/s {row['epoch_seconds']:.1f} s"
+            + (f" (+{row['feature_seconds']:.1f} s computing features once)" if row["feature_seconds"] else ""))
+
+
+def log_epochs(tracker: Any, rows: list[dict[str, float]]) -> None:
+    """Per-epoch metrics to MLflow, step = epoch (rank 0)."""
+    for row in rows:
+        tracker.log_metrics({k: v for k, v in row.items() if k not in NOT_METRICS}, step=int(row["epoch"]))
+
+
+def save_checkpoint(end: EpochEnd, directory: Path) -> None:
+    """Weights (safetensors), best weights when early stopping keeps them, and the rest of the state."""
+    save_state_dict(end.model, directory / WEIGHTS_FILE)
+    if end.state.best_weights is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in end.state.best_weights.items()}, str(directory / BEST_WEIGHTS_FILE))
+    torch.save(end.state.train_state(), directory / TRAIN_STATE)
+
+
+def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], FitState]:
+    """(weights, fit state) of a checkpoint directory; never unpickles (safetensors + weights_only)."""
+    from safetensors.torch import load_file
+
+    best = load_file(directory / BEST_WEIGHTS_FILE) if (directory / BEST_WEIGHTS_FILE).exists() else None
+    saved = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+    return load_file(directory / WEIGHTS_FILE), FitState.from_train_state(saved, best)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: ``fit`` with Ray's rank, DDP, reports and per-epoch checkpoints."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])  # never above this worker's CPU share (it halves speed)
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    train_split, val_split = ray.get(config["data_ref"])  # zero-copy numpy views from the object store
+    model = build_model(cfg.arch, cfg.num_classes, cfg.strategy, None, hidden_dim=cfg.hidden_dim,
+                        dropout=cfg.dropout)
+    model.load_state_dict(ray.get(config["init_ref"]))
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume after a worker failure: weights, optimizer, schedule, history
+        with checkpoint.as_directory() as ckpt_dir:
+            weights, resume = load_checkpoint(Path(ckpt_dir))
+        model.load_state_dict(weights)
+    model.to(device)
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    tracker = None
+    if rank == 0:
+        from infra.tracking import Tracker  # MLflow client: rank 0 only
+
+        tracker = Tracker(config["tracking_uri"], config["run_id"])
+        if resume is not None:  # resumed: log the checkpointed epochs the failed attempt did not get to log
+            logged = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "train_loss")}
+            log_epochs(tracker, [row for row in resume.history if int(row["epoch"]) not in logged])
+
+    def on_epoch(end: EpochEnd) -> None:
+        if tracker is None:
+            ray.train.report(end.row, checkpoint=None)
+            return
+        print(_epoch_line(end.row, cfg.epochs, end.phase.name), flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(end, Path(tmp))
+            ray.train.report(end.row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # logged only once the checkpoint holding this epoch is persisted: a crash in between loses the
+        # log line, which the resumed run backfills from the checkpoint's history (never a duplicate)
+        log_epochs(tracker, [end.row])
+
+    hooks = FitHooks(
+        rank=rank, world=world, device=device, on_epoch=on_epoch, resume=resume,
+        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+        wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
+        autocast_dtype=torch.bfloat16 if on_gpu else None, channels_last=on_gpu, pin_memory=on_gpu)
+    fit(model, cfg.fit_config(world), train_split, val_split, hooks)
