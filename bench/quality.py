@@ -354,7 +354,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="a seconds-long setting (tests): 600 images, 1 epoch")
     parser.add_argument("--epochs", type=int, help="epochs of the (a)/(b) recipe")
-    parser.add_argument("--no-demo", action="store_true", help="skip (c)")
+    parser.add_argument("--no-demo", action="store_true", help="skip (c); keep its figures from --json if there")
+    parser.add_argument("--demo-only", action="store_true", help="only (c); keep the figures of (a) and (b) from "
+                        "--json if there")
     parser.add_argument("--home", type=Path, help="use the local stack at this HEADBENCH_HOME if it is up")
     parser.add_argument("--json", type=Path, default=Path("bench/quality.json"))
     parser.add_argument("--doc", type=Path, default=QUALITY_DOC, help="where to write the report")
@@ -368,13 +370,24 @@ def main(argv: list[str]) -> int:
     study = None if args.no_demo else tiny_study if args.tiny else DemoStudy()
     started = time.perf_counter()
     home = args.home or (Path(os.environ["HEADBENCH_HOME"]) if "HEADBENCH_HOME" in os.environ else None)
-    figures = run_quality(recipe, study, home)
+    figures = run_quality(recipe, study, home, plain=not args.demo_only, pipeline=not args.demo_only)
     seconds = time.perf_counter() - started
+    if (args.no_demo or args.demo_only) and args.json.exists():  # the part not rerun keeps its last figures
+        old = json.loads(args.json.read_text())
+        keep = ("demo_table", "demo_verdict", "demo_parent_url", "demo_checks", "source_bn_ablation") \
+            if args.no_demo else ("recipe", "plain_accuracy", "plain_seconds", "plain_history",
+                                  "pipeline_accuracy", "pipeline_seconds", "pipeline_run_url")
+        for key in keep:
+            setattr(figures, key, old.get(key, getattr(figures, key)))
+        seconds += old.get("seconds", 0.0)
     print("\n".join(summary_lines(figures)), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(asdict(figures) | {"seconds": seconds}, indent=2))
-    command = "make quality" if not (args.tiny or args.epochs or args.no_demo) else "headbench bench --quality " + \
+    partial = args.no_demo or args.demo_only
+    command = "make quality" if not (args.tiny or args.epochs or partial) else "headbench bench --quality " + \
         " ".join(a for a in argv if a != "--quality")
+    if partial and not args.tiny:
+        command = "make quality"  # the two parts together are what `make quality` runs
     write_doc(figures, command, seconds, args.doc)
     print(f"figures: {args.json}, report: {args.doc} (quality benchmark took {seconds:.0f} s)")
     return 0
