@@ -10,9 +10,13 @@ bootstrap:
 demo: bootstrap  ## start the local stack and run a small retraining end to end
 	$(BIN)/headbench demo
 
-test: bootstrap  ## ruff, then the fast default suite: unit + integration against real local servers
+test: bootstrap  ## ruff, the import-layer contract, then the suite: unit + integration against real local servers
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+test-unit: bootstrap  ## the unit tests alone: no servers, no Ray cluster
+	$(BIN)/python -m pytest tests/unit
 
 test-all: bootstrap  ## everything, slow tests included
 	$(BIN)/python -m pytest -m ""
@@ -41,4 +45,4 @@ clean: down
 screenshots: bootstrap  ## docs/img/*.png from a tiny comparison, via Debian's headless Chromium
 	@command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))
 	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/pip install -q playwright
-	$(BIN)/python -m infra.screenshots
+	$(BIN)/python -m tools.screenshots

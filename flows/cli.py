@@ -201,7 +201,7 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any]) -> Any:
     else:
         from flows.compare import compare_heads as flow_fn
 
-    stages = ["download", "build", "train", "evaluate", "publish", "promote", "done"]
+    stages = ["download", "build", "tune", "train", "evaluate", "publish", "promote", "done"]
     with Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=False) as progress:
         bar = progress.add_task("starting", total=len(stages) - 1)
@@ -315,6 +315,10 @@ def compare(
     = "",
     seeds: Annotated[int, typer.Option(help="repetitions per strategy (seed, seed+1, ...)")] = 2,
     parallel: Annotated[int | None, typer.Option(help="children trained at once (default: as CPUs allow)")] = None,
+    tune: Annotated[str, typer.Option(help="none | lr: search each strategy's LR with Ray Tune (ASHA) first")]
+    = "none",
+    tune_trials: Annotated[int, typer.Option(help="--tune lr: LR values per strategy, log-spaced over 3 decades "
+                                             "around --lr")] = 6,
     dataset: Dataset = "fashion-mnist", classes: Classes = None, limit: Limit = None, test_limit: TestLimit = None,
     val_fraction: ValFraction = 0.1, image_size: ImageSize = 64, arch: Arch = "resnet18", weights: Weights = "none",
     epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,

@@ -18,7 +18,7 @@ from flows.retrain import prefect_context, require_servers, run_params, stage, v
 from infra.settings import load_settings
 from infra.tracking import flatten, run_url, start_run
 from tasks.build import resolve_weights
-from tasks.compare import ChildResult, fit_strategy, markdown_table, report_comparison, table_records
+from tasks.compare import ChildResult, fit_strategy, markdown_table, report_comparison, table_records, tune_strategy
 from tasks.data import download_data
 from tasks.train import cluster_node_cpus, workers_that_fit
 
@@ -50,31 +50,36 @@ def compare_heads(params: CompareParams = CompareParams()) -> CompareResult:  # 
 
     parent = start_run(tracking_uri, settings.experiment, flow_run.get_name() or _flow_run_name(), tags={
         "headbench.kind": "compare", "dataset": params.dataset, "arch": params.arch, **prefect_context()})
-    try:
+    with parent.lifecycle():
         common = params.model_dump(exclude={"strategies", "seeds", "parallel", "seed"}) | {
             "num_classes": data.num_classes, "class_names": ",".join(data.class_names),
             "train_size": len(data.train), "val_size": len(data.val), "test_size": len(data.test),
             "weights_source": weights or "none", "data_seed": params.seed} | flatten("version", versions())
         parent.log_params(common | {"strategies": ",".join(params.strategies), "seeds": params.seeds})
 
+        cpus = params.cpus_per_worker or 1
+        lrs = {strategy: params.lr for strategy in params.strategies}
+        if params.tune == "lr":  # one strategy at a time, its trials as many at once as the cluster holds
+            stage("tune")
+            for strategy in params.strategies:
+                lrs[strategy] = tune_strategy(
+                    strategy, params.train_config(strategy, data.num_classes, cpus_per_worker=cpus), data, weights,
+                    params.tune_trials, settings, tracking_uri, settings.experiment, parent.run_id)
+
         stage("train")
         jobs = [(strategy, params.seed + i) for i in range(params.seeds) for strategy in params.strategies]
-        cpus = params.cpus_per_worker or 1
         parallel = params.parallel or max(1, workers_that_fit(cpus, cluster_node_cpus(settings)) // params.workers)
         results: list[ChildResult] = []
         for start in range(0, len(jobs), parallel):  # a wave of children at a time, as the cluster fits them
             futures = [fit_strategy.submit(
-                strategy, seed, params.train_config(strategy, data.num_classes, seed=seed, cpus_per_worker=cpus),
+                strategy, seed, params.train_config(strategy, data.num_classes, seed=seed, cpus_per_worker=cpus,
+                                                    lr=lrs[strategy]),
                 data, weights, common, settings, tracking_uri, settings.experiment, parent.run_id)
                 for strategy, seed in jobs[start:start + parallel]]
             results.extend(f.result() for f in futures)
 
         stage("evaluate")
         comparison = report_comparison(results, parent)
-    except BaseException:
-        parent.end("FAILED")
-        raise
-    parent.end("FINISHED")
     url = run_url(tracking_uri, parent.run_id)
     markdown = markdown_table(comparison)
     create_table_artifact(table=table_records(comparison), key="head-comparison",

@@ -28,6 +28,7 @@ Promote = Literal["never", "if-better", "always"]
 PromotionMetric = Literal["test_accuracy", "test_macro_f1"]
 PlacementStrategy = Literal[PLACEMENT_STRATEGIES]  # type: ignore[valid-type]
 Augment = Literal[tuple(AUGMENTATIONS)]  # type: ignore[valid-type]
+Tune = Literal["none", "lr"]
 BUILTIN_CLASSES = {"fashion-mnist": len(FASHION_MNIST_CLASSES)}
 
 
@@ -102,10 +103,11 @@ class TrainingParams(BaseModel):
         return []
 
     def train_config(self, strategy: str, num_classes: int, *, seed: int | None = None,
-                     cpus_per_worker: int | None = None) -> TrainConfig:
+                     cpus_per_worker: int | None = None, lr: float | None = None) -> TrainConfig:
         """The Ray training config for one strategy (and seed) under these parameters."""
         return TrainConfig(arch=self.arch, strategy=strategy, num_classes=num_classes, epochs=self.epochs,
-                           batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           batch_size=self.batch_size, lr=self.lr if lr is None else lr,
+                           weight_decay=self.weight_decay,
                            warmup_epochs=self.warmup_epochs, augment=self.augment,
                            label_smoothing=self.label_smoothing,
                            early_stopping_patience=self.early_stopping_patience,
@@ -163,6 +165,10 @@ class CompareParams(TrainingParams):
                        "split stays fixed")
     parallel: int | None = Field(None, ge=1, le=64, description="children trained at once; empty = as many as "
                                  "the Ray cluster's CPUs allow")
+    tune: Tune = Field("none", description="'lr': before the seeds, search each strategy's LR on the validation "
+                       "split with Ray Tune (log-spaced grid over 3 decades around lr, ASHA early stopping, the same "
+                       "trial budget for every strategy); 'none': every strategy trains at lr")
+    tune_trials: int = Field(6, ge=2, le=32, description="--tune lr: LR values tried per strategy")
 
     @field_validator("strategies")
     @classmethod

@@ -143,7 +143,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
         tracker.set_tags(tags | {"resumed": "true"})
     else:
         tracker = start_run(tracking_uri, settings.experiment, flow_run.get_name() or _flow_run_name(), tags=tags)
-    try:
+    with tracker.lifecycle():  # FAILED on any error: the run stays, nothing half-published is visible
         derived: dict[str, Any] = {
             "num_classes": data.num_classes, "class_names": ",".join(data.class_names),
             "class_indices": ",".join(map(str, data.class_indices)), "train_size": len(data.train),
@@ -179,10 +179,6 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
         policy = PromotionPolicy(params.promote, params.promotion_metric, params.min_margin)
         decision = promote_model(publication, metrics.as_dict(), data.test, data.class_names, policy, settings,
                                  tracker, context={k: v for k, v in links.items() if v})
-    except BaseException:
-        tracker.end("FAILED")  # the run stays, marked failed; nothing half-published is visible
-        raise
-    tracker.end("FINISHED")
     link = run_url(tracking_uri, tracker.run_id)
     champion = alias_version(tracking_uri, params.model_name, CHAMPION_ALIAS)
     if links["prefect.flow_run_id"]:

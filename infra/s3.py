@@ -58,6 +58,22 @@ def s3_client(settings: Settings, *, max_attempts: int = 4, connect_timeout: flo
     )
 
 
+def ray_storage(settings: Settings, prefix: str) -> tuple[str, Any]:
+    """Ray's ``storage_path`` (``bucket/prefix``, no s3:// when a filesystem is given) and a pyarrow S3
+    filesystem for it, for Ray Train checkpoints and Ray Tune experiment state."""
+    from urllib.parse import urlparse
+
+    from pyarrow import fs
+
+    endpoint = urlparse(settings.s3_endpoint_url or "")
+    s3 = fs.S3FileSystem(
+        endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "http",
+        access_key=settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None,
+        secret_key=settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None,
+        region=settings.aws_region)
+    return f"{settings.checkpoint_bucket}/{prefix}", s3
+
+
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", "?"))
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,18 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+    @contextmanager
+    def lifecycle(self) -> Iterator[Tracker]:
+        """FINISHED when the block completes, FAILED when it raises (also Ctrl-C); the block's own error is
+        what propagates, even when MLflow cannot be reached to record the failure."""
+        try:
+            yield self
+        except BaseException:
+            with suppress(Exception):
+                self.end("FAILED")
+            raise
+        self.end("FINISHED")
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,

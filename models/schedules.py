@@ -23,27 +23,6 @@ DISCRIMINATIVE_SPREAD = 100.0  # fastai fine_tune: slice(lr/100, lr) from the st
 
 
 @dataclass(frozen=True)
-class Schedule:
-    name: str
-    description: str
-    freeze_backbone: bool  # backbone requires_grad=False at construction (it starts frozen)
-
-
-SCHEDULES: dict[str, Schedule] = {
-    s.name: s
-    for s in (
-        Schedule("full-ft", "everything trains from the first step at the base LR", False),
-        Schedule("linear-probe", "backbone and its BatchNorm statistics frozen; only the head trains, on backbone "
-                 "features computed once", True),
-        Schedule("lp-ft", "linear probe for the first epochs (cached features, target BN statistics), then full "
-                 "fine-tuning at the base LR (LP-FT, Kumar et al., ICLR 2022)", True),
-        Schedule("gradual", "head only first, then everything with discriminative LRs from LR/100 (stem) to LR "
-                 "(head) (fastai fine_tune)", True),
-    )
-}
-
-
-@dataclass(frozen=True)
 class Phase:
     name: str
     epochs: int
@@ -56,28 +35,58 @@ class Phase:
         return not self.train_backbone
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """A named schedule: its phases as (name, train_backbone, lr_scale, discriminative); a two-phase schedule
+    splits the epochs at ``probe_epochs``."""
+
+    name: str
+    description: str
+    phases: tuple[tuple[str, bool, float, bool], ...]
+
+    @property
+    def freeze_backbone(self) -> bool:
+        """The backbone starts frozen (requires_grad=False at construction)."""
+        return not self.phases[0][1]
+
+
+SCHEDULES: dict[str, Schedule] = {
+    s.name: s
+    for s in (
+        Schedule("full-ft", "everything trains from the first step at the base LR",
+                 (("finetune", True, 1.0, False),)),
+        Schedule("linear-probe", "backbone frozen (BN statistics re-estimated once on the training images); only "
+                 "the head trains, on backbone features computed once", (("probe", False, 1.0, False),)),
+        # Fine-tuning at the base LR, not Kumar et al.'s LR/10: their fine-tuning runs for many epochs; in a short
+        # budget LR/10 barely moves the backbone and LP-FT scores below its own probe (docs/quality.md).
+        Schedule("lp-ft", "linear probe for the first epochs (cached features, target BN statistics), then full "
+                 "fine-tuning at the base LR (LP-FT, Kumar et al., ICLR 2022)",
+                 (("probe", False, 1.0, False), ("finetune", True, 1.0, False))),
+        Schedule("gradual", "head only first, then everything with discriminative LRs from LR/100 (stem) to LR "
+                 "(head) at half the base LR (fastai fine_tune)",
+                 (("head", False, 1.0, False), ("unfrozen", True, 0.5, True))),
+    )
+}
+
+
 def default_probe_epochs(epochs: int) -> int:
     return max(1, epochs // 2)
 
 
 def plan(schedule: str, epochs: int, probe_epochs: int | None = None) -> list[Phase]:
     """Phases of ``schedule`` over ``epochs`` (two-phase schedules need >= 2 epochs)."""
-    if schedule == "full-ft":
-        return [Phase("finetune", epochs, True, 1.0, False)]
-    if schedule == "linear-probe":
-        return [Phase("probe", epochs, False, 1.0, False)]
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    shape = SCHEDULES[schedule].phases
+    if len(shape) == 1:
+        return [Phase(shape[0][0], epochs, *shape[0][1:])]
     if epochs < 2:
         raise ValueError(f"schedule {schedule!r} has two phases and needs epochs >= 2, got {epochs}")
     k = probe_epochs or default_probe_epochs(epochs)
     if not 1 <= k < epochs:
         raise ValueError(f"probe_epochs {k} must be between 1 and epochs-1 ({epochs - 1}) for {schedule!r}")
-    if schedule == "lp-ft":
-        # Fine-tuning at the base LR, not Kumar et al.'s LR/10: their fine-tuning runs for many epochs; in a
-        # short budget LR/10 barely moves the backbone and LP-FT scores below its own probe (docs/quality.md).
-        return [Phase("probe", k, False, 1.0, False), Phase("finetune", epochs - k, True, 1.0, False)]
-    if schedule == "gradual":
-        return [Phase("head", k, False, 1.0, False), Phase("unfrozen", epochs - k, True, 0.5, True)]
-    raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    (first, *first_rest), (second, *second_rest) = shape
+    return [Phase(first, k, *first_rest), Phase(second, epochs - k, *second_rest)]
 
 
 def phase_at(phases: list[Phase], epoch: int) -> tuple[int, Phase, int]:

@@ -17,13 +17,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.datasets import PreparedData
+from infra.s3 import ray_storage
 from infra.settings import Settings
 from infra.tracking import Tracker, start_run
+from infra.tuning import TUNE_METRIC, lr_grid, tune_lr
 from models import build_model, parse_strategy
 from models.schedules import describe_plan, phase_params
 from models.stats import Interval, paired_difference
 from tasks.evaluate import evaluate_split, learning_curves_png
-from tasks.train import TrainConfig, run_training
+from tasks.train import TrainConfig, init_ray, run_training
 
 
 @dataclass(frozen=True)
@@ -175,11 +177,11 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
     tracker = start_run(tracking_uri, experiment, f"{spec.name}-seed{seed}", parent_run_id=parent_run_id, tags={
         "strategy": spec.name, "shape": spec.shape, "pool": spec.pool, "schedule": spec.schedule,
         "seed": str(seed), "headbench.kind": "compare-child"})
-    try:
+    with tracker.lifecycle():
         phases = describe_plan(model, spec.schedule, cfg.epochs, cfg.probe_epochs, cfg.lr)
         trainable = max(p["trainable_params"] for p in phases)  # the widest phase (full-ft: all parameters)
         tracker.log_params(child_params | {"strategy": spec.name, "seed": seed, "trainable_params": trainable,
-                                           "in_features": model.in_features} | phase_params(phases))
+                                           "in_features": model.in_features, "lr": cfg.lr} | phase_params(phases))
         tracker.log_dict(phases, "training/phases.json")
         started = time.perf_counter()
         outcome = run_training(cfg, data.train, data.val, model.state_dict(), settings=settings,
@@ -192,14 +194,49 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
         tracker.log_dict(outcome.history, "training/history.json")
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(learning_curves_png(outcome.history, Path(tmp) / "learning_curves.png"), "training")
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end("FINISHED")
     seen = sum(row["images_per_second"] * row["epoch_seconds"] for row in outcome.history)
     busy = sum(row["epoch_seconds"] for row in outcome.history)
     return ChildResult(spec.name, seed, tracker.run_id, metrics.accuracy, metrics.macro_f1, seconds, trainable,
                        seen / busy if busy else 0.0, outcome.history, cfg.lr)
+
+
+@task(name="tune-lr", cache_policy=NO_CACHE, log_prints=True)
+def tune_strategy(strategy: str, cfg: TrainConfig, data: PreparedData, weights: str | None, trials: int,
+                  settings: Settings, tracking_uri: str, experiment: str, parent_run_id: str) -> float:
+    """Search one strategy's LR on Ray Tune (ASHA on val loss) and log it as parent -> strategy -> trial runs.
+    Returns the best LR."""
+    spec = parse_strategy(strategy)
+    model = build_model(cfg.arch, data.num_classes, spec.name, weights, hidden_dim=cfg.hidden_dim,
+                        dropout=cfg.dropout, seed=cfg.seed)
+    tracker = start_run(tracking_uri, experiment, f"tune-{spec.name}", parent_run_id=parent_run_id, tags={
+        "strategy": spec.name, "headbench.kind": "tune-strategy"})
+    with tracker.lifecycle():
+        grid = lr_grid(cfg.lr, trials)
+        tracker.log_params({"strategy": spec.name, "tune": "lr", "tune_trials": trials, "tune_scheduler": "ASHA",
+                            "tune_metric": TUNE_METRIC, "lr_grid": ",".join(f"{lr:.3g}" for lr in grid),
+                            "epochs": cfg.epochs, "seed": cfg.seed})
+        init_ray(settings)
+        outcome = tune_lr(cfg, data.train, data.val, model.state_dict(), trials=trials,
+                          cpus_per_trial=cfg.cpus_per_worker or 1, storage=ray_storage(settings, "tune"),
+                          name=tracker.run_id)
+        for i, trial in enumerate(outcome.trials):
+            child = start_run(tracking_uri, experiment, f"{spec.name}-lr{trial.lr:.3g}", parent_run_id=tracker.run_id,
+                              tags={"strategy": spec.name, "headbench.kind": "tune-trial",
+                                    "stopped_by_asha": str(trial.stopped_early).lower(),
+                                    "best": str(trial.lr == outcome.best_lr).lower()})
+            with child.lifecycle():
+                child.log_params({"lr": trial.lr, "trial": i, "strategy": spec.name})
+                for row in trial.history:
+                    child.log_metrics({k: row[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+                                       if k in row}, step=int(row["epoch"]))
+                if trial.error:
+                    child.set_tags({"error": trial.error[:500]})
+        tracker.log_metrics({"best_lr": outcome.best_lr})
+        tracker.set_tags({"best_lr": f"{outcome.best_lr:.4g}"})
+        tried = ", ".join(f"{t.lr:.3g}: {t.final_val_loss:.3f}{' (ASHA stop)' if t.stopped_early else ''}"
+                          for t in outcome.trials)
+        print(f"tune {spec.name}: best lr {outcome.best_lr:.4g} (val loss by lr: {tried})")
+    return outcome.best_lr
 
 
 @task(name="summarize", cache_policy=NO_CACHE)

@@ -1,7 +1,7 @@
 """Ray Train fine-tuning: data-parallel TorchTrainer over N workers, CPU or GPU, local or a cluster.
 
 This module is the driver side (the Prefect task, joining or starting Ray, the trainer, the result); the
-loop each worker runs is ``tasks.ray_worker.train_worker`` (``models.loop.fit`` inside). Rank 0 logs each
+loop each worker runs is ``infra.ray_worker.train_worker`` (``models.loop.fit`` inside). Rank 0 logs each
 epoch to MLflow by run id and writes a checkpoint (safetensors weights + optimizer state) that Ray
 persists to the S3 checkpoint bucket; a restarted worker group resumes from the latest one.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from prefect import task
@@ -20,11 +18,12 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.errors import HeadbenchError
 from infra.ray_cluster import LOOPBACK_ENV
+from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
+from infra.s3 import ray_storage
 from infra.settings import Settings
 from models import parse_strategy
 from models.data import ArraySplit
 from models.schedules import plan
-from tasks.ray_worker import TrainConfig, load_checkpoint, train_worker
 
 __all__ = ["TrainConfig", "TrainOutcome", "TrainingError", "cluster_node_cpus", "init_ray", "run_training",
            "train_model"]
@@ -60,19 +59,6 @@ def augmentation_note(cfg: TrainConfig) -> str:
     if cached and all(p.frozen for p in phases):
         return f"none: {cfg.augment} does not apply to cached backbone features"
     return f"{cfg.augment} on image phases" + ("; cached-feature phases unaugmented" if cached else "")
-
-
-def _storage(settings: Settings) -> tuple[str, Any]:
-    """Ray's storage path and a pyarrow S3 filesystem for the checkpoint bucket (no s3:// prefix)."""
-    from pyarrow import fs
-
-    endpoint = urlparse(settings.s3_endpoint_url or "")
-    s3 = fs.S3FileSystem(
-        endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "http",
-        access_key=settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None,
-        secret_key=settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None,
-        region=settings.aws_region)
-    return f"{settings.checkpoint_bucket}/ray", s3
 
 
 def init_ray(settings: Settings) -> None:
@@ -153,7 +139,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     cpus = cfg.cpus_per_worker or even_share(cfg.workers, nodes)
     if not cfg.use_gpu:
         check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
-    storage_path, storage_fs = _storage(settings)
+    storage_path, storage_fs = ray_storage(settings, "ray")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(cfg), "threads": cpus, "tracking_uri": tracking_uri,

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import Stack
 
 FIGURES = ("b1_plain_pytorch_img_s", "b2_headbench_img_s", "b2_over_b1", "flow_start_to_first_step_s",
@@ -30,3 +32,23 @@ def test_tiny_bench_emits_every_figure(stack: Stack, tmp_path: Path) -> None:
                   "linear probe", "data loader alone", "per Ray worker", "of the driver"):
         assert label in done.stdout
     assert summary["b2_over_b1"] == summary["b2_headbench_img_s"] / summary["b1_plain_pytorch_img_s"]
+
+
+@pytest.mark.slow
+def test_tiny_quality_benchmark_writes_its_report(stack: Stack, tmp_path: Path) -> None:
+    """`bench --quality --tiny`: the plain script and the retrain flow agree exactly on one worker (same loop,
+    seed, split and order), and the report holds every part."""
+    out, doc = tmp_path / "quality.json", tmp_path / "quality.md"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "bench", "--quality", "--tiny", "--home", str(stack.home),
+                           "--json", str(out), "--doc", str(doc)],
+                          capture_output=True, text=True, timeout=900, check=False, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["plain_accuracy"] == figures["pipeline_accuracy"]
+    assert {c["strategy"] for c in figures["demo_checks"]} == {"replace-fc+lp-ft"}
+    assert {(r["strategy"], r["probe BN statistics"]) for r in figures["source_bn_ablation"]} == {
+        (s, m) for s in ("replace-fc+lp-ft", "mlp+lp-ft") for m in ("target", "source")}
+    text = doc.read_text()
+    for part in ("(a) plain script", "(b) best test accuracy", "(c) demo comparison", "paired 95% CI"):
+        assert part in text

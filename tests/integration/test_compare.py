@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.ray_cluster import RayCluster
@@ -67,3 +68,43 @@ def test_compare_two_strategies_two_seeds(stack: Stack, ray_cluster: RayCluster,
     assert kinds["head-comparison-mlflow"] in ("link", "markdown")  # Prefect 3 stores links as markdown
     link = next(a for a in artifacts if a["key"] == "head-comparison-mlflow")
     assert parent.info.run_id in link["data"]
+
+
+def test_compare_with_lr_tuning(stack: Stack, ray_cluster: RayCluster) -> None:
+    """--tune lr: per strategy a Ray Tune search (ASHA) nested parent -> strategy -> trial in MLflow, then the
+    seeds trained at the chosen LR; one seed, so the verdict says there is no interval."""
+    strategies = ["replace-fc+linear-probe", "replace-fc"]
+    args = [HEADBENCH, "compare", "--strategies", ",".join(strategies), "--seeds", "1", "--tune", "lr",
+            "--tune-trials", "3", "--classes", "0-1", "--limit", "60", "--test-limit", "40", "--image-size", "32",
+            "--epochs", "2", "--batch-size", "16", "--workers", "1", "--cpus-per-worker", "1", "--lr", "0.01",
+            "--seed", "2"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False,
+                          env=stack.cli_env(RAY_ADDRESS=ray_cluster.address, COLUMNS="250"))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "one seed: no interval" in done.stdout
+    parent_id = re.search(r"MLflow parent run : \S+/runs/(\w+)", done.stdout)
+    assert parent_id, done.stdout
+    uri = stack.settings.mlflow_tracking_uri
+    assert uri
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id.group(1))
+    assert parent.data.params["tune"] == "lr"
+    below = client.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    tuned = {r.data.tags["strategy"]: r for r in below if r.data.tags["headbench.kind"] == "tune-strategy"}
+    seeds = {r.data.tags["strategy"]: r for r in below if r.data.tags["headbench.kind"] == "compare-child"}
+    assert sorted(tuned) == sorted(seeds) == sorted(strategies)
+    grid = [0.01 * 10 ** (-1.5 + 1.5 * i) for i in range(3)]  # 3 decades around --lr
+    for name, run in tuned.items():
+        assert run.info.status == "FINISHED"
+        trials = client.search_runs([parent.info.experiment_id],
+                                    filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        lrs = sorted(float(t.data.params["lr"]) for t in trials)
+        assert lrs == pytest.approx(grid)
+        assert sum(t.data.tags["best"] == "true" for t in trials) == 1
+        for trial in trials:
+            steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_loss")]
+            assert steps == ([1] if trial.data.tags["stopped_by_asha"] == "true" else [1, 2])
+        best = float(run.data.metrics["best_lr"])
+        assert best == pytest.approx(next(float(t.data.params["lr"]) for t in trials if t.data.tags["best"] == "true"))
+        assert float(seeds[name].data.params["lr"]) == pytest.approx(best)  # the seeds train at the tuned LR

@@ -52,6 +52,11 @@ def _run(args: list[str], home: Path, extra_env: dict[str, str] | None = None) -
     (["--min-margin", "-1"], "--min-margin: Input should be greater than or equal to 0 (got -1.0)"),
     (["--model-name", "../escape"], "--model-name: String should match pattern"),
     (["--resume-run-id", "not-a-run"], "--resume-run-id: String should match pattern"),
+    (["--augment", "rotate"], "--augment: Input should be 'none', 'flip' or 'standard' (got 'rotate')"),
+    (["--label-smoothing", "1"], "--label-smoothing: Input should be less than 1 (got 1.0)"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs: Input should be greater than or equal to 0 (got -1.0)"),
+    (["--early-stopping-patience", "0"], "--early-stopping-patience: Input should be greater than or equal to 1 "
+     "(got 0)"),
     (["--placement-strategy", "spread"], "--placement-strategy: Input should be 'PACK', 'SPREAD', 'STRICT_PACK' or "
      "'STRICT_SPREAD' (got 'spread')"),
 ])
@@ -71,6 +76,26 @@ def test_bad_options_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(lines) == 1, result.stderr
     assert expected in lines[0]
     assert not (tmp_path / "cache").exists()  # nothing was downloaded
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--tune", "grid"], "--tune: Input should be 'none' or 'lr' (got 'grid')"),
+    (["--tune", "lr", "--tune-trials", "1"], "--tune-trials: Input should be greater than or equal to 2 (got 1)"),
+])
+def test_bad_compare_options_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                              expected: str) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    for name in list(os.environ):
+        if name.startswith(("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("COLUMNS", "300")
+    result = CliRunner().invoke(app, ["compare", "--home", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {expected}"]
 
 
 def test_bad_option_through_the_real_console_script(tmp_path: Path) -> None:
