@@ -163,6 +163,9 @@ class CompareParams(TrainingParams):
                                   json_schema_extra={"items": {"type": "string"} | STRATEGY_ENUM})
     seeds: int = Field(2, ge=1, le=20, description="repetitions per strategy (seed, seed+1, ...); the data "
                        "split stays fixed")
+    workers: int = Field(1, ge=1, le=512, description="Ray Train data-parallel workers per child run (children "
+                         "train side by side)")
+    cpus_per_worker: int | None = Field(None, ge=1, le=512, description="CPUs per worker of each child; empty = 1")
     parallel: int | None = Field(None, ge=1, le=64, description="children trained at once; empty = as many as "
                                  "the Ray cluster's CPUs allow")
     tune: Tune = Field("none", description="'lr': before the seeds, search each strategy's LR on the validation "

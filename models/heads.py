@@ -93,7 +93,7 @@ def _pool(cfg: HeadConfig) -> tuple[nn.Module, int]:
     return spec.factory(), cfg.in_features * spec.feature_multiplier
 
 
-@register_head("replace-fc", "origin recipe 1: model.fc = Linear(in_features, C) behind the pooled trunk")
+@register_head("replace-fc", "model.fc = Linear(in_features, C) behind the pooled trunk")
 def replace_fc_head(cfg: HeadConfig) -> nn.Module:
     pool, features = _pool(cfg)
     # Same names as torchvision's ResNet tail (avgpool, fc), so a replace-fc model is numerically the
@@ -103,7 +103,7 @@ def replace_fc_head(cfg: HeadConfig) -> nn.Module:
     )
 
 
-@register_head("mlp", "origin recipe 2: fc removed, new Flatten-Linear-ReLU-Dropout-Linear head attached")
+@register_head("mlp", "fc removed, a new Flatten-Linear-ReLU-Dropout-Linear head attached")
 def mlp_head(cfg: HeadConfig) -> nn.Module:
     pool, features = _pool(cfg)
     return nn.Sequential(

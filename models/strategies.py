@@ -62,8 +62,8 @@ def parse_strategy(name: str) -> StrategySpec:
 
 # The curated set: every shape, pooling variant and schedule at least once, not the whole cross product.
 _CURATED: tuple[tuple[str, str], ...] = (
-    ("replace-fc", "origin recipe 1: new Linear(in_features, C) in place of fc, everything fine-tuned"),
-    ("mlp", "origin recipe 2: fc removed, MLP head (Linear-ReLU-Dropout-Linear) attached, fine-tuned"),
+    ("replace-fc", "model.fc = Linear(in_features, C): a new linear layer in place of fc, everything fine-tuned"),
+    ("mlp", "fc removed, an MLP head (Linear-ReLU-Dropout-Linear) attached behind the backbone, fine-tuned"),
     ("replace-fc+linear-probe", "frozen backbone (BN stats too), linear head on features computed once"),
     ("replace-fc+lp-ft", "linear probe on target BN statistics, then full fine-tuning (LP-FT, Kumar et al. 2022)"),
     ("mlp+lp-ft", "MLP head probed first, then full fine-tuning"),

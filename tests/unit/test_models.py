@@ -51,7 +51,7 @@ def test_any_input_size_from_32(size: int) -> None:
 
 
 def test_replace_fc_is_the_torchvision_recipe() -> None:
-    """replace-fc == torchvision resnet with `model.fc = nn.Linear(in_features, C)` (origin recipe 1)."""
+    """replace-fc == torchvision resnet with `model.fc = nn.Linear(in_features, C)`."""
     torch.manual_seed(0)
     reference = torchvision.models.resnet34(weights=None)
     reference.fc = nn.Linear(reference.fc.in_features, 4)
