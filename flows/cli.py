@@ -164,7 +164,7 @@ def require_up(name: str, url: str | None) -> None:
 
 def preflight(settings: Settings) -> None:
     """Fail fast, before any download or training, when a server is missing or unreachable."""
-    from flows.retrain import require_servers
+    from infra.settings import require_servers
 
     tracking_uri, s3_url = require_servers(settings)
     require_up("MLflow tracking server", tracking_uri)

@@ -14,8 +14,8 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.params import CompareParams
-from flows.retrain import prefect_context, require_servers, run_params, stage, versions
-from infra.settings import load_settings
+from flows.retrain import prefect_context, run_params, stage, versions
+from infra.settings import load_settings, require_servers
 from infra.tracking import flatten, run_url, start_run
 from tasks.build import resolve_weights
 from tasks.compare import ChildResult, fit_strategy, markdown_table, report_comparison, table_records, tune_strategy

@@ -12,12 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from infra.datasets import FASHION_MNIST_CLASSES, DataSpec
 from infra.ray_cluster import PLACEMENT_STRATEGIES
+from infra.ray_worker import TrainConfig
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
 from models.data import parse_classes
 from models.loop import AUGMENTATIONS
 from models.schedules import plan
 from models.strategies import DEMO_STRATEGIES, all_strategies
-from tasks.train import TrainConfig
 
 Arch = Literal[ARCHS]  # type: ignore[valid-type]  # the dashboard shows a drop-down of these
 # Strategy fields accept any spelling parse_strategy understands (e.g. 'mlp:avg'), but the JSON schema the

@@ -18,8 +18,7 @@ from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel
 
 from flows.params import RetrainParams
-from infra.errors import HeadbenchError
-from infra.settings import Settings, load_settings
+from infra.settings import load_settings, require_servers
 from infra.tracking import alias_version, flatten, reopen_run, run_url, start_run
 from models import parse_strategy
 from models.schedules import describe_plan, phase_params
@@ -98,16 +97,6 @@ def summary_markdown(params: RetrainParams, metrics: dict[str, float], decision:
             f"| metric | value |\n|---|---|\n{rows}\n\n"
             f"**Promotion: {decision.outcome}** ({decision.metric}): {decision.reason}. Champion before: {champion}."
             f"\n\n[MLflow run]({run_link}) · model `{s3_uri}`\n")
-
-
-def require_servers(settings: Settings) -> tuple[str, str]:
-    if not settings.mlflow_tracking_uri:
-        raise HeadbenchError("MLFLOW_TRACKING_URI is not set and no local stack env file was found; "
-                             "run `headbench up` or export MLFLOW_TRACKING_URI")
-    if not settings.s3_endpoint_url:
-        raise HeadbenchError("AWS_ENDPOINT_URL_S3 is not set and no local stack env file was found; "
-                             "run `headbench up` or export AWS_ENDPOINT_URL_S3")
-    return settings.mlflow_tracking_uri, settings.s3_endpoint_url
 
 
 def versions() -> dict[str, str]:

@@ -111,3 +111,16 @@ def load_settings(home: Path | None = None) -> Settings:
     if env_file.is_file():
         kwargs["_env_file"] = env_file
     return Settings(**kwargs)  # type: ignore[arg-type]
+
+
+def require_servers(settings: Settings) -> tuple[str, str]:
+    """(tracking URI, S3 endpoint), or one line saying how to configure them when either is missing."""
+    from infra.errors import HeadbenchError
+
+    if not settings.mlflow_tracking_uri:
+        raise HeadbenchError("MLFLOW_TRACKING_URI is not set and no local stack env file was found; "
+                             "run `headbench up` or export MLFLOW_TRACKING_URI")
+    if not settings.s3_endpoint_url:
+        raise HeadbenchError("AWS_ENDPOINT_URL_S3 is not set and no local stack env file was found; "
+                             "run `headbench up` or export AWS_ENDPOINT_URL_S3")
+    return settings.mlflow_tracking_uri, settings.s3_endpoint_url

@@ -62,6 +62,12 @@ def _run(args: list[str], home: Path, extra_env: dict[str, str] | None = None) -
 ])
 def test_bad_options_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
                                       expected: str) -> None:
+    lines = _error_lines("run", args, tmp_path, monkeypatch)
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+def _error_lines(command: str, args: list[str], home: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Invoke the CLI in-process without a stack; it must exit 2 having downloaded nothing."""
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -70,12 +76,10 @@ def test_bad_options_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
         if name.startswith(("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("COLUMNS", "300")
-    result = CliRunner().invoke(app, ["run", "--home", str(tmp_path), *args])
+    result = CliRunner().invoke(app, [command, "--home", str(home), *args])
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert expected in lines[0]
-    assert not (tmp_path / "cache").exists()  # nothing was downloaded
+    assert not (home / "cache").exists()  # nothing was downloaded
+    return [line for line in result.stderr.splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -84,18 +88,7 @@ def test_bad_options_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
 ])
 def test_bad_compare_options_fail_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
                                               expected: str) -> None:
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
-    for name in list(os.environ):
-        if name.startswith(("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("COLUMNS", "300")
-    result = CliRunner().invoke(app, ["compare", "--home", str(tmp_path), *args])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: {expected}"]
+    assert _error_lines("compare", args, tmp_path, monkeypatch) == [f"error: {expected}"]
 
 
 def test_bad_option_through_the_real_console_script(tmp_path: Path) -> None:
