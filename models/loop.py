@@ -11,7 +11,6 @@ syncs.
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import math
 import time
@@ -489,8 +488,3 @@ def fit(model: nn.Module, cfg: FitConfig, train: ArraySplit, val: ArraySplit,
         model.load_state_dict(best_weights)
         return FitResult(history, best_epoch, stopped)
     return FitResult(history, int(history[-1]["epoch"]) if history else 0, False)
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy (for runs that must start from the same weights)."""
-    return copy.deepcopy(model)
