@@ -14,13 +14,14 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.params import CompareParams
-from flows.retrain import prefect_context, run_params, stage, versions
+from flows.retrain import prefect_context, run_params, versions
+from flows.stages import stage
+from infra.ray_cluster import cluster_node_cpus, workers_that_fit
 from infra.settings import load_settings, require_servers
 from infra.tracking import flatten, run_url, start_run
 from tasks.build import resolve_weights
 from tasks.compare import ChildResult, fit_strategy, markdown_table, report_comparison, table_records, tune_strategy
 from tasks.data import download_data
-from tasks.train import cluster_node_cpus, workers_that_fit
 
 
 class CompareResult(BaseModel):

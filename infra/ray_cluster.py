@@ -1,10 +1,13 @@
-"""A real local Ray cluster on 127.0.0.1: a head (``ray start --head``) and N-1 worker nodes
-(``ray start --address``), each a separate raylet with its own node id, object store and CPUs.
+"""Ray on this host and on a cluster: the node launchers ``headbench up --ray-nodes N`` starts (a head,
+``ray start --head``, and N-1 worker nodes, ``ray start --address``, each a separate raylet with its own node
+id, object store and CPUs), joining or starting Ray for a run, and the placement arithmetic that refuses
+a request the cluster can never hold.
 
 Every node is started with ``--block``: the launcher stays in the foreground as the leader of its own
 process group, owns that node's processes (GCS and dashboard on the head; raylet, agents, workers
 everywhere) and tears them down on SIGTERM, so stopping it by pid stops exactly that node (never
-``ray stop``, which kills every Ray on the machine).
+``ray stop``, which kills every Ray on the machine). ``infra.stack.LocalStack`` supervises the launchers
+with the other services; the test suite's cluster is the same stack's.
 
 Node ``i`` carries one unit of the custom resource ``headbench_node_<i>``: nodes that share an IP are
 told apart by it (and a task can be pinned to a node by asking for it).
@@ -17,18 +20,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infra.errors import HeadbenchError
-from infra.stack import BIN, HOST, free_port, stop_group
+from infra.procs import BIN, HOST, WORKER_PORTS, free_port, free_port_range
+
+if TYPE_CHECKING:
+    from infra.settings import Settings
 
 # Ray maps 127.0.0.1 to the machine's routable address unless told this is a single-host setup; this is
 # Ray's own switch for that (named for desktop OSes), and keeps every Ray socket on the loopback interface.
@@ -38,27 +40,6 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disa
 NODE_ENV = LOOPBACK_ENV | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 NODE_RESOURCE = "headbench_node_{}"  # one unit on node i (0 = head)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
-WORKER_PORTS = 64  # Ray worker processes per node listen in a range of this width
-
-
-def free_port_range(width: int = WORKER_PORTS, taken: set[int] | None = None) -> int:
-    """Start of ``width`` consecutive free ports (for Ray's worker port range), clear of ``taken``."""
-    taken = taken or set()
-    for _ in range(50):
-        start = free_port()
-        if start + width >= 65000 or taken & set(range(start, start + width)):
-            continue
-        ok = True
-        for port in range(start, start + width):
-            with socket.socket() as s:
-                try:
-                    s.bind((HOST, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start
-    raise HeadbenchError("no range of free ports found for Ray workers")
 
 
 class PortPicker:
@@ -105,11 +86,6 @@ def node_argv(address: str, index: int, cpus: int, ports: PortPicker) -> list[st
             *_node_flags(index, cpus, ports)]
 
 
-def node_env() -> dict[str, str]:
-    """Environment of a node launcher: no foreign RAY_ADDRESS, Ray kept on loopback."""
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | NODE_ENV
-
-
 def alive_nodes(dashboard_url: str, timeout: float = 3.0) -> dict[int, str]:
     """{node index: node id} of the ALIVE nodes carrying a ``headbench_node_<i>`` resource, read from the
     dashboard's state API ({} while it does not answer)."""
@@ -132,72 +108,88 @@ def alive_nodes(dashboard_url: str, timeout: float = 3.0) -> dict[int, str]:
     return found
 
 
-@dataclass
+@dataclass(frozen=True)
 class RayCluster:
-    """Node launchers (head first), the GCS address (what RAY_ADDRESS holds) and the dashboard URL."""
+    """A running cluster as clients see it: the GCS address (what RAY_ADDRESS holds), the dashboard URL (Ray's
+    state API) and the pids of its node launchers, head first (each leads its node's process group)."""
 
-    processes: list[subprocess.Popen[bytes]]
     address: str
     dashboard_url: str
-    temp_dir: Path  # Ray's session directory, with every node's logs
-    logs: list[Path] = field(default_factory=list)
+    launcher_pids: tuple[int, ...]
 
     def node_ids(self) -> dict[int, str]:
         return alive_nodes(self.dashboard_url)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        for proc in reversed(self.processes):  # worker nodes before the head that holds the GCS
-            stop_group(proc.pid, timeout, leader_first=True)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+
+class PlacementError(HeadbenchError):
+    """A resource request the Ray cluster can never hold (Ray itself would wait for it forever)."""
 
 
-def _launch(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=node_env(), start_new_session=True)
+def init_ray(settings: Settings) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start a private local instance bound to 127.0.0.1
+    (never attach to a cluster by accident, never listen on other interfaces)."""
+    if not settings.ray_address or settings.ray_address.split(":")[0] in ("127.0.0.1", "localhost"):
+        for key, value in LOOPBACK_ENV.items():  # read by ray at import time: set before importing it
+            os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, log_to_driver=True, logging_level="WARNING")
+    else:
+        # The dashboard process serves Ray's state API, which Train V2's placement-group cleaner (and the
+        # fault-injection tests) query; it binds 127.0.0.1 only.
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host=HOST,
+                 _node_ip_address=HOST, log_to_driver=True, logging_level="WARNING")
 
 
-def _wait(ready: Callable[[], bool], procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout: float,
-          what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc, log in zip(procs, logs, strict=True):
-            if proc.poll() is not None:
-                raise HeadbenchError(f"{what}: a Ray node exited during start-up; see {log}")
-        if ready():
-            return
-        time.sleep(1)
-    raise HeadbenchError(f"{what} not ready after {timeout:.0f} s; see {logs[0].parent}")
+def cluster_node_cpus(settings: Settings) -> list[int]:
+    """CPUs of each alive node of the Ray cluster this process trains on (starting or joining it first)."""
+    init_ray(settings)  # first: it sets the variables ray reads when it is imported
+    return node_cpus()
 
 
-def start_ray_cluster(cpus: list[int], log_dir: Path, timeout: float = 120.0) -> RayCluster:
-    """Start a head with ``cpus[0]`` CPUs and one worker node per further entry, on 127.0.0.1, and wait
-    until every node is ALIVE in the GCS."""
-    if not cpus or any(c < 0 for c in cpus):
-        raise HeadbenchError(f"Ray nodes need a CPU count each (>= 0); got {cpus}")
-    ports = PortPicker()
-    gcs, dashboard = ports.port(), ports.port()
-    temp_dir = Path(tempfile.mkdtemp(prefix="hbray", dir="/tmp"))  # short: Ray's unix sockets live here
-    log_dir.mkdir(parents=True, exist_ok=True)
-    address, dashboard_url = f"{HOST}:{gcs}", f"http://{HOST}:{dashboard}"
-    cluster = RayCluster([], address, dashboard_url, temp_dir)
-    try:
-        cluster.logs.append(log_dir / f"ray-head-{gcs}.log")
-        cluster.processes.append(_launch(head_argv(gcs, dashboard, cpus[0], temp_dir, ports), cluster.logs[0]))
-        _wait(lambda: 0 in alive_nodes(dashboard_url), cluster.processes, cluster.logs, timeout,
-              f"ray head at {address}")
-        for index, count in enumerate(cpus[1:], start=1):
-            cluster.logs.append(log_dir / f"ray-node-{index}-{gcs}.log")
-            cluster.processes.append(_launch(node_argv(address, index, count, ports), cluster.logs[-1]))
-        _wait(lambda: len(alive_nodes(dashboard_url)) == len(cpus), cluster.processes, cluster.logs, timeout,
-              f"ray cluster at {address} ({len(cpus)} nodes)")
-    except BaseException:
-        cluster.stop(timeout=15)
-        raise
-    return cluster
+def node_cpus() -> list[int]:
+    """CPUs of each alive node of the cluster this process is connected to."""
+    import ray
+
+    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def workers_that_fit(cpus: int, nodes: list[int]) -> int:
+    """How many workers of ``cpus`` CPUs the nodes hold at once: a worker's bundle never spans nodes."""
+    return sum(n // cpus for n in nodes)
+
+
+def even_share(workers: int, nodes: list[int]) -> int:
+    """The most CPUs per worker such that ``workers`` such bundles fit on the nodes: the cluster's CPUs
+    shared evenly, e.g. 1 worker on nodes [2, 1] gets 2, not 3."""
+    fits = [c for c in range(1, max(nodes, default=1) + 1) if workers_that_fit(c, nodes) >= workers]
+    return max(fits, default=1)
+
+
+def check_placement(workers: int, cpus: int, strategy: str, nodes: list[int]) -> None:
+    """Fail before Ray waits forever for a placement group the cluster can never hold."""
+    total, biggest = sum(nodes), max(nodes, default=0)
+    need = f"workers={workers} x {cpus} CPU"
+    if workers * cpus > total:
+        raise PlacementError(f"{need} need {workers * cpus} CPUs but the Ray cluster has {total}; allowed: "
+                             f"workers * cpus_per_worker <= {total}")
+    if cpus > biggest:
+        raise PlacementError(f"{need}: a worker runs on one node, and the largest node has {biggest} CPUs; "
+                             f"allowed: cpus_per_worker <= {biggest}")
+    if (held := workers_that_fit(cpus, nodes)) < workers:
+        raise PlacementError(f"{need}: the nodes ({', '.join(map(str, nodes))} CPUs) hold only {held} such "
+                             "workers; use fewer workers or CPUs per worker")
+    if strategy == "STRICT_PACK" and workers * cpus > biggest:
+        raise PlacementError(f"{need} with placement STRICT_PACK need one node with {workers * cpus} CPUs; the "
+                             f"largest node has {biggest}; use PACK or fewer workers")
+    fitting = sum(1 for n in nodes if n >= cpus)
+    if strategy == "STRICT_SPREAD" and workers > fitting:
+        raise PlacementError(f"{need} with placement STRICT_SPREAD need {workers} nodes of >= {cpus} CPUs; the "
+                             f"cluster has {fitting}; use SPREAD or at most {fitting} workers")
 
 
 def _ray_start_on_loopback(argv: list[str]) -> None:

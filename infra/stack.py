@@ -15,10 +15,7 @@ import json
 import os
 import secrets
 import shlex
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -28,15 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.errors import HeadbenchError
+from infra.procs import BIN, HOST, free_port, pid_alive, port_taken, stop_group
+from infra.ray_cluster import NODE_ENV, PortPicker, RayCluster, alive_nodes, head_argv, node_argv
 from infra.settings import Settings, StackPorts
 
-HOST = "127.0.0.1"
+__all__ = ["HOST", "LocalStack", "StackError", "free_port", "free_ports", "http_ok", "parse_node_cpus",
+           "redact_url"]
+
 BACKENDS = ("sqlite", "postgres")
-BIN = Path(sys.executable).parent  # console scripts of this venv: weed, mlflow, prefect
 # the StackPorts fields each service listens on
 SERVICE_PORTS = {"s3": [f for f in StackPorts.model_fields if f.startswith(("s3", "weed"))], "mlflow": ["mlflow"],
                  "prefect": ["prefect"], "worker": ["prefect_worker"], "ray-head": ["ray_gcs", "ray_dashboard"]}
 MAX_RAY_NODES = 16  # one host: each node is a raylet, an object store and agents (~0.3 GB each)
+MAX_NODE_CPUS = 1024
 
 
 class StackError(HeadbenchError):
@@ -63,13 +64,6 @@ class ServiceStatus:
     url: str
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (127.0.0.1)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def free_ports() -> StackPorts:
     """Every stack port free, for a second stack beside the default one (tests, the benchmark)."""
     return StackPorts(**{name: free_port() for name in StackPorts.model_fields})
@@ -84,13 +78,30 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int, marker: str) -> bool:
-    try:
-        os.kill(pid, 0)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (ProcessLookupError, PermissionError, FileNotFoundError):
-        return False
-    return marker in cmdline
+def parse_node_cpus(value: int | str | list[int] | None, nodes: int) -> list[int] | None:
+    """``--ray-cpus``: one count for every node (``2``) or one per node, head first (``2,1``); None = even share.
+    Returns one count per node, or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int):
+        counts = [value]
+    elif isinstance(value, list):
+        counts = value
+    else:
+        try:
+            counts = [int(part) for part in value.split(",")]
+        except ValueError:
+            raise StackError(f"--ray-cpus {value[:40]!r} is not a CPU count or a comma list of them; "
+                             "e.g. 2 or 2,1 (head first)") from None
+    if not all(1 <= c <= MAX_NODE_CPUS for c in counts):
+        raise StackError(f"--ray-cpus {','.join(map(str, counts))} is out of range; allowed: 1 to "
+                         f"{MAX_NODE_CPUS} CPUs per node")
+    if len(counts) == 1:
+        return counts * max(1, nodes)
+    if len(counts) != nodes:
+        raise StackError(f"--ray-cpus {','.join(map(str, counts))} names {len(counts)} nodes but --ray-nodes is "
+                         f"{nodes}; give one count, or one per node")
+    return counts
 
 
 class LocalStack:
@@ -98,7 +109,7 @@ class LocalStack:
 
     def __init__(self, settings: Settings, ports: StackPorts | None = None, backend: str | None = None,
                  database_url: str | None = None, ray_nodes: int | None = None,
-                 ray_cpus: int | None = None) -> None:
+                 ray_cpus: int | str | list[int] | None = None) -> None:
         self.home = settings.home.resolve()
         self.settings = settings
         saved = self._read_state()
@@ -117,10 +128,11 @@ class LocalStack:
         if not 0 <= self.ray_nodes <= MAX_RAY_NODES:
             raise StackError(f"--ray-nodes {self.ray_nodes} is out of range; allowed: 0 (a private Ray per run) "
                              f"to {MAX_RAY_NODES}")
-        self.ray_cpus_option = ray_cpus if ray_cpus is not None else saved.get("ray_cpus")  # None: even share
-        if self.ray_cpus_option is not None and not 1 <= self.ray_cpus_option <= 1024:
-            raise StackError(f"--ray-cpus {self.ray_cpus_option} is out of range; allowed: 1 to 1024 CPUs per node")
-        self.ray_cpus = self.ray_cpus_option or max(1, (os.cpu_count() or 1) // max(1, self.ray_nodes))
+        # one CPU count per node, or None: the machine's CPUs shared evenly
+        self.ray_cpus_option = parse_node_cpus(ray_cpus if ray_cpus is not None else saved.get("ray_cpus"),
+                                               self.ray_nodes)
+        even = max(1, (os.cpu_count() or 1) // max(1, self.ray_nodes))
+        self.ray_node_cpus = self.ray_cpus_option or [even] * max(1, self.ray_nodes)
 
     # ------------------------------------------------------------------ state files
     @property
@@ -174,6 +186,13 @@ class LocalStack:
     @property
     def ray_dashboard_url(self) -> str:
         return f"http://{HOST}:{self.ports.ray_dashboard}"
+
+    def ray_cluster(self) -> RayCluster | None:
+        """This stack's Ray cluster as clients see it (None without --ray-nodes)."""
+        if not self.ray_address:
+            return None
+        pids = [self._pid(spec.name) for spec in self.ray_services()]
+        return RayCluster(self.ray_address, self.ray_dashboard_url, tuple(p for p in pids if p is not None))
 
     def standard_env(self) -> dict[str, str]:
         """What the env file exports: the standard variable of each tool, pointing at this stack."""
@@ -257,8 +276,6 @@ class LocalStack:
 
     def ray_services(self) -> list[ServiceSpec]:
         """The Ray head and its worker nodes (``infra.ray_cluster``), every port picked clear of the stack's."""
-        from infra.ray_cluster import NODE_ENV, PortPicker, alive_nodes, head_argv, node_argv
-
         if not self.ray_nodes:
             return []
         picker = PortPicker(set(self.ports.all().values()))
@@ -267,13 +284,13 @@ class LocalStack:
         temp_dir = self.home / "ray"
         if len(str(temp_dir)) > 48:
             temp_dir = Path(tempfile.gettempdir()) / f"hbray-{self.ports.ray_gcs}"
-        specs = [ServiceSpec("ray-head", head_argv(self.ports.ray_gcs, self.ports.ray_dashboard, self.ray_cpus,
+        specs = [ServiceSpec("ray-head", head_argv(self.ports.ray_gcs, self.ports.ray_dashboard, self.ray_node_cpus[0],
                                                    temp_dir, picker),
                              dict(NODE_ENV), lambda: 0 in alive_nodes(dashboard), dashboard, "--head",
                              leader_first=True)]
         for index in range(1, self.ray_nodes):
-            specs.append(ServiceSpec(f"ray-node-{index}", node_argv(self.ray_gcs_address, index, self.ray_cpus,
-                                                                    picker),
+            argv = node_argv(self.ray_gcs_address, index, self.ray_node_cpus[index], picker)
+            specs.append(ServiceSpec(f"ray-node-{index}", argv,
                                      dict(NODE_ENV), functools.partial(lambda i: i in alive_nodes(dashboard),
                                                                            index),
                                      dashboard, "infra.ray_cluster", leader_first=True))
@@ -370,10 +387,10 @@ class LocalStack:
             self._create_databases()
         for spec in self.services():
             pid = self._pid(spec.name)
-            already = pid is not None and _pid_alive(pid, spec.marker) and spec.health()
+            already = pid is not None and pid_alive(pid, spec.marker) and spec.health()
             if not already:
-                if pid is not None and _pid_alive(pid, spec.marker):  # started earlier, still coming up
-                    alive = functools.partial(_pid_alive, pid, spec.marker)
+                if pid is not None and pid_alive(pid, spec.marker):  # started earlier, still coming up
+                    alive = functools.partial(pid_alive, pid, spec.marker)
                 else:
                     self._check_ports(spec.name)
                     proc = self._start(spec)
@@ -390,13 +407,9 @@ class LocalStack:
         """One line naming the port and its setting when another program already listens on it."""
         for name in SERVICE_PORTS.get(service, []):
             port = getattr(self.ports, name)
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
-                try:
-                    s.bind((HOST, port))
-                except OSError:
-                    raise StackError(f"{service}: port {port} on {HOST} is in use by another program; choose a "
-                                     f"free one with HEADBENCH_PORT_{name.upper()}=PORT") from None
+            if port_taken(port):
+                raise StackError(f"{service}: port {port} on {HOST} is in use by another program; choose a "
+                                 f"free one with HEADBENCH_PORT_{name.upper()}=PORT")
 
     def _create_buckets(self) -> None:
         from pydantic import SecretStr
@@ -414,7 +427,7 @@ class LocalStack:
         out = []
         for spec in self.services():
             pid = self._pid(spec.name)
-            running = pid is not None and _pid_alive(pid, spec.marker)
+            running = pid is not None and pid_alive(pid, spec.marker)
             out.append(ServiceStatus(spec.name, pid, running, running and spec.health(), spec.url))
         return out
 
@@ -426,7 +439,7 @@ class LocalStack:
         stopped = []
         for spec in reversed(specs):
             pid = self._pid(spec.name)
-            if pid is not None and _pid_alive(pid, spec.marker):
+            if pid is not None and pid_alive(pid, spec.marker):
                 stop_group(pid, timeout, leader_first=spec.leader_first)
                 stopped.append(spec.name)
             self.pid_file(spec.name).unlink(missing_ok=True)
@@ -440,51 +453,3 @@ def redact_url(url: str) -> str:
     if at and ":" in creds:
         creds = creds.split(":", 1)[0] + ":***"
     return f"{scheme}{sep}{creds}{at}{host}"
-
-
-def stop_group(pid: int, timeout: float = 20.0, leader_first: bool = False) -> None:
-    """SIGTERM the process group led by ``pid`` (started with start_new_session), SIGKILL after timeout.
-
-    ``leader_first``: SIGTERM only the leader and give it the timeout to shut its children down in order
-    (a Ray node drains through its GCS, which a group-wide signal would kill first), then the group."""
-    deadline = time.monotonic() + timeout
-    if leader_first:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        while time.monotonic() < deadline and _alive(pid):
-            _reap(pid)
-            time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = max(deadline, time.monotonic() + 5)
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        _reap(pid)
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-
-
-def _alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def _reap(pid: int) -> None:
-    """Collect a child we started in this process (tests), so it does not linger as a zombie."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.datasets import PreparedData
+from infra.ray_cluster import init_ray
 from infra.s3 import ray_storage
 from infra.settings import Settings
 from infra.tracking import Tracker, start_run
@@ -25,7 +26,7 @@ from models import build_model, parse_strategy
 from models.schedules import describe_plan, phase_params
 from models.stats import Interval, paired_difference
 from tasks.evaluate import evaluate_split, learning_curves_png
-from tasks.train import TrainConfig, init_ray, run_training
+from tasks.train import TrainConfig, run_training
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ persists to the S3 checkpoint bucket; a restarted worker group resumes from the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.errors import HeadbenchError
-from infra.ray_cluster import LOOPBACK_ENV
+from infra.ray_cluster import check_placement, cluster_node_cpus, even_share
 from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
 from infra.s3 import ray_storage
 from infra.settings import Settings
@@ -25,8 +24,8 @@ from models import parse_strategy
 from models.data import ArraySplit
 from models.schedules import plan
 
-__all__ = ["TrainConfig", "TrainOutcome", "TrainingError", "cluster_node_cpus", "init_ray", "run_training",
-           "train_model"]
+__all__ = ["TrainConfig", "TrainOutcome", "TrainingError", "run_training", "train_model"]
+
 
 class TrainingError(HeadbenchError):
     pass
@@ -59,73 +58,6 @@ def augmentation_note(cfg: TrainConfig) -> str:
     if cached and all(p.frozen for p in phases):
         return f"none: {cfg.augment} does not apply to cached backbone features"
     return f"{cfg.augment} on image phases" + ("; cached-feature phases unaugmented" if cached else "")
-
-
-def init_ray(settings: Settings) -> None:
-    """Connect to ``RAY_ADDRESS`` when set, else start a private local instance bound to 127.0.0.1
-    (never attach to a cluster by accident, never listen on other interfaces)."""
-    if not settings.ray_address or settings.ray_address.split(":")[0] in ("127.0.0.1", "localhost"):
-        for key, value in LOOPBACK_ENV.items():  # read by ray at import time: set before importing it
-            os.environ.setdefault(key, value)
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=True, logging_level="WARNING")
-    else:
-        # The dashboard process serves Ray's state API, which Train V2's placement-group cleaner (and our
-        # fault-injection tests) query; it binds 127.0.0.1 only.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True, logging_level="WARNING")
-
-
-def cluster_node_cpus(settings: Settings) -> list[int]:
-    """CPUs of each alive node of the Ray cluster this process trains on (starting or joining it first)."""
-    init_ray(settings)  # first: it sets the variables ray reads when it is imported
-    return node_cpus()
-
-
-def node_cpus() -> list[int]:
-    """CPUs of each alive node of the cluster this process is connected to."""
-    import ray
-
-    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-
-
-def workers_that_fit(cpus: int, nodes: list[int]) -> int:
-    """How many workers of ``cpus`` CPUs the nodes hold at once: a worker's bundle never spans nodes."""
-    return sum(n // cpus for n in nodes)
-
-
-def even_share(workers: int, nodes: list[int]) -> int:
-    """The most CPUs per worker such that ``workers`` such bundles fit on the nodes: the cluster's CPUs
-    shared evenly, e.g. 1 worker on nodes [2, 1] gets 2, not 3."""
-    fits = [c for c in range(1, max(nodes, default=1) + 1) if workers_that_fit(c, nodes) >= workers]
-    return max(fits, default=1)
-
-
-def check_placement(workers: int, cpus: int, strategy: str, nodes: list[int]) -> None:
-    """Fail before Ray waits forever for a placement group the cluster can never hold."""
-    total, biggest = sum(nodes), max(nodes, default=0)
-    need = f"workers={workers} x {cpus} CPU"
-    if workers * cpus > total:
-        raise TrainingError(f"{need} need {workers * cpus} CPUs but the Ray cluster has {total}; allowed: "
-                            f"workers * cpus_per_worker <= {total}")
-    if cpus > biggest:
-        raise TrainingError(f"{need}: a worker runs on one node, and the largest node has {biggest} CPUs; "
-                            f"allowed: cpus_per_worker <= {biggest}")
-    if (held := workers_that_fit(cpus, nodes)) < workers:
-        raise TrainingError(f"{need}: the nodes ({', '.join(map(str, nodes))} CPUs) hold only {held} such "
-                            "workers; use fewer workers or CPUs per worker")
-    if strategy == "STRICT_PACK" and workers * cpus > biggest:
-        raise TrainingError(f"{need} with placement STRICT_PACK need one node with {workers * cpus} CPUs; the "
-                            f"largest node has {biggest}; use PACK or fewer workers")
-    fitting = sum(1 for n in nodes if n >= cpus)
-    if strategy == "STRICT_SPREAD" and workers > fitting:
-        raise TrainingError(f"{need} with placement STRICT_SPREAD need {workers} nodes of >= {cpus} CPUs; the "
-                            f"cluster has {fitting}; use SPREAD or at most {fitting} workers")
 
 
 def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],

@@ -1,20 +1,27 @@
-"""Session fixtures: a REAL local stack (SeaweedFS S3, MLflow, Prefect) and a REAL two-node Ray cluster, on
-free ports."""
+"""Session fixtures: a REAL local stack on free ports, built by the same code as `headbench up --ray-nodes 2
+--ray-cpus 2,1`: SeaweedFS S3, MLflow, Prefect, a Prefect worker and a two-node Ray cluster."""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from infra.ray_cluster import RayCluster, start_ray_cluster
+from infra.ray_cluster import RayCluster
 from infra.settings import Settings, load_settings
 from infra.stack import LocalStack, free_ports
 
-pytestmark = pytest.mark.integration
+# The cluster's shape: a head with 2 CPUs (node 0) and a worker node with 1 CPU (node 1), two raylets on
+# 127.0.0.1. PACK keeps two 1-CPU workers on the head, SPREAD puts one on each node.
+RAY_NODE_CPUS = [2, 1]
+HEADBENCH = str(Path(sys.executable).parent / "headbench")
+E2E_EPOCHS = 2
 
 
 @dataclass
@@ -36,7 +43,7 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("stack")
-    local = LocalStack(load_settings(home), free_ports())
+    local = LocalStack(load_settings(home), free_ports(), ray_nodes=len(RAY_NODE_CPUS), ray_cpus=RAY_NODE_CPUS)
     try:
         local.up(timeout=240)
         yield Stack(local, load_settings(home))
@@ -45,14 +52,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    """A head with 2 CPUs (node 0) and a worker node with 1 CPU (node 1), two raylets on 127.0.0.1: PACK keeps
-    two 1-CPU workers on the head, SPREAD puts one on each node."""
-    cluster = start_ray_cluster([2, 1], log_dir=tmp_path_factory.mktemp("ray"))
-    try:
-        yield cluster
-    finally:
-        cluster.stop(timeout=15)
+def e2e_run(stack: Stack, ray_cluster: RayCluster) -> dict[str, str]:
+    """One `headbench run` on a tiny subset, 2 workers SPREAD over both nodes: the run that the end-to-end
+    checks (test_retrain_e2e) and the secret scan (test_secrets) look at from the outside."""
+    args = [HEADBENCH, "run", "--classes", "0-2", "--limit", "150", "--test-limit", "60", "--image-size", "32",
+            "--epochs", str(E2E_EPOCHS), "--workers", "2", "--batch-size", "32", "--strategy", "mlp",
+            "--placement-strategy", "SPREAD", "--model-name", "e2e-test", "--seed", "3"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False,
+                          env=stack.cli_env())
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    run_url = re.search(r"MLflow run : (\S+)", done.stdout)
+    s3_uri = re.search(r"S3 model   : (\S+)", done.stdout)
+    assert run_url and s3_uri, done.stdout
+    return {"run_id": run_url.group(1).rsplit("/", 1)[-1], "s3_uri": s3_uri.group(1),
+            "stdout": done.stdout + done.stderr}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(stack: Stack) -> RayCluster:
+    """The stack's Ray cluster; every CLI run against the stack trains on it (RAY_ADDRESS in its env file)."""
+    cluster = stack.stack.ray_cluster()
+    assert cluster is not None
+    return cluster
 
 
 def train_worker_nodes(cluster: RayCluster, tracking_uri: str, run_id: str) -> set[str]:

@@ -46,11 +46,11 @@ def test_bad_input_fails_in_one_line_and_publishes_nothing(stack: Stack, tmp_pat
         "classes-out-of-range": (["--dataset", str(tmp_path / "tree"), "--classes", "0-3"], None),
         "workers-over-cpus": (["--workers", "64", "--classes", "0-1", "--limit", "40", "--batch-size", "32",
                                "--image-size", "32"], "workers=64 x 1 CPU need 64 CPUs but the Ray cluster has"),
-        # a private Ray is one node: no placement group of two workers on two nodes can ever exist
-        "strict-spread-over-nodes": (["--workers", "2", "--cpus-per-worker", "1", "--placement-strategy",
+        # the stack's cluster has two nodes: no placement group of three workers on three nodes can ever exist
+        "strict-spread-over-nodes": (["--workers", "3", "--cpus-per-worker", "1", "--placement-strategy",
                                       "STRICT_SPREAD", "--classes", "0-1", "--limit", "40", "--batch-size", "32",
                                       "--image-size", "32"],
-                                     "with placement STRICT_SPREAD need 2 nodes of >= 1 CPUs; the cluster has 1"),
+                                     "with placement STRICT_SPREAD need 3 nodes of >= 1 CPUs; the cluster has 2"),
     }[case]
     if case == "classes-out-of-range":  # a valid tree, but only 2 classes
         Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tree / "dog" / "0.png")

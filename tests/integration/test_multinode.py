@@ -4,37 +4,26 @@ placement strategy decides where the Ray Train workers run (SPREAD is the e2e te
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from infra.procs import LOOPBACK_IPS, group_members, listening
 from infra.ray_cluster import RayCluster
 from tests.integration.conftest import Stack, train_worker_nodes
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 
 
-def _group_listeners(pgid: int) -> list[str]:
-    pids = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getpgid(int(pid)) == pgid:
-                pids.add(pid)
-        except ProcessLookupError:
-            continue
-    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
-    return [line.split()[3] for line in lines if any(f"pid={p}," in line for p in pids)]
-
-
 def test_two_raylets_with_their_own_node_ids_all_on_loopback(ray_cluster: RayCluster) -> None:
     nodes = ray_cluster.node_ids()
     assert sorted(nodes) == [0, 1] and len(set(nodes.values())) == 2
-    for proc in ray_cluster.processes:  # each node launcher leads the process group of its node
-        addresses = _group_listeners(proc.pid)
-        assert addresses, proc.args
-        assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in addresses), addresses
+    assert len(ray_cluster.launcher_pids) == 2
+    for pid in ray_cluster.launcher_pids:  # each node launcher leads the process group of its node
+        addresses = listening(group_members(pid))
+        assert addresses, pid
+        assert all(ip in LOOPBACK_IPS for ip, _ in addresses), addresses
 
 
 def test_pack_keeps_both_workers_on_the_node_that_holds_them(stack: Stack, ray_cluster: RayCluster) -> None:
@@ -42,7 +31,7 @@ def test_pack_keeps_both_workers_on_the_node_that_holds_them(stack: Stack, ray_c
             "--epochs", "1", "--batch-size", "32", "--workers", "2", "--cpus-per-worker", "1",
             "--precise-bn-batches", "1", "--placement-strategy", "PACK", "--model-name", "multinode-pack"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False,
-                          env=stack.cli_env(RAY_ADDRESS=ray_cluster.address))
+                          env=stack.cli_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_id = re.search(r"MLflow run : \S+/runs/(\w+)", done.stdout)
     assert run_id and stack.settings.mlflow_tracking_uri

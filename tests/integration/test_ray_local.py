@@ -7,31 +7,16 @@ import os
 import subprocess
 import sys
 
+from infra.procs import LOOPBACK_IPS
+
 PROBE = r'''
-import json, os, subprocess
+import json, os
+from infra.procs import descendants, listening
+from infra.ray_cluster import cluster_node_cpus
 from infra.settings import Settings
-from tasks.train import cluster_node_cpus
 cpus = sum(cluster_node_cpus(Settings(RAY_ADDRESS=None)))
-
-def descendants(root):
-    children = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(pid))
-    out, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        out.add(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-mine = descendants(os.getpid())
-lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
-addresses = [l.split()[3] for l in lines if any(f"pid={p}," in l for p in mine)]
-print(json.dumps({"cpus": cpus, "addresses": addresses}))
+mine = {os.getpid(), *(p.pid for p in descendants(os.getpid()))}
+print(json.dumps({"cpus": cpus, "addresses": listening(mine)}))
 '''
 
 
@@ -43,5 +28,5 @@ def test_private_ray_listens_on_loopback_only() -> None:
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["cpus"] >= 1
     assert report["addresses"], "expected Ray's own listening sockets"
-    outside = [a for a in report["addresses"] if not a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:"))]
+    outside = [a for a in report["addresses"] if a[0] not in LOOPBACK_IPS]
     assert outside == []

@@ -9,25 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infra.ray_cluster import alive_nodes, free_port
+from infra.procs import LOOPBACK_IPS, free_port, group_members, listening, pid_alive
+from infra.ray_cluster import alive_nodes
 from infra.settings import StackPorts
-from infra.stack import _pid_alive
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 
 
-def _listening(pid_group: int) -> list[str]:
-    """Local addresses of the TCP sockets listened on by processes of one process group."""
-    pids = {p for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pid_group}
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[3] for line in out.splitlines() if any(f"pid={p}," in line for p in pids)]
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+def _listening(pid_group: int) -> list[tuple[str, int]]:
+    """(ip, port) of the TCP sockets listened on by processes of one process group."""
+    return listening(group_members(pid_group))
 
 
 SERVICES = {"s3": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "worker", "ray-head": "--head",
@@ -43,10 +34,10 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
         return subprocess.run([HEADBENCH, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
 
     try:
-        first = cli("up", "--ray-nodes", "2", "--ray-cpus", "1")
+        first = cli("up", "--ray-nodes", "2", "--ray-cpus", "1,1")
         assert first.returncode == 0, first.stdout + first.stderr
         gcs, dashboard = env["HEADBENCH_PORT_RAY_GCS"], env["HEADBENCH_PORT_RAY_DASHBOARD"]
-        assert f"Ray cluster: RAY_ADDRESS=127.0.0.1:{gcs}, 2 node(s) x 1 CPU" in first.stdout
+        assert f"Ray cluster: RAY_ADDRESS=127.0.0.1:{gcs}, 2 node(s), CPUs 1,1" in first.stdout
         assert f"MLflow UI  : http://127.0.0.1:{env['HEADBENCH_PORT_MLFLOW']}" in first.stdout
         assert f"Prefect UI : http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}" in first.stdout
         again = cli("up")  # remembers --ray-nodes
@@ -70,13 +61,13 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
         for name, pid in pids.items():
             addresses = _listening(pid)
             assert addresses, name
-            assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in addresses), (name, addresses)
+            assert all(ip in LOOPBACK_IPS for ip, _ in addresses), (name, addresses)
     finally:
         down = cli("down")
     # the worker first, then Ray's worker node before the head that holds its GCS
     assert down.returncode == 0 and "stopped: worker, ray-node-1, ray-head, prefect, mlflow, s3" in down.stdout
     for name, pid in pids.items():
-        assert not _pid_alive(pid, SERVICES[name]), name
+        assert not pid_alive(pid, SERVICES[name]), name
         assert _listening(pid) == []
     after = cli("status")
     assert after.returncode == 3 and after.stdout.count("stopped") == 6

@@ -3,15 +3,19 @@ and the pieces of the local multi-node cluster that need no Ray processes."""
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 from pathlib import Path
 
 import pytest
 
-from infra.ray_cluster import NODE_RESOURCE, PortPicker, head_argv, node_argv
-from tasks.train import TrainingError, check_placement, even_share
+from infra.ray_cluster import (
+    NODE_RESOURCE,
+    PlacementError,
+    PortPicker,
+    check_placement,
+    even_share,
+    head_argv,
+    node_argv,
+)
 
 
 @pytest.mark.parametrize("workers, cpus, strategy, nodes", [
@@ -30,7 +34,7 @@ def test_placements_the_cluster_can_hold_pass(workers: int, cpus: int, strategy:
 ])
 def test_impossible_placements_fail_in_one_line(workers: int, cpus: int, strategy: str, nodes: list[int],
                                                 message: str) -> None:
-    with pytest.raises(TrainingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(PlacementError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_placement(workers, cpus, strategy, nodes)
 
 
@@ -50,48 +54,6 @@ def test_nodes_get_distinct_ports_marker_resources_and_loopback() -> None:
     assert "--head" in head and all("--address=127.0.0.1:41000" in n for n in nodes)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"ray_nodes": 17}, "--ray-nodes 17 is out of range; allowed: 0 (a private Ray per run) to 16"),
-    ({"ray_nodes": -1}, "--ray-nodes -1 is out of range"),
-    ({"ray_nodes": 2, "ray_cpus": 0}, "--ray-cpus 0 is out of range; allowed: 1 to 1024 CPUs per node"),
-])
-def test_bad_cluster_shape_is_one_line(tmp_path: Path, kwargs: dict[str, int], message: str) -> None:
-    from infra.settings import load_settings
-    from infra.stack import LocalStack, StackError
-
-    with pytest.raises(StackError, match=re.escape(message)):
-        LocalStack(load_settings(tmp_path), **kwargs)  # type: ignore[arg-type]
-
-
-def test_cluster_shape_defaults_to_an_even_share_and_exports_ray_address(tmp_path: Path) -> None:
-    from infra.settings import load_settings
-    from infra.stack import LocalStack, free_ports
-
-    stack = LocalStack(load_settings(tmp_path), free_ports(), ray_nodes=2)
-    assert stack.ray_cpus == max(1, (os.cpu_count() or 1) // 2)
-    assert [s.name for s in stack.services()][-3:] == ["ray-head", "ray-node-1", "worker"]
-    plain = LocalStack(load_settings(tmp_path / "plain"), free_ports())
-    for s in (stack, plain):
-        s.access_key, s.secret_key = "k", "s"
-    assert stack.standard_env()["RAY_ADDRESS"] == f"127.0.0.1:{stack.ports.ray_gcs}"
-    assert stack.worker_env()["RAY_ADDRESS"] == stack.standard_env()["RAY_ADDRESS"]  # deployed runs use it
-    assert "RAY_ADDRESS" not in plain.worker_env() and "ray-head" not in [s.name for s in plain.services()]
-
-
-def test_a_port_held_by_another_program_is_named_with_its_setting(tmp_path: Path) -> None:
-    from infra.settings import load_settings
-    from infra.stack import HOST, LocalStack, StackError, free_ports
-
-    with socket.socket() as holder:
-        holder.bind((HOST, 0))
-        holder.listen()
-        ports = free_ports().model_copy(update={"ray_gcs": holder.getsockname()[1]})
-        stack = LocalStack(load_settings(tmp_path), ports, ray_nodes=2)
-        with pytest.raises(StackError, match=f"ray-head: port {ports.ray_gcs} on 127.0.0.1 is in use by another "
-                                             "program; choose a free one with HEADBENCH_PORT_RAY_GCS=PORT"):
-            stack._check_ports("ray-head")
-
-
 @pytest.mark.parametrize("workers, nodes, share", [
     (1, [2], 2), (2, [2], 1), (1, [2, 1], 2), (2, [2, 1], 1), (3, [2, 1], 1), (2, [4, 4], 4), (3, [4, 4], 2),
     (5, [2, 1], 1),  # more workers than CPUs: 1 each, and check_placement names the shortfall
@@ -101,9 +63,9 @@ def test_even_share_fits_whole_workers_on_nodes(workers: int, nodes: list[int], 
 
 
 def test_a_worker_never_spans_nodes() -> None:
-    with pytest.raises(TrainingError, match=r"workers=1 x 3 CPU: a worker runs on one node, and the largest node "
+    with pytest.raises(PlacementError, match=r"workers=1 x 3 CPU: a worker runs on one node, and the largest node "
                                             r"has 2 CPUs; allowed: cpus_per_worker <= 2"):
         check_placement(1, 3, "PACK", [2, 1])
-    with pytest.raises(TrainingError, match=r"workers=3 x 2 CPU: the nodes \(2, 2, 1, 1 CPUs\) hold only 2 such "
+    with pytest.raises(PlacementError, match=r"workers=3 x 2 CPU: the nodes \(2, 2, 1, 1 CPUs\) hold only 2 such "
                                             r"workers"):
         check_placement(3, 2, "SPREAD", [2, 2, 1, 1])

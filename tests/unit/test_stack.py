@@ -1,0 +1,92 @@
+"""infra/stack.py without starting anything: the cluster shape options, the env a stack exports, the port
+check, and credentials kept out of error messages."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from infra.stack import redact_url
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ray_nodes": 17}, "--ray-nodes 17 is out of range; allowed: 0 (a private Ray per run) to 16"),
+    ({"ray_nodes": -1}, "--ray-nodes -1 is out of range"),
+    ({"ray_nodes": 2, "ray_cpus": 0}, "--ray-cpus 0 is out of range; allowed: 1 to 1024 CPUs per node"),
+    ({"ray_nodes": 2, "ray_cpus": "2,0"}, "--ray-cpus 2,0 is out of range; allowed: 1 to 1024 CPUs per node"),
+    ({"ray_nodes": 3, "ray_cpus": "2,1"}, "--ray-cpus 2,1 names 2 nodes but --ray-nodes is 3; give one count, or "
+                                          "one per node"),
+    ({"ray_nodes": 2, "ray_cpus": "two"}, "--ray-cpus 'two' is not a CPU count or a comma list of them"),
+])
+def test_bad_cluster_shape_is_one_line(tmp_path: Path, kwargs: dict[str, int], message: str) -> None:
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, StackError
+
+    with pytest.raises(StackError, match=re.escape(message)):
+        LocalStack(load_settings(tmp_path), **kwargs)  # type: ignore[arg-type]
+
+
+def test_cpus_per_node_one_for_all_or_one_each_head_first(tmp_path: Path) -> None:
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, free_ports
+
+    for option, expected in (("2,1", [2, 1]), ("3", [3, 3]), ([1, 2], [1, 2])):
+        stack = LocalStack(load_settings(tmp_path), free_ports(), ray_nodes=2, ray_cpus=option)
+        assert stack.ray_node_cpus == expected
+        head, node = stack.ray_services()
+        assert f"--num-cpus={expected[0]}" in head.argv and f"--num-cpus={expected[1]}" in node.argv
+
+
+def test_cluster_shape_defaults_to_an_even_share_and_exports_ray_address(tmp_path: Path) -> None:
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, free_ports
+
+    stack = LocalStack(load_settings(tmp_path), free_ports(), ray_nodes=2)
+    assert stack.ray_node_cpus == [max(1, (os.cpu_count() or 1) // 2)] * 2
+    assert [s.name for s in stack.services()][-3:] == ["ray-head", "ray-node-1", "worker"]
+    plain = LocalStack(load_settings(tmp_path / "plain"), free_ports())
+    for s in (stack, plain):
+        s.access_key, s.secret_key = "k", "s"
+    assert stack.standard_env()["RAY_ADDRESS"] == f"127.0.0.1:{stack.ports.ray_gcs}"
+    assert stack.worker_env()["RAY_ADDRESS"] == stack.standard_env()["RAY_ADDRESS"]  # deployed runs use it
+    assert "RAY_ADDRESS" not in plain.worker_env() and "ray-head" not in [s.name for s in plain.services()]
+
+
+def test_a_port_held_by_another_program_is_named_with_its_setting(tmp_path: Path) -> None:
+    from infra.settings import load_settings
+    from infra.stack import HOST, LocalStack, StackError, free_ports
+
+    with socket.socket() as holder:
+        holder.bind((HOST, 0))
+        holder.listen()
+        ports = free_ports().model_copy(update={"ray_gcs": holder.getsockname()[1]})
+        stack = LocalStack(load_settings(tmp_path), ports, ray_nodes=2)
+        with pytest.raises(StackError, match=f"ray-head: port {ports.ray_gcs} on 127.0.0.1 is in use by another "
+                                             "program; choose a free one with HEADBENCH_PORT_RAY_GCS=PORT"):
+            stack._check_ports("ray-head")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://hb:s3cr%40t@127.0.0.1:5432/headbench", "postgresql://hb:***@127.0.0.1:5432/headbench"),
+    ("postgresql://hb@127.0.0.1/headbench", "postgresql://hb@127.0.0.1/headbench"),  # no password: unchanged
+    ("postgresql://127.0.0.1:5432/headbench", "postgresql://127.0.0.1:5432/headbench"),
+    ("postgresql://u:p@ss:word@host/db", "postgresql://u:***@host/db"),  # the last @ ends the credentials
+])
+def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_postgres_databases_are_one_per_server_and_the_url_stays_off_argv(tmp_path: Path) -> None:
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, free_ports
+
+    stack = LocalStack(load_settings(tmp_path), free_ports(), backend="postgres",
+                       database_url="postgresql://hb:secret@127.0.0.1:5432/hbtest")
+    assert stack.database("mlflow") == "postgresql://hb:secret@127.0.0.1:5432/hbtest_mlflow"
+    assert stack.prefect_store == "postgresql+asyncpg://hb:secret@127.0.0.1:5432/hbtest_prefect"
+    stack.access_key, stack.secret_key = "k", "s"
+    assert not any("secret" in " ".join(spec.argv) for spec in stack.services())
