@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: bootstrap demo test test-unit test-all lint up down status clean screenshots bench quality
+.PHONY: bootstrap demo test test-unit test-fast lint up down status clean screenshots bench quality
 
 bootstrap:
 	@infra/bootstrap.sh
@@ -10,7 +10,7 @@ bootstrap:
 demo: bootstrap  ## start the local stack and run a small retraining end to end
 	$(BIN)/headbench demo
 
-test: bootstrap  ## ruff, the import-layer contract, then the suite: unit + integration against real local servers
+test: bootstrap  ## ruff, the import-layer contract, then the whole suite: unit + integration against real local servers
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
@@ -18,14 +18,14 @@ test: bootstrap  ## ruff, the import-layer contract, then the suite: unit + inte
 test-unit: bootstrap  ## the unit tests alone: no servers, no Ray cluster
 	$(BIN)/python -m pytest tests/unit
 
-test-all: bootstrap  ## everything, slow tests included
-	$(BIN)/python -m pytest -m ""
+test-fast: bootstrap  ## the suite without the tests marked slow (fault injection, PostgreSQL, deployments, bench)
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: bootstrap  ## the pipeline benchmark: B1 plain PyTorch vs B2 headbench, overheads, memory (~8 min)
 	$(BIN)/python -m bench
 
 quality: bootstrap  ## the quality benchmark: pipeline vs plain script, best recipe, demo comparison (docs/quality.md)
-	$(BIN)/python -m bench --quality
+	$(BIN)/python -m bench quality
 
 lint: bootstrap
 	$(BIN)/ruff check .

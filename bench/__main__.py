@@ -1,5 +1,3 @@
-import sys
+from bench.cli import app
 
-from bench.run import main
-
-sys.exit(main())
+app(prog_name="python -m bench")

@@ -1,4 +1,4 @@
-"""The quality benchmark (`make quality`, `headbench bench --quality`): does the pipeline train as well as a
+"""The quality benchmark (`make quality`, `headbench bench quality`): does the pipeline train as well as a
 plain script, how good is the best recipe within a time budget, and what does the demo comparison say.
 
 All in one process, on one machine, one after the other:
@@ -193,9 +193,8 @@ def source_bn_ablation(weights_path: str, study: DemoStudy, target: dict[str, An
 
 
 def demo_study(study: DemoStudy, settings: Any, figures: QualityFigures) -> None:
-    from flows.cli import DEMO_SOURCE, DEMO_TARGET
     from flows.compare import compare_heads
-    from flows.params import CompareParams, RetrainParams
+    from flows.params import DEMO_SOURCE, DEMO_TARGET, CompareParams, RetrainParams
     from flows.retrain import retrain
     from infra.tracking import run_children
     from tasks.build import resolve_weights
@@ -359,22 +358,29 @@ def run_quality(recipe: Recipe, study: DemoStudy | None, home: Path | None, *, p
     return figures
 
 
-def main(argv: list[str]) -> int:
-    import argparse
+@dataclass(frozen=True)
+class QualityArgs:
+    """The options of `headbench bench quality` (bench/cli.py)."""
 
-    parser = argparse.ArgumentParser(prog="headbench bench --quality", description=__doc__.splitlines()[0])
-    parser.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long setting (tests): 600 images, 1 epoch")
-    parser.add_argument("--epochs", type=int, help="epochs of the (a)/(b) recipe")
-    parser.add_argument("--no-demo", action="store_true", help="skip (c); keep its figures from --json if there")
-    parser.add_argument("--demo-only", action="store_true", help="only (c); keep the figures of (a) and (b) from "
-                        "--json if there")
-    parser.add_argument("--home", type=Path, help="use the local stack at this HEADBENCH_HOME if it is up")
-    parser.add_argument("--json", type=Path, default=Path("bench/quality.json"))
-    parser.add_argument("--doc", type=Path, default=QUALITY_DOC, help="where to write the report")
-    parser.add_argument("--report-only", action="store_true", help="rewrite --doc from the figures in --json, "
-                        "running nothing")
-    args = parser.parse_args(argv)
+    tiny: bool = False
+    epochs: int | None = None
+    no_demo: bool = False
+    demo_only: bool = False
+    home: Path | None = None
+    json: Path = Path("bench/quality.json")
+    doc: Path = QUALITY_DOC
+    report_only: bool = False
+
+    def command(self) -> str:
+        """The command that reproduces this report, as the report prints it."""
+        if not (self.tiny or self.epochs):
+            return "make quality"  # a partial rerun keeps the other part's figures: together, `make quality`
+        return "headbench bench quality" + (" --tiny" if self.tiny else "") + \
+            (f" --epochs {self.epochs}" if self.epochs else "") + (" --no-demo" if self.no_demo else "") + \
+            (" --demo-only" if self.demo_only else "")
+
+
+def main(args: QualityArgs) -> int:
     if args.report_only:
         saved = json.loads(args.json.read_text())
         seconds = saved.pop("seconds", 0.0)
@@ -403,11 +409,6 @@ def main(argv: list[str]) -> int:
     print("\n".join(summary_lines(figures)), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(asdict(figures) | {"seconds": seconds}, indent=2))
-    partial = args.no_demo or args.demo_only
-    command = "make quality" if not (args.tiny or args.epochs or partial) else "headbench bench --quality " + \
-        " ".join(a for a in argv if a != "--quality")
-    if partial and not args.tiny:
-        command = "make quality"  # the two parts together are what `make quality` runs
-    write_doc(figures, command, seconds, args.doc)
+    write_doc(figures, args.command(), seconds, args.doc)
     print(f"figures: {args.json}, report: {args.doc} (quality benchmark took {seconds:.0f} s)")
     return 0

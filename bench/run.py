@@ -17,7 +17,6 @@ check that a tiny setting emits every figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -30,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from infra.procs import cmdline, cpu_model, descendants, memory_kb
 
 # ResNet-18 training at 224 px: ~1.82 GFLOP forward, x3 for forward + backward (He et al.; fvcore counts).
 RESNET18_TRAIN_GFLOP_224 = 5.5
@@ -126,7 +127,7 @@ def machine_facts(cfg: BenchConfig) -> dict[str, Any]:
 
     facts: dict[str, Any] = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                              "torch": torch.__version__, "python": platform.python_version(),
-                             "cpu": _cpu_model()}
+                             "cpu": cpu_model()}
     if cfg.gpu and torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         facts["gpu"] = name
@@ -134,45 +135,7 @@ def machine_facts(cfg: BenchConfig) -> dict[str, Any]:
     return facts
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 # ------------------------------------------------------------------------------------------- memory
-
-
-def _proc_kb(pid: int, key: str, file: str = "status") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _descendants(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = [], [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        found.extend(children)
-        frontier.extend(children)
-    return found
 
 
 class WorkerMemory:
@@ -188,16 +151,12 @@ class WorkerMemory:
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0):
-            for pid in _descendants(os.getpid()):
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                except OSError:
+            for proc in descendants(os.getpid()):
+                if "TrainWorker" not in cmdline(proc.pid):
                     continue
-                if "TrainWorker" not in cmd:
-                    continue
-                self.peak_rss_kb[pid] = max(self.peak_rss_kb.get(pid, 0), _proc_kb(pid, "VmHWM"))
-                uss = _proc_kb(pid, "Private_Clean", "smaps_rollup") + _proc_kb(pid, "Private_Dirty", "smaps_rollup")
-                self.peak_uss_kb[pid] = max(self.peak_uss_kb.get(pid, 0), uss)
+                rss, uss = memory_kb(proc.pid)
+                self.peak_rss_kb[proc.pid] = max(self.peak_rss_kb.get(proc.pid, 0), rss)
+                self.peak_uss_kb[proc.pid] = max(self.peak_uss_kb.get(proc.pid, 0), uss)
 
     @contextmanager
     def sampling(self) -> Iterator[WorkerMemory]:
@@ -314,6 +273,7 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
     """One `retrain` flow run in this process: (steady img/s, flow start -> first step, last step -> published)."""
     from flows import retrain as retrain_module
     from flows.params import RetrainParams
+    from flows.stages import listening
 
     params = RetrainParams(
         limit=int(cfg.train_images / 0.9) + 10, test_limit=200, image_size=cfg.image_size, arch=cfg.arch,
@@ -326,12 +286,9 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
     def mark(stage: str) -> None:
         marks.setdefault(stage, time.time())
 
-    retrain_module.STAGE_LISTENERS.append(mark)
-    try:
+    with listening(mark):
         started = time.time()
         result = retrain_module.retrain(params)
-    finally:
-        retrain_module.STAGE_LISTENERS.remove(mark)
     history = result.history
     steady = [row["images_per_second"] for row in history[1:]] or [history[0]["images_per_second"]]
     # "promote" is announced right after the publish task returned: the model is in S3 and registered
@@ -344,10 +301,15 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
 
 @contextmanager
 def local_stack(home: Path | None) -> Iterator[Any]:
-    """The stack at ``home`` when it is up, else a private one on free ports, stopped afterwards."""
+    """The stack at ``home`` when it is up, else a private one on free ports, stopped afterwards.
+
+    The benchmarks train on a private Ray this process starts, also when the stack has a cluster: the Ray
+    workers are then this process's descendants (memory sampling) and share the cores with nothing else. An
+    empty RAY_ADDRESS outranks the stack's env file, for the flows this process runs too."""
     from infra.settings import load_settings
     from infra.stack import LocalStack, free_ports
 
+    os.environ["RAY_ADDRESS"] = ""
     if home is not None:
         settings = load_settings(home)
         if all(s.healthy for s in LocalStack(settings).status()):
@@ -409,7 +371,7 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                 log(f"[{i + 1}/{cfg.repeats}] B2 headbench, {cfg.ddp_workers} DDP workers x 1 CPU: {img_s:.1f} img/s")
         figures.worker_peak_rss_mb = [kb / 1024 for kb in memory.peak_rss_kb.values()]
         figures.worker_peak_uss_mb = [kb / 1024 for kb in memory.peak_uss_kb.values()]
-        figures.driver_peak_rss_mb = _proc_kb(os.getpid(), "VmHWM") / 1024
+        figures.driver_peak_rss_mb = memory_kb(os.getpid())[0] / 1024
     return figures
 
 
@@ -452,36 +414,19 @@ def table(figures: Figures) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    if "--quality" in argv:
-        from bench.quality import main as quality_main
-
-        return quality_main(argv)
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quality", action="store_true", help="the quality benchmark instead (bench/quality.py; "
-                        "its own options: --tiny, --epochs N, --no-demo, --home DIR, --json FILE, --doc FILE)")
-    parser.add_argument("--tiny", action="store_true", help="seconds-long setting (tests)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU, 224 px, bf16 autocast, channels_last")
-    parser.add_argument("--compile", action="store_true", help="also time B1 with torch.compile")
-    parser.add_argument("--b1-only", action="store_true", help="only the plain PyTorch figure (no stack, no Ray)")
-    parser.add_argument("--repeats", type=int, help="runs per figure (median)")
-    parser.add_argument("--workers", type=int, help="Ray Train workers of B2")
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--home", type=Path, help="use the local stack at this HEADBENCH_HOME if it is up")
-    parser.add_argument("--json", type=Path, default=Path("bench/results.json"), help="where to write figures")
-    args = parser.parse_args(argv)
-    cfg = BenchConfig.tiny() if args.tiny else BenchConfig.gpu_default() if args.gpu else BenchConfig()
-    overrides = {"repeats": args.repeats, "workers": args.workers, "image_size": args.image_size,
-                 "compile": args.compile or None, "b1_only": args.b1_only or None}
+def main(*, tiny: bool = False, gpu: bool = False, compile: bool = False, b1_only: bool = False,
+         repeats: int | None = None, workers: int | None = None, image_size: int | None = None,
+         home: Path | None = None, json_path: Path = Path("bench/results.json")) -> int:
+    """`headbench bench`: run, print the table, write the figures as JSON."""
+    cfg = BenchConfig.tiny() if tiny else BenchConfig.gpu_default() if gpu else BenchConfig()
+    overrides = {"repeats": repeats, "workers": workers, "image_size": image_size, "compile": compile or None,
+                 "b1_only": b1_only or None}
     cfg = BenchConfig(**(asdict(cfg) | {k: v for k, v in overrides.items() if v is not None}))
     started = time.perf_counter()
-    figures = run(cfg, args.home or (Path(os.environ["HEADBENCH_HOME"]) if "HEADBENCH_HOME" in os.environ else None))
+    figures = run(cfg, home or (Path(os.environ["HEADBENCH_HOME"]) if "HEADBENCH_HOME" in os.environ else None))
     print(table(figures), flush=True)
     result = {"summary": figures.summary(), "raw": asdict(figures), "seconds": time.perf_counter() - started}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"figures: {args.json} (bench took {result['seconds']:.0f} s)")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2))
+    print(f"figures: {json_path} (bench took {result['seconds']:.0f} s)")
     return 0

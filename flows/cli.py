@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from bench.cli import app as bench_app
 from infra.errors import HeadbenchError
 from infra.settings import Settings, load_settings
 
@@ -75,8 +76,9 @@ def up(home: HomeOpt = None,
                                                      "machine, which every run trains on (RAY_ADDRESS in the env "
                                                      "file); 0 = a private Ray per run [default: 0, or what this "
                                                      "stack was started with]")] = None,
-       ray_cpus: Annotated[int | None, typer.Option(help="CPUs each Ray node offers [default: the machine's CPUs "
-                                                    "shared evenly]")] = None) -> None:
+       ray_cpus: Annotated[str | None, typer.Option(help="CPUs each Ray node offers: one count for every node, "
+                                                    "or a comma list with one per node, head first (2,1) "
+                                                    "[default: the machine's CPUs shared evenly]")] = None) -> None:
     """Start SeaweedFS S3, MLflow, Prefect, a Prefect worker and (--ray-nodes N) a Ray cluster on 127.0.0.1
     (idempotent) and write $HEADBENCH_HOME/env."""
     from infra.stack import LocalStack
@@ -99,7 +101,8 @@ def up(home: HomeOpt = None,
         say(f"  stores     : PostgreSQL {redact_url(stack.database('mlflow'))}, "
             f"{redact_url(stack.database('prefect'))}")
     if stack.ray_address:
-        say(f"  Ray cluster: RAY_ADDRESS={stack.ray_address}, {stack.ray_nodes} node(s) x {stack.ray_cpus} CPU, "
+        say(f"  Ray cluster: RAY_ADDRESS={stack.ray_address}, {stack.ray_nodes} node(s), CPUs "
+            f"{','.join(map(str, stack.ray_node_cpus))}, "
             f"dashboard {stack.ray_dashboard_url}")
     say(f"  env file   : {stack.env_file}  (source it to use the stack from other tools)")
 
@@ -193,33 +196,30 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any]) -> Any:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows import retrain as retrain_module
+    from flows.stages import STAGES, listening
 
     console_without_tracebacks()
     if kind == "retrain":
-        flow_fn = retrain_module.retrain
+        from flows.retrain import retrain as flow_fn
     else:
         from flows.compare import compare_heads as flow_fn
 
-    stages = ["download", "build", "tune", "train", "evaluate", "publish", "promote", "done"]
     with Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=False) as progress:
-        bar = progress.add_task("starting", total=len(stages) - 1)
+        bar = progress.add_task("starting", total=len(STAGES) - 1)
 
         def on_stage(name: str) -> None:
-            progress.update(bar, description=name, completed=stages.index(name))
+            progress.update(bar, description=name, completed=STAGES.index(name))
 
-        retrain_module.STAGE_LISTENERS.append(on_stage)
         try:
-            return flow_fn(params)
+            with listening(on_stage):
+                return flow_fn(params)
         except (HeadbenchError, ValueError) as exc:
             progress.stop()
             fail(first_line(exc))
         except Exception as exc:  # noqa: BLE001 - one line here; the full traceback is in the Prefect UI logs
             progress.stop()
             fail(f"{exc.__class__.__name__}: {first_line(exc)}")
-        finally:
-            retrain_module.STAGE_LISTENERS.remove(on_stage)
 
 
 def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
@@ -429,24 +429,6 @@ def predict(
         say(f"{path}: " + ", ".join(f"{names[i]} {p:.3f}" for p, i in zip(p_row, i_row, strict=True)))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context) -> None:
-    """The pipeline benchmark (B1 plain PyTorch vs B2 headbench, overheads, memory); options: --help of
-    `python -m bench` (--tiny, --gpu, --compile, --repeats N, --workers N, --home DIR, --json FILE).
-    `--quality`: the quality benchmark (pipeline vs plain script, best recipe, demo comparison)."""
-    from bench.run import main as bench_main
-
-    raise typer.Exit(bench_main(list(ctx.args)))
-
-
-DEMO_SOURCE = {"dataset": "fashion-mnist", "classes": "0-4", "limit": 2000, "test_limit": 500, "image_size": 32,
-               "arch": "resnet18", "weights": "none", "strategy": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.05,
-               "workers": 2, "model_name": "demo-source-fashion-0-4"}
-DEMO_TARGET = {"dataset": "fashion-mnist", "classes": "5-9", "limit": 500, "test_limit": 500, "image_size": 32,
-               "arch": "resnet18", "epochs": 2, "batch_size": 32, "lr": 0.01, "workers": 1, "cpus_per_worker": 1,
-               "seeds": 2}
-
-
 @app.command()
 def demo(home: HomeOpt = None,
          weights: Annotated[str | None, typer.Option(help="skip the source pretraining and start the comparison "
@@ -454,6 +436,8 @@ def demo(home: HomeOpt = None,
                                                      "internet)")] = None) -> None:
     """Transfer demo: `up`; pretrain a source model on Fashion-MNIST classes 0-4 and publish it; then
     compare head strategies on classes 5-9 starting from that published backbone."""
+    from flows.params import DEMO_SOURCE, DEMO_TARGET
+
     started = time.perf_counter()
     up(home, None, None)
     settings = _settings(home)
@@ -473,6 +457,10 @@ def demo(home: HomeOpt = None,
     say(f"Prefect UI : {stack.prefect_url}  flow runs 'retrain' and 'compare-heads' (Artifacts: head-comparison)")
     say(f"S3 models  : s3://{settings.model_bucket}/  (model.safetensors + manifest.json per run)")
     say("stop it all: headbench down")
+
+
+# `headbench bench` and `headbench bench quality`: the benchmarks' own typer app (bench/cli.py), mounted here
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -184,3 +184,13 @@ class CompareParams(TrainingParams):
 
     def strategy_names(self) -> list[str]:
         return self.strategies
+
+
+# The demo (`headbench demo`, and part (c) of the quality benchmark): a source model trained on one half of
+# Fashion-MNIST's classes, then the head strategies compared on the other half, starting from its weights.
+DEMO_SOURCE = {"dataset": "fashion-mnist", "classes": "0-4", "limit": 2000, "test_limit": 500, "image_size": 32,
+               "arch": "resnet18", "weights": "none", "strategy": "mlp", "epochs": 3, "batch_size": 64, "lr": 0.05,
+               "workers": 2, "model_name": "demo-source-fashion-0-4"}
+DEMO_TARGET = {"dataset": "fashion-mnist", "classes": "5-9", "limit": 500, "test_limit": 500, "image_size": 32,
+               "arch": "resnet18", "epochs": 2, "batch_size": 32, "lr": 0.01, "workers": 1, "cpus_per_worker": 1,
+               "seeds": 2}

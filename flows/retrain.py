@@ -7,7 +7,6 @@ with help text and the server rejects bad values before anything runs.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -18,14 +17,15 @@ from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel
 
 from flows.params import RetrainParams
+from flows.stages import stage
 from infra.settings import load_settings, require_servers
-from infra.tracking import alias_version, flatten, reopen_run, run_url, start_run
+from infra.tracking import CHAMPION_ALIAS, alias_version, flatten, reopen_run, run_url, start_run
 from models import parse_strategy
 from models.schedules import describe_plan, phase_params
 from tasks.build import build_head_model
 from tasks.data import download_data
 from tasks.evaluate import evaluate_model, log_learning_curves
-from tasks.promote import CHAMPION_ALIAS, Decision, PromotionPolicy, promote_model
+from tasks.promote import Decision, PromotionPolicy, promote_model
 from tasks.publish import build_manifest, publish_model
 from tasks.train import train_model
 
@@ -42,15 +42,6 @@ class RetrainResult(BaseModel):
     promotion: str  # champion | challenger-rejected | not-promoted
     promotion_reason: str
     champion_version: str | None  # the alias target after this run
-
-
-# The CLI subscribes to stage changes to draw its progress display; flows run fine without a listener.
-STAGE_LISTENERS: list[Callable[[str], None]] = []
-
-
-def stage(name: str) -> None:
-    for listener in STAGE_LISTENERS:
-        listener(name)
 
 
 def run_params() -> tuple[dict[str, Any], str]:

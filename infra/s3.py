@@ -23,9 +23,9 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from infra.errors import HeadbenchError
 from infra.settings import Settings
+from models.weights import WEIGHTS_FILE
 
 MANIFEST = "manifest.json"
-WEIGHTS = "model.safetensors"
 CHAMPION = "champion.json"  # per model name: which published model the 'champion' alias points at
 PROMOTION_LOCK = ".promotion.lock"
 _PRECONDITION_CODES = {"PreconditionFailed", "412"}
@@ -155,18 +155,18 @@ class ModelStore:
         refuses to overwrite different ones."""
         prefix = f"{name}/{run_id}/"
         digest = sha256_file(weights)
-        manifest = {**manifest, "weights": WEIGHTS, "sha256": digest, "size": weights.stat().st_size}
+        manifest = {**manifest, "weights": WEIGHTS_FILE, "sha256": digest, "size": weights.stat().st_size}
         with s3_errors(self.endpoint, f"publishing s3://{self.bucket}/{prefix}"):
             if object_exists(self.client, self.bucket, prefix + MANIFEST):
                 existing = json.loads(self.client.get_object(Bucket=self.bucket, Key=prefix + MANIFEST)["Body"].read())
                 if existing.get("sha256") == digest:  # a retry of the same publication: already done
                     return PublishedModel(self.prefix_uri(name, run_id), existing)
                 raise S3Error(f"refusing to overwrite the published model s3://{self.bucket}/{prefix}")
-            self.client.upload_file(str(weights), self.bucket, prefix + WEIGHTS,
+            self.client.upload_file(str(weights), self.bucket, prefix + WEIGHTS_FILE,
                                     ExtraArgs={"Metadata": {"sha256": digest}})
-            head = self.client.head_object(Bucket=self.bucket, Key=prefix + WEIGHTS)
+            head = self.client.head_object(Bucket=self.bucket, Key=prefix + WEIGHTS_FILE)
             if head["ContentLength"] != manifest["size"]:
-                raise S3Error(f"upload of s3://{self.bucket}/{prefix}{WEIGHTS} is truncated "
+                raise S3Error(f"upload of s3://{self.bucket}/{prefix}{WEIGHTS_FILE} is truncated "
                               f"({head['ContentLength']} of {manifest['size']} bytes)")
             try:  # create-only: of two racing publishers of one prefix, exactly one wins
                 self.client.put_object(Bucket=self.bucket, Key=prefix + MANIFEST,
@@ -270,7 +270,7 @@ class S3Lease:
 def fetch_model(client: Any, uri: str, dest: Path, endpoint: str | None) -> tuple[Path, dict[str, Any]]:
     """Download a published model (prefix or manifest URI) into ``dest`` and verify its sha256."""
     bucket, key = split_uri(uri)
-    prefix = key.removesuffix(MANIFEST).removesuffix(WEIGHTS)
+    prefix = key.removesuffix(MANIFEST).removesuffix(WEIGHTS_FILE)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     dest.mkdir(parents=True, exist_ok=True)
@@ -282,12 +282,12 @@ def fetch_model(client: Any, uri: str, dest: Path, endpoint: str | None) -> tupl
                 raise S3Error(f"no published model at s3://{bucket}/{prefix} (no {MANIFEST})") from None
             raise
         manifest = json.loads(body)
-        weights = dest / WEIGHTS
-        client.download_file(bucket, prefix + manifest.get("weights", WEIGHTS), str(weights))
+        weights = dest / WEIGHTS_FILE
+        client.download_file(bucket, prefix + manifest.get("weights", WEIGHTS_FILE), str(weights))
     digest = sha256_file(weights)
     if digest != manifest.get("sha256"):
         weights.unlink(missing_ok=True)
-        raise S3Error(f"sha256 mismatch for s3://{bucket}/{prefix}{WEIGHTS}: got {digest[:12]}..., "
+        raise S3Error(f"sha256 mismatch for s3://{bucket}/{prefix}{WEIGHTS_FILE}: got {digest[:12]}..., "
                       f"manifest says {str(manifest.get('sha256'))[:12]}...")
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return weights, manifest

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from infra.errors import HeadbenchError
 
+CHAMPION_ALIAS = "champion"  # the registry alias that names the model in service; promotion moves it
 MAX_PARAM_LEN = 6000
 
 

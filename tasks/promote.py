@@ -17,12 +17,11 @@ from prefect.cache_policies import NO_CACHE
 from infra.errors import HeadbenchError, retry_transient
 from infra.s3 import ModelStore, s3_client
 from infra.settings import Settings
-from infra.tracking import Tracker, alias_version, set_alias, set_version_tags
+from infra.tracking import CHAMPION_ALIAS, Tracker, alias_version, set_alias, set_version_tags
 from models.data import ArraySplit, resize_uint8
 from tasks.evaluate import evaluate_split
 from tasks.publish import Publication, load_published
 
-CHAMPION_ALIAS = "champion"
 PROMOTED, REJECTED, SKIPPED = "champion", "challenger-rejected", "not-promoted"
 CAS_ATTEMPTS = 5  # re-decide this many times when another run moved the alias under us
 

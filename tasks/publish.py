@@ -19,7 +19,7 @@ from infra.settings import Settings
 from infra.tracking import Tracker, register_version
 from models import HeadNet, build_model
 from models.data import IMAGENET_MEAN, IMAGENET_STD
-from models.weights import read_state_dict, save_state_dict
+from models.weights import WEIGHTS_FILE, read_state_dict, save_state_dict
 
 MANIFEST_VERSION = 1
 
@@ -64,7 +64,7 @@ def publish_model(model: nn.Module, manifest: dict[str, Any], settings: Settings
     name, run_id = manifest["model_name"], manifest["mlflow_run_id"]
     store = ModelStore(s3_client(settings), settings.model_bucket, settings.s3_endpoint_url)
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "model.safetensors"
+        weights = Path(tmp) / WEIGHTS_FILE
         save_state_dict(model, weights)
         published = store.publish(name, run_id, weights, manifest)
     tracker.set_tags({"model_s3_uri": published.uri, "model_sha256": published.manifest["sha256"]})

@@ -19,6 +19,7 @@ FIGURES = ("b1_plain_pytorch_img_s", "b2_headbench_img_s", "b2_over_b1", "flow_s
            "driver_peak_rss_mb")
 
 
+@pytest.mark.slow
 def test_tiny_bench_emits_every_figure(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private Ray: its workers are ours
@@ -36,11 +37,11 @@ def test_tiny_bench_emits_every_figure(stack: Stack, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_quality_benchmark_writes_its_report(stack: Stack, tmp_path: Path) -> None:
-    """`bench --quality --tiny`: the plain script and the retrain flow agree exactly on one worker (same loop,
+    """`bench quality --tiny`: the plain script and the retrain flow agree exactly on one worker (same loop,
     seed, split and order), and the report holds every part."""
     out, doc = tmp_path / "quality.json", tmp_path / "quality.md"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "bench", "--quality", "--tiny", "--home", str(stack.home),
+    done = subprocess.run([sys.executable, "-m", "bench", "quality", "--tiny", "--home", str(stack.home),
                            "--json", str(out), "--doc", str(doc)],
                           capture_output=True, text=True, timeout=900, check=False, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,0 +1,35 @@
+"""Stage announcements of a flow run (download, build, tune, train, evaluate, publish, promote, done).
+
+A flow calls ``stage(name)`` as it moves on; whoever runs the flow in-process (the CLI's progress bar, the
+benchmark's clock, a fault-injection test) subscribes for the duration of one call with
+``with listening(fn): flow(params)``. Listeners live in a context variable, so two flows run by two callers
+never hear each other, and a flow run from a deployment, with nobody listening, pays nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+STAGES = ("download", "build", "tune", "train", "evaluate", "publish", "promote", "done")
+
+Listener = Callable[[str], object]
+_listeners: ContextVar[tuple[Listener, ...]] = ContextVar("headbench_stage_listeners", default=())
+
+
+@contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Call ``listener(stage)`` at each stage of the flows run inside this block (in this context)."""
+    token = _listeners.set((*_listeners.get(), listener))
+    try:
+        yield
+    finally:
+        _listeners.reset(token)
+
+
+def stage(name: str) -> None:
+    """Announce that the flow run has reached ``name`` (one of ``STAGES``)."""
+    assert name in STAGES, name
+    for listener in _listeners.get():
+        listener(name)
