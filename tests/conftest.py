@@ -1,8 +1,12 @@
-"""Test-wide environment: no foreign endpoints leak in, and every Ray socket stays on 127.0.0.1."""
+"""Test-wide environment (no foreign endpoints leak in, every Ray socket stays on 127.0.0.1) and the tiers:
+every test under tests/integration/ is marked ``integration`` here, by path."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 from infra.ray_cluster import LOOPBACK_ENV
 
@@ -13,3 +17,12 @@ for _name in list(os.environ):
 os.environ.update(LOOPBACK_ENV)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.integration)

@@ -24,7 +24,7 @@ def test_compare_two_strategies_two_seeds(stack: Stack, ray_cluster: RayCluster,
             "--limit", "60", "--test-limit", "40", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
             "--workers", "1", "--cpus-per-worker", "1", "--seed", "5"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False,
-                          env=stack.cli_env(RAY_ADDRESS=ray_cluster.address, COLUMNS="250"))
+                          env=stack.cli_env(COLUMNS="250"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert re.search(r"winner (replace-fc\+linear-probe|mlp) by [+-]\d\.\d{4} test accuracy", done.stdout)
     parent_id = re.search(r"MLflow parent run : \S+/runs/(\w+)", done.stdout)
@@ -79,7 +79,7 @@ def test_compare_with_lr_tuning(stack: Stack, ray_cluster: RayCluster) -> None:
             "--epochs", "2", "--batch-size", "16", "--workers", "1", "--cpus-per-worker", "1", "--lr", "0.01",
             "--seed", "2"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False,
-                          env=stack.cli_env(RAY_ADDRESS=ray_cluster.address, COLUMNS="250"))
+                          env=stack.cli_env(COLUMNS="250"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "one seed: no interval" in done.stdout
     parent_id = re.search(r"MLflow parent run : \S+/runs/(\w+)", done.stdout)

@@ -135,6 +135,7 @@ def test_invalid_parameter_is_rejected_with_409(stack: Stack, deployed: dict[str
         assert client.post("/flow_runs/count", json={"flow_runs": {"tags": {"all_": [tag]}}}).json() == 0
 
 
+@pytest.mark.slow
 def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster: RayCluster,
                                                       deployed: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     deployment = deployed["retrain/scheduled"]

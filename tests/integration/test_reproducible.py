@@ -29,7 +29,7 @@ def _run(stack: Stack, cluster: RayCluster, seed: int, *extra: str) -> tuple[str
             "--epochs", "2", "--workers", "1", "--batch-size", "16", "--strategy", "mlp", "--augment", "standard",
             "--model-name", "repro", "--promote", "never", "--seed", str(seed), *extra]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False,
-                          env=stack.cli_env(RAY_ADDRESS=cluster.address))
+                          env=stack.cli_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_id = re.search(r"MLflow run : \S+/runs/(\w+)", done.stdout)
     s3_uri = re.search(r"S3 model   : (\S+)", done.stdout)
@@ -40,18 +40,17 @@ def _run(stack: Stack, cluster: RayCluster, seed: int, *extra: str) -> tuple[str
 
 
 def test_same_seed_same_metrics_and_same_published_weights(stack: Stack, ray_cluster: RayCluster) -> None:
+    # that another seed gives other weights and another curve is tests/unit/test_loop.py's (the same fit)
     first_id, first, _ = _run(stack, ray_cluster, 11)
     second_id, second, _ = _run(stack, ray_cluster, 11)
-    other_id, other, _ = _run(stack, ray_cluster, 12)
     assert first_id != second_id
     assert first["sha256"] == second["sha256"]  # bit for bit: init, data order, dropout, augmentation
     assert first["metrics"] == second["metrics"]
-    assert other["sha256"] != first["sha256"]  # and the seed does matter
     uri = stack.settings.mlflow_tracking_uri
     assert uri
     client = MlflowClient(uri)
-    curves = [[m.value for m in client.get_metric_history(i, "train_loss")] for i in (first_id, second_id, other_id)]
-    assert curves[0] == curves[1] != curves[2]
+    curves = [[m.value for m in client.get_metric_history(i, "train_loss")] for i in (first_id, second_id)]
+    assert len(curves[0]) == 2 and curves[0] == curves[1]
 
 
 def test_early_stopping_publishes_the_best_epoch(stack: Stack, ray_cluster: RayCluster, tmp_path: Path) -> None:

@@ -12,16 +12,19 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from models import build_model
-from models.data import ArrayDataset, ArraySplit
+from models.data import ArrayDataset, ArraySplit, normalize_batch
 from models.loop import (
     EpochEnd,
     FitConfig,
     FitHooks,
     epoch_loader,
+    extract_features,
+    feature_input,
     fit,
     image_input,
     random_resized_crop_flip,
     set_epoch,
+    train_one_epoch,
     warmup_cosine,
 )
 
@@ -174,3 +177,46 @@ def test_augmentations() -> None:
     assert torch.equal(image_input(augment="standard")(raw, False), image_input(augment="none")(raw, True))
     with pytest.raises(ValueError, match="unknown augmentation 'rotate'; allowed: none, flip, standard"):
         image_input(augment="rotate")
+
+
+def test_cached_features_give_the_same_head_logits() -> None:
+    model = build_model("resnet18", 4, "mlp:catavgmax+linear-probe").eval()
+    images = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
+    cached = extract_features(model.backbone, images, torch.device("cpu"), batch_size=3)
+    assert cached.shape == (10, 512, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.head(cached), model(normalize_batch(images)), rtol=1e-5, atol=1e-5)
+
+
+def test_head_trains_on_cached_features_and_backbone_stays_put() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, "replace-fc+linear-probe")
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    images = torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(16) % 2
+    features = extract_features(model.backbone, images, torch.device("cpu"))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, labels), batch_size=8)
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=0.01)
+    losses = [train_one_epoch(model.head, torch.nn.CrossEntropyLoss(), optimizer, loader, torch.device("cpu"),
+                              prepare=feature_input).loss for _ in range(15)]
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+
+
+def test_precise_bn_replaces_lagging_running_stats_by_exact_means() -> None:
+    from models.loop import recompute_bn_stats
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, "mlp")
+    images = torch.randint(0, 256, (24, 1, 32, 32), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(24, dtype=torch.long)),
+                                         batch_size=8)
+    with torch.no_grad():
+        model.backbone.bn1.running_mean.fill_(123.0)  # a stale statistic from another domain
+    used = recompute_bn_stats(model, loader, torch.device("cpu"), max_batches=2)
+    assert used == 2 and model.backbone.bn1.momentum == 0.1  # momentum restored
+    # bn1 sees conv1's output: its exact mean over the two batches, per channel
+    with torch.no_grad():
+        x = normalize_batch(images[:16])
+        expected = model.backbone.conv1(x).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model.backbone.bn1.running_mean, expected, rtol=1e-4, atol=1e-4)
