@@ -1,11 +1,11 @@
 """The Ray Train worker: what runs inside each of the N data-parallel worker processes.
 
-Kept apart from the Prefect task (``tasks/train.py``) so a worker imports only torch, ray.train and
-``models`` (rank 0 adds the MLflow client to log its epochs): every import here is resident memory in
-every worker. The loop itself is ``models.loop.fit``, the same function a plain script calls; Ray
-appears only in the hooks: rank and world size, ``prepare_model`` (DDP), ``prepare_data_loader`` (device
-moves; ``fit`` brings its own seeded sampler), ``report`` and the checkpoints (the shape of Ray's
-Fashion-MNIST Train example).
+Kept apart from the driver (``infra/ray_train.py``) and the Prefect task (``tasks/train.py``) so a
+worker imports only torch, ray.train and ``models`` (rank 0 adds the MLflow client to log its epochs):
+every import here is resident memory in every worker. The loop itself is ``models.loop.fit``, the same
+function a plain script calls; Ray appears only in the hooks: rank and world size, ``prepare_model``
+(DDP), ``prepare_data_loader`` (device moves; ``fit`` brings its own seeded sampler), ``report`` and the
+checkpoints (the shape of Ray's Fashion-MNIST Train example).
 """
 
 from __future__ import annotations

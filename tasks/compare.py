@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.datasets import PreparedData
 from infra.ray_cluster import init_ray
+from infra.ray_train import TrainConfig, run_training
 from infra.s3 import ray_storage
 from infra.settings import Settings
 from infra.tracking import Tracker, start_run
@@ -26,7 +27,6 @@ from models import build_model, parse_strategy
 from models.schedules import describe_plan, phase_params
 from models.stats import Interval, paired_difference
 from tasks.evaluate import evaluate_split, learning_curves_png
-from tasks.train import TrainConfig, run_training
 
 
 @dataclass(frozen=True)

@@ -1,107 +1,15 @@
-"""Ray Train fine-tuning: data-parallel TorchTrainer over N workers, CPU or GPU, local or a cluster.
-
-This module is the driver side (the Prefect task, joining or starting Ray, the trainer, the result); the
-loop each worker runs is ``infra.ray_worker.train_worker`` (``models.loop.fit`` inside). Rank 0 logs each
-epoch to MLflow by run id and writes a checkpoint (safetensors weights + optimizer state) that Ray
-persists to the S3 checkpoint bucket; a restarted worker group resumes from the latest one.
-"""
+"""The train task: data-parallel fine-tuning on Ray Train (``infra.ray_train.run_training``), checkpointed to
+S3 every epoch, resumed from the last checkpoint when the same run key runs again."""
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from infra.errors import HeadbenchError
-from infra.ray_cluster import check_placement, cluster_node_cpus, even_share
-from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
-from infra.s3 import ray_storage
+from infra.ray_train import TrainConfig, TrainOutcome, run_training
 from infra.settings import Settings
-from models import parse_strategy
 from models.data import ArraySplit
-from models.schedules import plan
-
-__all__ = ["TrainConfig", "TrainOutcome", "TrainingError", "run_training", "train_model"]
-
-
-class TrainingError(HeadbenchError):
-    pass
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    state_dict: dict[str, torch.Tensor]  # the weights to publish, unwrapped (no DDP prefixes): the last
-    #                                      epoch's, or the best epoch's under early stopping
-    history: list[dict[str, float]]  # one row per epoch, as logged
-    best_epoch: int  # the epoch whose weights ``state_dict`` holds
-    stopped_early: bool
-    checkpoint_path: str  # where Ray persisted the last checkpoint
-    ray_job_id: str  # the driver's Ray job: its RayTrainWorker actors (and their nodes) in Ray's state API
-    ray_nodes: int  # alive nodes of the cluster when training started
-    augmentation: str  # what the augmentation applied to, e.g. "flip on image phases; none on cached features"
-
-    def tags(self) -> dict[str, str]:
-        """MLflow tags that say where the run trained, which epoch was kept and what was augmented."""
-        return {"ray.job_id": self.ray_job_id, "ray.nodes": str(self.ray_nodes), "chosen_epoch": str(self.best_epoch),
-                "stopped_early": str(self.stopped_early).lower(), "augmentation": self.augmentation}
-
-
-def augmentation_note(cfg: TrainConfig) -> str:
-    """Which phases the augmentation reached: cached-feature phases see each image once, unaugmented."""
-    phases = plan(parse_strategy(cfg.strategy).schedule, cfg.epochs, cfg.probe_epochs)
-    cached = cfg.cache_features and any(p.frozen for p in phases)
-    if cfg.augment == "none":
-        return "none"
-    if cached and all(p.frozen for p in phases):
-        return f"none: {cfg.augment} does not apply to cached backbone features"
-    return f"{cfg.augment} on image phases" + ("; cached-feature phases unaugmented" if cached else "")
-
-
-def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
-                 *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
-    """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
-    nodes = cluster_node_cpus(settings)  # starts or joins Ray before anything imports it
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    cpus = cfg.cpus_per_worker or even_share(cfg.workers, nodes)
-    if not cfg.use_gpu:
-        check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
-    storage_path, storage_fs = ray_storage(settings, "ray")
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"train": asdict(cfg), "threads": cpus, "tracking_uri": tracking_uri,
-                           "run_id": run_id, "data_ref": ray.put((train, val)), "init_ref": ray.put(init_state)},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus},
-                                     placement_strategy=cfg.placement_strategy),
-        run_config=RunConfig(name=run_key, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        root = exc
-        while root.__cause__ is not None:
-            root = root.__cause__
-        message = str(root).strip().splitlines()[-1] if str(root).strip() else root.__class__.__name__
-        raise TrainingError(f"training failed on Ray ({root.__class__.__name__}): {message}") from exc
-    if result.checkpoint is None:
-        raise TrainingError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        last, state = load_checkpoint(Path(ckpt_dir))
-    keep_best = cfg.early_stopping_patience is not None and state.best_weights is not None
-    stopped = keep_best and state.epoch < cfg.epochs
-    return TrainOutcome(state_dict=state.best_weights if keep_best else last,  # type: ignore[arg-type]
-                        history=state.history, best_epoch=state.best_epoch if keep_best else state.epoch,
-                        stopped_early=stopped, checkpoint_path=result.checkpoint.path,
-                        ray_job_id=ray.get_runtime_context().get_job_id(), ray_nodes=len(nodes),
-                        augmentation=augmentation_note(cfg))
 
 
 @task(name="train", cache_policy=NO_CACHE, log_prints=True)
@@ -110,4 +18,3 @@ def train_model(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state
     """Data-parallel fine-tuning on Ray Train, checkpointed to S3 every epoch."""
     return run_training(cfg, train, val, init_state, settings=settings, tracking_uri=tracking_uri,
                         run_id=run_id, run_key=run_key)
-
