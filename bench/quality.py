@@ -330,9 +330,9 @@ def write_doc(f: QualityFigures, command: str, seconds: float, path: Path = QUAL
 def machine_facts() -> dict[str, Any]:
     import torch
 
-    from bench.run import _cpu_model
+    from infra.procs import cpu_model
 
-    return {"cores": os.cpu_count(), "cpu": _cpu_model(), "torch": torch.__version__,
+    return {"cores": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
             "python": platform.python_version()}
 
 

@@ -1,4 +1,5 @@
-"""`headbench compare` against the real stack and Ray cluster: MLflow parent/children, artifacts, Prefect."""
+"""`headbench compare --tune lr` against the real stack and Ray cluster, once: the MLflow parent, its
+per-strategy tuning runs and their trials, the seed children trained at the tuned LR, artifacts, Prefect."""
 
 from __future__ import annotations
 
@@ -19,26 +20,40 @@ HEADBENCH = str(Path(sys.executable).parent / "headbench")
 STRATEGIES = ["replace-fc+linear-probe", "mlp"]
 
 
-def test_compare_two_strategies_two_seeds(stack: Stack, ray_cluster: RayCluster, tmp_path: Path) -> None:
-    args = [HEADBENCH, "compare", "--strategies", ",".join(STRATEGIES), "--seeds", "2", "--classes", "0-1",
-            "--limit", "60", "--test-limit", "40", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
-            "--workers", "1", "--cpus-per-worker", "1", "--seed", "5"]
+@pytest.fixture(scope="module")
+def compare_run(stack: Stack, ray_cluster: RayCluster) -> tuple[str, str]:
+    """One comparison of two strategies x two seeds, each strategy's LR first searched on Ray Tune (ASHA):
+    (stdout, parent run id)."""
+    args = [HEADBENCH, "compare", "--strategies", ",".join(STRATEGIES), "--seeds", "2", "--tune", "lr",
+            "--tune-trials", "3", "--classes", "0-1", "--limit", "60", "--test-limit", "40", "--image-size", "32",
+            "--epochs", "2", "--batch-size", "16", "--workers", "1", "--cpus-per-worker", "1", "--lr", "0.01",
+            "--seed", "5"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False,
                           env=stack.cli_env(COLUMNS="250"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert re.search(r"winner (replace-fc\+linear-probe|mlp) by [+-]\d\.\d{4} test accuracy", done.stdout)
     parent_id = re.search(r"MLflow parent run : \S+/runs/(\w+)", done.stdout)
     assert parent_id, done.stdout
+    return done.stdout, parent_id.group(1)
+
+
+def _client(stack: Stack) -> MlflowClient:
     uri = stack.settings.mlflow_tracking_uri
     assert uri
-    client = MlflowClient(uri)
-    parent = client.get_run(parent_id.group(1))
+    return MlflowClient(uri)
+
+
+def test_parent_children_artifacts_and_prefect(stack: Stack, compare_run: tuple[str, str], tmp_path: Path) -> None:
+    stdout, parent_id = compare_run
+    assert re.search(r"winner (replace-fc\+linear-probe|mlp) by [+-]\d\.\d{4} test accuracy", stdout)
+    client = _client(stack)
+    parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["headbench.kind"] == "compare"
     assert parent.data.params["strategies"] == ",".join(STRATEGIES) and parent.data.params["seeds"] == "2"
     assert parent.data.tags["winner"] in STRATEGIES
 
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    below = client.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = [r for r in below if r.data.tags["headbench.kind"] == "compare-child"]
     assert sorted((c.data.tags["strategy"], c.data.tags["seed"]) for c in children) == sorted(
         (s, str(seed)) for s in STRATEGIES for seed in (5, 6))
     shared = {k for k in children[0].data.params if not k.startswith("phase")}
@@ -70,30 +85,20 @@ def test_compare_two_strategies_two_seeds(stack: Stack, ray_cluster: RayCluster,
     assert parent.info.run_id in link["data"]
 
 
-def test_compare_with_lr_tuning(stack: Stack, ray_cluster: RayCluster) -> None:
+def test_lr_search_per_strategy_and_seeds_at_the_tuned_lr(stack: Stack, compare_run: tuple[str, str]) -> None:
     """--tune lr: per strategy a Ray Tune search (ASHA) nested parent -> strategy -> trial in MLflow, then the
-    seeds trained at the chosen LR; one seed, so the verdict says there is no interval."""
-    strategies = ["replace-fc+linear-probe", "replace-fc"]
-    args = [HEADBENCH, "compare", "--strategies", ",".join(strategies), "--seeds", "1", "--tune", "lr",
-            "--tune-trials", "3", "--classes", "0-1", "--limit", "60", "--test-limit", "40", "--image-size", "32",
-            "--epochs", "2", "--batch-size", "16", "--workers", "1", "--cpus-per-worker", "1", "--lr", "0.01",
-            "--seed", "2"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False,
-                          env=stack.cli_env(COLUMNS="250"))
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "one seed: no interval" in done.stdout
-    parent_id = re.search(r"MLflow parent run : \S+/runs/(\w+)", done.stdout)
-    assert parent_id, done.stdout
-    uri = stack.settings.mlflow_tracking_uri
-    assert uri
-    client = MlflowClient(uri)
-    parent = client.get_run(parent_id.group(1))
+    seeds trained at the chosen LR."""
+    client = _client(stack)
+    parent = client.get_run(compare_run[1])
     assert parent.data.params["tune"] == "lr"
     below = client.search_runs([parent.info.experiment_id],
                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     tuned = {r.data.tags["strategy"]: r for r in below if r.data.tags["headbench.kind"] == "tune-strategy"}
-    seeds = {r.data.tags["strategy"]: r for r in below if r.data.tags["headbench.kind"] == "compare-child"}
-    assert sorted(tuned) == sorted(seeds) == sorted(strategies)
+    seeds: dict[str, list] = {}
+    for r in below:
+        if r.data.tags["headbench.kind"] == "compare-child":
+            seeds.setdefault(r.data.tags["strategy"], []).append(r)
+    assert sorted(tuned) == sorted(seeds) == sorted(STRATEGIES)
     grid = [0.01 * 10 ** (-1.5 + 1.5 * i) for i in range(3)]  # 3 decades around --lr
     for name, run in tuned.items():
         assert run.info.status == "FINISHED"
@@ -107,4 +112,5 @@ def test_compare_with_lr_tuning(stack: Stack, ray_cluster: RayCluster) -> None:
             assert steps == ([1] if trial.data.tags["stopped_by_asha"] == "true" else [1, 2])
         best = float(run.data.metrics["best_lr"])
         assert best == pytest.approx(next(float(t.data.params["lr"]) for t in trials if t.data.tags["best"] == "true"))
-        assert float(seeds[name].data.params["lr"]) == pytest.approx(best)  # the seeds train at the tuned LR
+        assert len(seeds[name]) == 2
+        assert all(float(c.data.params["lr"]) == pytest.approx(best) for c in seeds[name])  # at the tuned LR
