@@ -126,9 +126,13 @@ def train_worker(config: dict[str, Any]) -> None:
         from infra.tracking import Tracker  # MLflow client: rank 0 only
 
         tracker = Tracker(config["tracking_uri"], config["run_id"])
+        # Epochs an earlier attempt of this run already logged. A restarted worker group resumes from the last
+        # checkpoint Ray registered, or from scratch when it died before Ray registered one: either way each
+        # epoch is logged once (a re-run epoch from the same seed repeats what was logged).
+        logged = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "train_loss")}
         if resume is not None:  # resumed: log the checkpointed epochs the failed attempt did not get to log
-            logged = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "train_loss")}
             log_epochs(tracker, [row for row in resume.history if int(row["epoch"]) not in logged])
+            logged |= {int(row["epoch"]) for row in resume.history}
 
     def on_epoch(end: EpochEnd) -> None:
         if tracker is None:
@@ -140,7 +144,9 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(end.row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         # logged only once the checkpoint holding this epoch is persisted: a crash in between loses the
         # log line, which the resumed run backfills from the checkpoint's history (never a duplicate)
-        log_epochs(tracker, [end.row])
+        if int(end.row["epoch"]) not in logged:
+            log_epochs(tracker, [end.row])
+            logged.add(int(end.row["epoch"]))
 
     hooks = FitHooks(
         rank=rank, world=world, device=device, on_epoch=on_epoch, resume=resume,

@@ -91,7 +91,7 @@ def test_worker_sigkilled_in_epoch_2_resumes_from_its_checkpoint(stack: Stack, r
     try:
         run_id = _wait_for_run(stack, name)
         _wait_for_epoch(stack, run_id, 1)
-        time.sleep(1.0)  # well inside epoch 2
+        _wait_for_snapshot(stack, run_id, 1)  # Ray registered epoch 1's checkpoint: a restart resumes from it
         workers = list_actors(address=ray_cluster.dashboard_url, limit=100, raise_on_missing_output=False,
                               filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         assert len(workers) == 2, workers
