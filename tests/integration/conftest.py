@@ -55,10 +55,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def e2e_run(stack: Stack, ray_cluster: RayCluster) -> dict[str, str]:
     """One `headbench run` on a tiny subset, 2 workers SPREAD over both nodes: the run that the end-to-end
     checks (test_retrain_e2e) and the secret scan (test_secrets) look at from the outside."""
-    args = [HEADBENCH, "run", "--classes", "0-2", "--limit", "150", "--test-limit", "60", "--image-size", "32",
-            "--epochs", str(E2E_EPOCHS), "--workers", "2", "--batch-size", "32", "--strategy", "mlp",
-            "--placement-strategy", "SPREAD", "--model-name", "e2e-test", "--seed", "3"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False,
+    return headbench_run(stack, "--classes", "0-2", "--limit", "150", "--test-limit", "60", "--image-size", "32",
+                         "--epochs", str(E2E_EPOCHS), "--workers", "2", "--batch-size", "32", "--strategy", "mlp",
+                         "--placement-strategy", "SPREAD", "--model-name", "e2e-test", "--seed", "3")
+
+
+def headbench_run(stack: Stack, *args: str, timeout: float = 900) -> dict[str, str]:
+    """`headbench run ARGS` against the stack, which must succeed: its MLflow run id, S3 URI and output."""
+    done = subprocess.run([HEADBENCH, "run", *args], capture_output=True, text=True, timeout=timeout, check=False,
                           env=stack.cli_env())
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     run_url = re.search(r"MLflow run : (\S+)", done.stdout)

@@ -4,9 +4,6 @@ stopping publishes the epoch it kept."""
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +16,17 @@ from safetensors.torch import load_file
 from infra.ray_cluster import RayCluster
 from infra.s3 import s3_client, split_uri
 from tasks.publish import load_published
-from tests.integration.conftest import Stack
-
-HEADBENCH = str(Path(sys.executable).parent / "headbench")
+from tests.integration.conftest import Stack, headbench_run
 
 
 def _run(stack: Stack, cluster: RayCluster, seed: int, *extra: str) -> tuple[str, dict[str, Any], str]:
     """One 1-worker CPU run; (MLflow run id, published manifest, its S3 URI)."""
-    args = [HEADBENCH, "run", "--classes", "3-5", "--limit", "120", "--test-limit", "60", "--image-size", "32",
-            "--epochs", "2", "--workers", "1", "--batch-size", "16", "--strategy", "mlp", "--augment", "standard",
-            "--model-name", "repro", "--promote", "never", "--seed", str(seed), *extra]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False,
-                          env=stack.cli_env())
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_id = re.search(r"MLflow run : \S+/runs/(\w+)", done.stdout)
-    s3_uri = re.search(r"S3 model   : (\S+)", done.stdout)
-    assert run_id and s3_uri, done.stdout
-    bucket, prefix = split_uri(s3_uri.group(1))
+    run = headbench_run(stack, "--classes", "3-5", "--limit", "120", "--test-limit", "60", "--image-size", "32",
+                        "--epochs", "2", "--workers", "1", "--batch-size", "16", "--strategy", "mlp", "--augment",
+                        "standard", "--model-name", "repro", "--promote", "never", "--seed", str(seed), *extra)
+    bucket, prefix = split_uri(run["s3_uri"])
     body = s3_client(stack.settings).get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read()
-    return run_id.group(1), json.loads(body), s3_uri.group(1)
+    return run["run_id"], json.loads(body), run["s3_uri"]
 
 
 # At this LR and seed the val loss falls, then rises at epoch 3: patience 1 stops there and keeps epoch 2.
