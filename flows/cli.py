@@ -224,8 +224,19 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any]) -> Any:
 
 def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
     result = run_flow(settings, "retrain", values)
-    say(f"test accuracy {result.test_accuracy:.4f}  macro-F1 {result.test_macro_f1:.4f}")
+    if result.skipped:
+        say(f"{result.promotion_reason}; champion is v{result.champion_version}")
+        say(f"MLflow run : {result.run_url}  (the champion's)")
+        say(f"S3 model   : {result.s3_uri}")
+        return result
+    m = result.test_metrics
+    top5 = f"  top-5 {m['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in m else ""
+    say(f"test accuracy {result.test_accuracy:.4f}  macro-F1 {result.test_macro_f1:.4f}  ECE {m['test_ece']:.4f}"
+        f"{top5}")
+    say(f"inference  : {m['latency_p50_ms']:.1f} ms p50, {m['latency_p95_ms']:.1f} ms p95 at batch 1; "
+        f"{m['throughput_b64_img_s']:.0f} img/s at batch 64 (CPU)")
     say(f"MLflow run : {result.run_url}")
+    say(f"MLflow model: {result.model_uri}")
     say(f"S3 model   : {result.s3_uri}")
     say(f"registered : {result.registered_model} version {result.version}")
     say(f"promotion  : {result.promotion} ({result.promotion_reason}); champion is "
@@ -303,6 +314,8 @@ def run(
     min_margin: Annotated[float, typer.Option(help="if-better: challenger must beat champion by more")] = 0.0,
     resume_run_id: Annotated[str | None, typer.Option(help="MLflow run id of an unfinished retrain with the same "
                                                       "options: continue it from its last checkpoint")] = None,
+    skip_if_unchanged: Annotated[bool, typer.Option(help="train nothing when the champion was trained on the same "
+                                                    "data digest with the same options")] = False,
     home: HomeOpt = None,
 ) -> None:
     """Run one retraining (the `retrain` Prefect flow) and print the MLflow run URL and the S3 URI."""
@@ -405,19 +418,17 @@ def predict(
     """Classify image files with a published model, preprocessing as its manifest says; prints top-k."""
     settings = _settings(home)
     settings.export_env()
-    from infra.tracking import resolve_registered
+    from infra.published import load_published, publication_of
     from models.predict import load_images, top_k
-    from tasks.publish import load_published
 
     if not model.startswith(("models:/", "s3://")):
         fail(f"--model {model!r}: expected models:/<name>@<alias>, models:/<name>/<version> or s3://bucket/prefix")
     try:
-        source = model
         if model.startswith("models:/"):
             if not settings.mlflow_tracking_uri:
                 fail("MLFLOW_TRACKING_URI is not set and no local stack env file was found; run `headbench up`")
             require_up("MLflow tracking server", settings.mlflow_tracking_uri)
-            source = resolve_registered(settings.mlflow_tracking_uri, model)
+        source = publication_of(model, settings)
         net, manifest = load_published(source, settings)
         batch = load_images(images, int(manifest["image_size"]), int(manifest.get("channels", 3)))
     except (HeadbenchError, ValueError) as exc:

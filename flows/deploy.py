@@ -98,7 +98,7 @@ def deploy_all(settings: Settings, *, cron: str = DEFAULT_CRON, timezone: str = 
     schedule = cron_schedule(cron, timezone)
     ui = (settings.prefect_api_url or "").removesuffix("/").removesuffix("/api")
     ensure_work_pool(settings.work_pool)
-    defaults = {RETRAIN: retrain_params or RetrainParams(warm_start="champion"),
+    defaults = {RETRAIN: retrain_params or RetrainParams(warm_start="champion", skip_if_unchanged=True),
                 COMPARE: compare_params or CompareParams()}
     deployed = []
     for target in TARGETS:

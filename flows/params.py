@@ -140,10 +140,15 @@ class RetrainParams(TrainingParams):
     resume_run_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="MLflow run id of an "
                                       "unfinished retrain with the same parameters: continue that run from its "
                                       "last S3 checkpoint instead of starting over")
+    skip_if_unchanged: bool = Field(False, description="train nothing when the champion of model_name was "
+                                    "trained on the same data (digest of every file read) with the same "
+                                    "training parameters; the flow run completes with 'skipped: nothing changed'")
 
     def identity(self) -> dict[str, str]:
-        """What must match for a resume: everything that shapes data, model and training (as MLflow params)."""
-        skip = {"resume_run_id", "promote", "promotion_metric", "min_margin", "placement_strategy"}
+        """What must match for a resume, or for skip_if_unchanged: everything that shapes data, model and
+        training (as MLflow params)."""
+        skip = {"resume_run_id", "promote", "promotion_metric", "min_margin", "placement_strategy",
+                "skip_if_unchanged"}
         return {k: str(v) for k, v in self.model_dump().items() if k not in skip}
 
     @field_validator("strategy")

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from flows.params import RetrainParams
 from flows.stages import stage
+from infra.lineage import lineage, log_datasets
 from infra.settings import load_settings, require_servers
 from infra.tracking import CHAMPION_ALIAS, alias_version, flatten, reopen_run, run_url, start_run
 from models import parse_strategy
@@ -25,23 +26,32 @@ from models.schedules import describe_plan, phase_params
 from tasks.build import build_head_model
 from tasks.data import download_data
 from tasks.evaluate import evaluate_model, log_learning_curves
+from tasks.freshness import DATA_DIGEST_PARAM, Freshness, check_unchanged
 from tasks.promote import Decision, PromotionPolicy, promote_model
 from tasks.publish import build_manifest, publish_model
 from tasks.train import train_model
 
+SKIPPED = "skipped"
+
 
 class RetrainResult(BaseModel):
-    run_id: str
+    run_id: str  # of this run's MLflow run; for a skipped run, the champion's
     run_url: str
     s3_uri: str
+    model_uri: str = ""  # the MLflow logged model (models:/<model id>), the registry version's source
     registered_model: str
     version: str
     test_accuracy: float
     test_macro_f1: float
+    test_metrics: dict[str, float] = {}  # every test metric and the inference speed (empty when skipped)
     history: list[dict[str, float]]
-    promotion: str  # champion | challenger-rejected | not-promoted
+    promotion: str  # champion | challenger-rejected | not-promoted | skipped
     promotion_reason: str
     champion_version: str | None  # the alias target after this run
+
+    @property
+    def skipped(self) -> bool:
+        return self.promotion == SKIPPED
 
 
 def run_params() -> tuple[dict[str, Any], str]:
@@ -79,7 +89,7 @@ def resolve_warm_start(params: RetrainParams, tracking_uri: str) -> tuple[str, s
 
 
 def summary_markdown(params: RetrainParams, metrics: dict[str, float], decision: Decision, run_link: str,
-                     s3_uri: str) -> str:
+                     s3_uri: str, model_uri: str = "") -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
     champion = (f"v{decision.champion_version} scored {decision.champion_score:.4f} on this test split"
                 if decision.champion_score is not None else "none compared")
@@ -87,7 +97,25 @@ def summary_markdown(params: RetrainParams, metrics: dict[str, float], decision:
             f"{params.arch} · strategy `{params.strategy}` · {params.epochs} epochs · dataset {params.dataset}\n\n"
             f"| metric | value |\n|---|---|\n{rows}\n\n"
             f"**Promotion: {decision.outcome}** ({decision.metric}): {decision.reason}. Champion before: {champion}."
-            f"\n\n[MLflow run]({run_link}) · model `{s3_uri}`\n")
+            f"\n\n[MLflow run]({run_link}) · MLflow model `{model_uri}` · S3 copy `{s3_uri}`\n")
+
+
+def skipped_result(params: RetrainParams, fresh: Freshness, tracking_uri: str, flow_run_id: str) -> RetrainResult:
+    """skip_if_unchanged found nothing new: report the champion, train nothing, create no MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    assert fresh.champion_run_id and fresh.champion_version
+    run = MlflowClient(tracking_uri).get_run(fresh.champion_run_id)
+    link = run_url(tracking_uri, fresh.champion_run_id)
+    if flow_run_id:
+        create_markdown_artifact(markdown=f"# retrain `{params.model_name}`: {fresh.reason}\n\nChampion "
+                                 f"v{fresh.champion_version} stays: [MLflow run]({link})\n", key="retrain-summary")
+    return RetrainResult(run_id=fresh.champion_run_id, run_url=link, s3_uri=run.data.tags.get("model_s3_uri", ""),
+                         model_uri=run.data.tags.get("model_uri", ""),
+                         registered_model=params.model_name, version=fresh.champion_version,
+                         test_accuracy=run.data.metrics.get("test_accuracy", float("nan")),
+                         test_macro_f1=run.data.metrics.get("test_macro_f1", float("nan")), history=[],
+                         promotion=SKIPPED, promotion_reason=fresh.reason, champion_version=fresh.champion_version)
 
 
 def versions() -> dict[str, str]:
@@ -108,6 +136,12 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
 
     stage("download")
     data = download_data(params.data_spec(), settings)
+    if params.skip_if_unchanged and not params.resume_run_id:
+        fresh = check_unchanged(tracking_uri, params.model_name, data.files_digest, params.identity())
+        print(fresh.reason)
+        if fresh.unchanged:
+            stage("done")
+            return skipped_result(params, fresh, tracking_uri, str(flow_run.get_id() or ""))
 
     stage("build")
     weights, warm_version = resolve_warm_start(params, tracking_uri)
@@ -130,12 +164,14 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
             "val_size": len(data.val), "test_size": len(data.test), "skipped_images": data.skipped,
             "in_features": built.model.in_features, "trainable_params": built.trainable,
             "total_params": built.total, "weights_source": built.weights_source,
-            "warm_start_version": warm_version or "none"}
+            "warm_start_version": warm_version or "none", DATA_DIGEST_PARAM: data.files_digest,
+            **{f"{split}_data_sha256": digest for split, digest in data.digests.items()}}
         phases = describe_plan(built.model, spec.schedule, params.epochs, params.probe_epochs, params.lr)
         if not params.resume_run_id:  # a resumed run keeps the params it logged (MLflow params are immutable)
             tracker.log_params(params.model_dump() | derived | flatten("version", versions()) |
                                phase_params(phases))
             tracker.log_dict(phases, "training/phases.json")
+            log_datasets(tracker, data, params.dataset)
 
         stage("train")
         outcome = train_model(params.train_config(spec.name, data.num_classes), data.train, data.val,
@@ -151,24 +187,28 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
         manifest = build_manifest(
             built.model, model_name=params.model_name, class_names=data.class_names,
             class_indices=data.class_indices, image_size=params.image_size,
-            data=asdict(params.data_spec()), metrics=metrics.as_dict(), run_id=tracker.run_id,
+            data=asdict(params.data_spec()), lineage=lineage(data, params.dataset), metrics=metrics.as_dict(),
+            run_id=tracker.run_id,
             hidden_dim=params.hidden_dim, dropout=params.dropout, channels=int(data.test.images.shape[1]))
-        publication = publish_model(built.model, manifest, settings, tracker)
+        publication = publish_model(built.model, manifest, data.test.images, settings, tracker)
 
         stage("promote")
         policy = PromotionPolicy(params.promote, params.promotion_metric, params.min_margin)
-        decision = promote_model(publication, metrics.as_dict(), data.test, data.class_names, policy, settings,
-                                 tracker, context={k: v for k, v in links.items() if v})
+        decision = promote_model(publication, metrics.as_dict(), data.test, data.digests["test"], data.class_names,
+                                 policy, settings, tracker, context={k: v for k, v in links.items() if v})
     link = run_url(tracking_uri, tracker.run_id)
     champion = alias_version(tracking_uri, params.model_name, CHAMPION_ALIAS)
     if links["prefect.flow_run_id"]:
         create_link_artifact(link=link, link_text=f"MLflow run of {params.model_name} v{publication.version}",
                              key="retrain-mlflow-run")
-        create_markdown_artifact(markdown=summary_markdown(params, metrics.as_dict(), decision, link,
-                                                           publication.s3_uri), key="retrain-summary")
+        summary = summary_markdown(params, metrics.as_dict() | metrics.inference, decision, link, publication.s3_uri,
+                                   publication.model_uri)
+        create_markdown_artifact(markdown=summary, key="retrain-summary")
     stage("done")
     return RetrainResult(run_id=tracker.run_id, run_url=link, s3_uri=publication.s3_uri,
-                         registered_model=publication.registered_model, version=publication.version,
-                         test_accuracy=metrics.accuracy, test_macro_f1=metrics.macro_f1, history=outcome.history,
+                         model_uri=publication.model_uri, registered_model=publication.registered_model,
+                         version=publication.version,
+                         test_accuracy=metrics.accuracy, test_macro_f1=metrics.macro_f1,
+                         test_metrics=metrics.as_dict() | metrics.inference, history=outcome.history,
                          promotion=decision.outcome, promotion_reason=decision.reason,
                          champion_version=champion.version if champion else None)

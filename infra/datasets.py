@@ -71,7 +71,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 @dataclass
 class RawDataset:
-    """Images as uint8 arrays (N, H, W) or (N, C, H, W), integer labels, and the class names."""
+    """Images as uint8 arrays (N, H, W) or (N, C, H, W), integer labels, and the class names.
+
+    Every example has a key naming the bytes it came from (an image file's sha256, or a Fashion-MNIST
+    file's sha256 and the row), so a split's digest says which examples it holds whatever the image size;
+    ``files_digest`` covers every file or object read, the unreadable ones too."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -80,6 +84,17 @@ class RawDataset:
     class_names: list[str]
     source: str
     skipped: int = 0  # corrupt images skipped while decoding
+    train_keys: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
+    test_keys: np.ndarray | None = None
+    files_digest: str = ""
+
+
+def digest_lines(lines: Sequence[str]) -> str:
+    """sha256 over sorted lines: a digest of a set of files or examples, independent of listing order."""
+    digest = hashlib.sha256()
+    for line in sorted(lines):
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()
 
 
 def _sha256(data: bytes) -> str:
@@ -175,8 +190,17 @@ def load_fashion_mnist(cache_dir: Path, sources: FashionMnistSources | None = No
     cache = cache_dir / "fashion-mnist"
     arrays = [_parse_idx(_fetch_fashion_file(f, cache, src)) for f in FASHION_MNIST_FILES]
     train_x, train_y, test_x, test_y = arrays
+    train_file, test_file = FASHION_MNIST_FILES[0], FASHION_MNIST_FILES[2]
     return RawDataset(train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64),
-                      list(FASHION_MNIST_CLASSES), source="fashion-mnist")
+                      list(FASHION_MNIST_CLASSES), source="fashion-mnist",
+                      train_keys=_row_keys(train_file.sha256, len(train_x)),
+                      test_keys=_row_keys(test_file.sha256, len(test_x)),
+                      files_digest=digest_lines([f"{f.name}\t{f.sha256}" for f in FASHION_MNIST_FILES]))
+
+
+def _row_keys(file_sha256: str, count: int) -> np.ndarray:
+    """Example keys of an IDX file's rows: the file's content hash and the row number."""
+    return np.array([f"{file_sha256[:16]}:{i}" for i in range(count)], dtype=object)
 
 
 # ----------------------------------------------------------------------------------------- ImageFolder
@@ -215,28 +239,43 @@ def _download_prefix(client: Any, uri: str, dest: Path, endpoint: str | None) ->
     return dest
 
 
-def _read_tree(root: Path, size: int, class_names: list[str] | None) -> tuple[np.ndarray, np.ndarray,
-                                                                              list[str], int, int]:
+@dataclass
+class Tree:
+    """One decoded ImageFolder tree: images, labels, class names, and what was read."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    keys: np.ndarray  # sha256 of each decoded image's file
+    files: list[str]  # "<relative path>\t<sha256>" of every file read, undecodable ones included
+    skipped: int
+
+
+def _read_tree(root: Path, size: int, class_names: list[str] | None) -> Tree:
     classes = class_names or sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise DatasetError(f"ImageFolder {root} has {len(classes)} class folder(s); need >= 2 "
                            "(layout <class>/<image>)")
-    images, labels, skipped, total = [], [], 0, 0
+    images, labels, keys, read, skipped = [], [], [], [], 0
     for label, name in enumerate(classes):
         folder = root / name
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         if not files:
             raise DatasetError(f"class folder {name!r} in {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for path in files:
-            total += 1
-            arr = _decode(path.read_bytes(), size)
+            data = path.read_bytes()
+            sha = _sha256(data)
+            read.append(f"{path.relative_to(root).as_posix()}\t{sha}")
+            arr = _decode(data, size)
             if arr is None:
                 skipped += 1
                 log.warning("skipping corrupt image %s", path)
                 continue
             images.append(arr)
             labels.append(label)
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes, skipped, total
+            keys.append(sha)
+    return Tree(np.stack(images), np.asarray(labels, dtype=np.int64), classes, np.array(keys, dtype=object), read,
+                skipped)
 
 
 def load_image_folder(uri: str, image_size: int, cache_dir: Path, s3: Any | None = None,
@@ -252,19 +291,18 @@ def load_image_folder(uri: str, image_size: int, cache_dir: Path, s3: Any | None
         if not root.is_dir():
             raise DatasetError(f"unknown dataset {uri!r}: not a built-in ({', '.join(BUILTIN_DATASETS)}), "
                                "an existing directory or an s3://bucket/prefix URI")
-    if (root / "train").is_dir():
-        x, y, names, skipped, total = _read_tree(root / "train", image_size, None)
-        tx, ty, test_skipped, test_total = None, None, 0, 0
-        if (root / "test").is_dir():
-            tx, ty, _, test_skipped, test_total = _read_tree(root / "test", image_size, names)
-        skipped, total = skipped + test_skipped, total + test_total
-    else:
-        x, y, names, skipped, total = _read_tree(root, image_size, None)
-        tx = ty = None
-    if skipped > MAX_CORRUPT_FRACTION * total:
-        raise DatasetError(f"{skipped} of {total} images in {uri} are corrupt (more than "
+    split_layout = (root / "train").is_dir()
+    train = _read_tree(root / "train" if split_layout else root, image_size, None)
+    test = _read_tree(root / "test", image_size, train.classes) if split_layout and (root / "test").is_dir() else None
+    files = [f"train/{line}" for line in train.files] if split_layout else list(train.files)
+    files += [f"test/{line}" for line in test.files] if test else []
+    skipped = train.skipped + (test.skipped if test else 0)
+    if skipped > MAX_CORRUPT_FRACTION * len(files):
+        raise DatasetError(f"{skipped} of {len(files)} images in {uri} are corrupt (more than "
                            f"{MAX_CORRUPT_FRACTION:.0%}); refusing to train on it")
-    return RawDataset(x, y, tx, ty, names, source=uri, skipped=skipped)
+    return RawDataset(train.images, train.labels, test.images if test else None, test.labels if test else None,
+                      train.classes, source=uri, skipped=skipped, train_keys=train.keys,
+                      test_keys=test.keys if test else None, files_digest=digest_lines(files))
 
 
 # ----------------------------------------------------------------------------------------- preparation
@@ -284,6 +322,9 @@ class DataSpec:
     seed: int = 0
 
 
+SPLITS = ("train", "val", "test")
+
+
 @dataclass
 class PreparedData:
     train: ArraySplit
@@ -293,6 +334,11 @@ class PreparedData:
     class_indices: list[int]  # their indices in the source dataset
     source: str
     skipped: int = 0
+    files_digest: str = ""  # sha256 over every file or object read (the source's digest)
+    digests: dict[str, str] = field(default_factory=dict)  # per split: sha256 over (example key, class name)
+
+    def split(self, name: str) -> ArraySplit:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
 
     @property
     def num_classes(self) -> int:
@@ -312,6 +358,11 @@ def load_raw(spec: DataSpec, cache_dir: Path, s3: Any | None = None, bucket: str
         raise DatasetError(str(exc)) from None
 
 
+def _keys(keys: np.ndarray | None, count: int) -> np.ndarray:
+    """A raw dataset's example keys, or row numbers for arrays built without them."""
+    return keys if keys is not None and len(keys) == count else np.arange(count).astype(str).astype(object)
+
+
 def prepare(raw: RawDataset, spec: DataSpec) -> PreparedData:
     """Class subset -> stratified limit -> seeded stratified train/val split -> resize to uint8 tensors."""
     try:
@@ -319,27 +370,38 @@ def prepare(raw: RawDataset, spec: DataSpec) -> PreparedData:
     except ValueError as exc:
         raise DatasetError(f"{exc} (dataset {spec.dataset})") from None
     pool_idx, pool_y = select_classes(raw.train_labels, classes)
+    train_keys = _keys(raw.train_keys, len(raw.train_labels))
     if raw.test_images is not None and raw.test_labels is not None:
         test_idx, test_y = select_classes(raw.test_labels, classes)
         test_x = raw.test_images[test_idx]
+        test_keys = _keys(raw.test_keys, len(raw.test_labels))[test_idx]
     else:  # no official test split: hold out a stratified, seeded part of the data
         keep, held = stratified_split(pool_y, spec.test_fraction, spec.seed + 1)
-        test_x, test_y = raw.train_images[pool_idx[held]], pool_y[held]
+        test_x, test_y, test_keys = raw.train_images[pool_idx[held]], pool_y[held], train_keys[pool_idx[held]]
         pool_idx, pool_y = pool_idx[keep], pool_y[keep]
     if spec.limit is not None:
         chosen = stratified_subset(pool_y, spec.limit, spec.seed)
         pool_idx, pool_y = pool_idx[chosen], pool_y[chosen]
     if spec.test_limit is not None:
         chosen = stratified_subset(test_y, spec.test_limit, spec.seed)
-        test_x, test_y = test_x[chosen], test_y[chosen]
+        test_x, test_y, test_keys = test_x[chosen], test_y[chosen], test_keys[chosen]
     train_i, val_i = stratified_split(pool_y, spec.val_fraction, spec.seed)
-    pool_x = raw.train_images[pool_idx]
+    pool_x, pool_keys = raw.train_images[pool_idx], train_keys[pool_idx]
+    names = [raw.class_names[c] for c in classes]
+
+    def digest(keys: np.ndarray, labels: np.ndarray) -> str:
+        # which examples, with which label name: the same whatever the image size or the classes' order
+        return digest_lines([f"{k}\t{names[y]}" for k, y in zip(keys, labels.tolist(), strict=True)])
+
     return PreparedData(
         train=ArraySplit(resize_uint8(pool_x[train_i], spec.image_size), pool_y[train_i]),
         val=ArraySplit(resize_uint8(pool_x[val_i], spec.image_size), pool_y[val_i]),
         test=ArraySplit(resize_uint8(test_x, spec.image_size), test_y),
-        class_names=[raw.class_names[c] for c in classes],
+        class_names=names,
         class_indices=classes,
         source=raw.source,
         skipped=raw.skipped,
+        files_digest=raw.files_digest,
+        digests={"train": digest(pool_keys[train_i], pool_y[train_i]), "val": digest(pool_keys[val_i], pool_y[val_i]),
+                 "test": digest(test_keys, test_y)},
     )

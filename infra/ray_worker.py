@@ -19,7 +19,7 @@ import torch
 
 from models import build_model, parse_strategy
 from models.loop import NOT_METRICS, EpochEnd, FitConfig, FitHooks, FitState, fit
-from models.weights import WEIGHTS_FILE, save_state_dict
+from models.weights import WEIGHTS_FILE, headbench_keys, save_state_dict
 
 TRAIN_STATE = "train_state.pt"
 BEST_WEIGHTS_FILE = "best.safetensors"
@@ -92,7 +92,8 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], FitState]
 
     best = load_file(directory / BEST_WEIGHTS_FILE) if (directory / BEST_WEIGHTS_FILE).exists() else None
     saved = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
-    return load_file(directory / WEIGHTS_FILE), FitState.from_train_state(saved, best)
+    # replace-fc weights are saved under torchvision's names (see models.weights.publishable_state_dict)
+    return headbench_keys(load_file(directory / WEIGHTS_FILE)), FitState.from_train_state(saved, best)
 
 
 def train_worker(config: dict[str, Any]) -> None:

@@ -22,15 +22,41 @@ from infra.errors import HeadbenchError
 
 CHAMPION_ALIAS = "champion"  # the registry alias that names the model in service; promotion moves it
 MAX_PARAM_LEN = 6000
+# logged-model tags (and MLmodel metadata) naming the S3 publication a logged model was made from
+S3_URI_KEY, SHA256_KEY = "headbench.s3_uri", "headbench.sha256"
 
 
 class TrackingError(HeadbenchError):
     pass
 
 
+MAX_KEY_LEN = 250  # MLflow's limit on metric, param and tag keys
+CLASS_KEY_LEN = 64  # room for prefixes such as 'test_precision_'
+
+
 def metric_key(name: str) -> str:
     """MLflow keys allow alphanumerics, ``_ - . / space``; class names like 'T-shirt/top' are made safe."""
     return re.sub(r"[^0-9A-Za-z_\-. ]", "_", name).strip().replace(" ", "_")
+
+
+def class_metric_keys(names: list[str]) -> list[str]:
+    """One valid, unique metric key per class name, the same for a name in every run.
+
+    A name that is already a clean key stays as it is ('Trouser'); any other one ('T-shirt/top', '猫',
+    a 300-character name) becomes its cleaned, shortened form plus 8 hex digits of its sha256, so names
+    that clean to the same text ('猫' and '犬' both to '_') never collide."""
+    import hashlib
+
+    keys = []
+    for name in names:
+        clean = metric_key(name)
+        if clean != name or len(clean) > CLASS_KEY_LEN or not clean:
+            tag = hashlib.sha256(name.encode()).hexdigest()[:8]
+            clean = f"{clean[:CLASS_KEY_LEN - 9]}-{tag}".lstrip("-") if clean.strip("_") else f"class-{tag}"
+        keys.append(clean)
+    if len(set(keys)) != len(keys):  # only identical names collide: the class list itself repeats a name
+        raise TrackingError(f"class names are not unique: {sorted({n for n in names if names.count(n) > 1})}")
+    return keys
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -141,8 +167,10 @@ def run_url(tracking_uri: str, run_id: str) -> str:
 
 
 def register_version(tracking_uri: str, name: str, source: str, run_id: str,
-                     tags: Mapping[str, str] | None = None, description: str | None = None) -> str:
-    """Create the registered model if needed, then a new version pointing at ``source``; returns it."""
+                     tags: Mapping[str, str] | None = None, description: str | None = None,
+                     model_id: str | None = None) -> str:
+    """Create the registered model if needed, then a new version pointing at ``source`` (the logged
+    model's ``models:/<model id>``); returns it."""
     client = MlflowClient(tracking_uri)
     try:
         client.get_registered_model(name)
@@ -152,14 +180,30 @@ def register_version(tracking_uri: str, name: str, source: str, run_id: str,
         if existing.source == source:  # a retry after registering: one version per published model
             return str(existing.version)
     version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}),
-                                          description=description)
+                                          description=description, model_id=model_id)
     return str(version.version)
 
 
+def publication_uri(client: MlflowClient, source: str) -> str:
+    """A registry version's source -> its S3 publication: a ``models:/<model id>`` source through the
+    logged model's tag; an ``s3://`` source as it is."""
+    if source.startswith("s3://"):
+        return source
+    try:
+        uri = client.get_logged_model(source.removeprefix("models:/")).tags.get(S3_URI_KEY)
+    except MlflowException as exc:
+        raise TrackingError(f"logged model {source} not found: {exc.message.splitlines()[0]}") from None
+    if not uri:
+        raise TrackingError(f"logged model {source} has no {S3_URI_KEY} tag: not a headbench publication")
+    return str(uri)
+
+
 def resolve_registered(tracking_uri: str, uri: str) -> str:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> the version's source (an S3 prefix)."""
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> the S3 publication of that version."""
     rest = uri.removeprefix("models:/")
     client = MlflowClient(tracking_uri)
+    if "@" not in rest and "/" not in rest:  # models:/<model id>: a logged model, registered or not
+        return publication_uri(client, uri)
     try:
         if "@" in rest:
             name, alias = rest.split("@", 1)
@@ -170,7 +214,7 @@ def resolve_registered(tracking_uri: str, uri: str) -> str:
     except MlflowException as exc:
         raise TrackingError(f"registered model {uri!r} not found at {tracking_uri}: "
                             f"{exc.message.splitlines()[0]}") from None
-    return version.source
+    return publication_uri(client, version.source)
 
 
 def alias_version(tracking_uri: str, name: str, alias: str) -> ModelVersion | None:

@@ -161,6 +161,7 @@ class EvalResult:
     accuracy: float
     predictions: torch.Tensor  # (N,) int64, this process's samples only
     targets: torch.Tensor  # (N,) int64
+    probabilities: torch.Tensor  # (N, K) float32 softmax of the logits
 
 
 @torch.no_grad()
@@ -170,7 +171,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable[tuple[torc
     model.eval()
     prepare = prepare or image_input()
     totals = torch.zeros(3, device=device)
-    preds, tgts = [], []
+    preds, tgts, probs = [], [], []
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         x = prepare(images, False)
@@ -182,12 +183,14 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable[tuple[torc
         totals += torch.stack([loss * n, (pred == targets).sum().float(), torch.tensor(float(n), device=device)])
         preds.append(pred.cpu())
         tgts.append(targets.cpu())
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
     totals = _all_reduce(totals)
     empty = torch.empty(0, dtype=torch.int64)
     return EvalResult(loss=(totals[0] / totals[2].clamp(min=1)).item(),
                       accuracy=(totals[1] / totals[2].clamp(min=1)).item(),
                       predictions=torch.cat(preds) if preds else empty,
-                      targets=torch.cat(tgts) if tgts else empty)
+                      targets=torch.cat(tgts) if tgts else empty,
+                      probabilities=torch.cat(probs) if probs else torch.empty(0, 0))
 
 
 @torch.no_grad()

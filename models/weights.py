@@ -46,14 +46,43 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_state_dict(model: nn.Module, path: Path) -> None:
-    """Save the unwrapped model's state dict as safetensors (no DDP ``module.`` prefixes)."""
+KEY_FORMATS = ("torchvision", "headbench")  # how a published state dict names its keys
+
+
+def torchvision_layout(model: nn.Module) -> bool:
+    """True when the model *is* a torchvision ResNet with ``fc`` reassigned: a ``replace-fc`` head behind
+    average pooling. Its state dict then uses torchvision's names (``conv1.weight``... ``fc.bias``) and loads
+    into ``torchvision.models.<arch>(num_classes=C)`` with ``strict=True``; other heads keep
+    ``backbone.*`` / ``head.*`` names, which torchvision has no module for."""
+    strategy = getattr(model, "strategy", None)
+    return strategy is not None and strategy.shape == "replace-fc" and strategy.pool == "avg"
+
+
+def publishable_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """The unwrapped model's tensors (no DDP ``module.`` prefix), contiguous on the CPU, and their key
+    format: torchvision's names where the model is torchvision's (see ``torchvision_layout``)."""
     inner = model.module if hasattr(model, "module") else model
     state = {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
-    save_file(state, path)
+    if not torchvision_layout(inner):
+        return state, "headbench"
+    # backbone.layer1.0.conv1.weight -> layer1.0.conv1.weight; head.fc.weight -> fc.weight (avg pool and
+    # flatten hold no tensors, so this is every key)
+    return {k.removeprefix("backbone.").removeprefix("head."): v for k, v in state.items()}, "torchvision"
 
 
-def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def save_state_dict(model: nn.Module, path: Path) -> str:
+    """Save the model's state dict as safetensors; returns its key format (``KEY_FORMATS``)."""
+    state, key_format = publishable_state_dict(model)
+    save_file(state, path, metadata={"format": "pt", "key_format": key_format})
+    return key_format
+
+
+def load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a published state dict in either key format with ``strict=True``: every key, every shape."""
+    model.load_state_dict(headbench_keys(state), strict=True)
+
+
+def headbench_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map torchvision ResNet keys (``conv1.weight``, ``fc.bias``) and DDP keys to HeadNet keys."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -69,7 +98,7 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
     """Load the backbone strictly (every key, every shape); load the head only where it fits exactly."""
-    state = _normalise_keys(state)
+    state = headbench_keys(state)
     own = model.state_dict()
     backbone_own = {k for k in own if k.startswith("backbone.")}
     backbone_given = {k for k in state if k.startswith("backbone.")}

@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.datasets import PreparedData
+from infra.plots import learning_curves_png
 from infra.ray_cluster import init_ray
 from infra.ray_train import TrainConfig, run_training
 from infra.s3 import ray_storage
@@ -26,7 +27,7 @@ from infra.tuning import TUNE_METRIC, lr_grid, tune_lr
 from models import build_model, parse_strategy
 from models.schedules import describe_plan, phase_params
 from models.stats import Interval, paired_difference
-from tasks.evaluate import evaluate_split, learning_curves_png
+from tasks.evaluate import evaluate_split
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Evaluation task: test accuracy, per-class precision/recall/F1 and a confusion-matrix plot -> MLflow."""
+"""Evaluation task: test accuracy, macro-F1, calibration (ECE), top-5, per-class precision/recall/F1,
+inference latency and throughput -> MLflow metrics, with the per-class table and the figures as artifacts."""
 
 from __future__ import annotations
 
+import csv
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -11,10 +13,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from infra.tracking import Tracker, metric_key
+from infra.plots import confusion_png, learning_curves_png, misclassified_png, reliability_png
+from infra.tracking import Tracker, class_metric_keys
 from models.data import ArrayDataset, ArraySplit
 from models.loop import evaluate
-from models.metrics import ClassificationReport, classification_report
+from models.metrics import Calibration, ClassificationReport, calibration, classification_report, top_k_accuracy
+from models.predict import inference_speed
+
+ECE_BINS = 15
+TOP_K = 5  # top-5 accuracy is reported when there are more than 5 classes
+MISCLASSIFIED_SHOWN = 24
 
 
 @dataclass(frozen=True)
@@ -22,86 +30,75 @@ class TestMetrics:
     accuracy: float
     macro_f1: float
     loss: float
+    ece: float
+    top5: float | None  # None with <= 5 classes, where it is always 1
     report: ClassificationReport
+    calibration: Calibration
+    predictions: torch.Tensor  # (N,)
+    confidence: torch.Tensor  # (N,) top-1 probability
+    inference: dict[str, float] = field(default_factory=dict)  # latency p50/p95 at batch 1, img/s at 64
 
     def as_dict(self) -> dict[str, float]:
-        return {"test_accuracy": self.accuracy, "test_macro_f1": self.macro_f1, "test_loss": self.loss}
+        out = {"test_accuracy": self.accuracy, "test_macro_f1": self.macro_f1, "test_loss": self.loss,
+               "test_ece": self.ece}
+        return out | ({"test_top5_accuracy": self.top5} if self.top5 is not None else {})
 
 
 def evaluate_split(model: nn.Module, split: ArraySplit, num_classes: int, batch_size: int = 256) -> TestMetrics:
-    """Plain single-process evaluation on the CPU (also used to check a published model)."""
+    """Plain single-process evaluation on the CPU (also used to score a champion on this run's split)."""
     loader = torch.utils.data.DataLoader(ArrayDataset(split), batch_size=batch_size, shuffle=False)
     result = evaluate(model, nn.CrossEntropyLoss(), loader, torch.device("cpu"))
     report = classification_report(result.targets, result.predictions, num_classes)
-    return TestMetrics(accuracy=result.accuracy, macro_f1=report.macro_f1, loss=result.loss, report=report)
+    cal = calibration(result.probabilities, result.targets, ECE_BINS)
+    top5 = top_k_accuracy(result.probabilities, result.targets, TOP_K) if num_classes > TOP_K else None
+    return TestMetrics(accuracy=result.accuracy, macro_f1=report.macro_f1, loss=result.loss, ece=cal.ece, top5=top5,
+                       report=report, calibration=cal, predictions=result.predictions,
+                       confidence=result.probabilities.max(dim=1).values if len(result.targets) else torch.empty(0))
 
 
-def confusion_png(report: ClassificationReport, class_names: list[str], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = report.confusion.numpy()
-    k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def per_class_csv(metrics: TestMetrics, class_names: list[str], path: Path) -> Path:
+    rep = metrics.report
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class", "metric_key", "precision", "recall", "f1", "support"])
+        for i, (name, key) in enumerate(zip(class_names, class_metric_keys(class_names), strict=True)):
+            writer.writerow([name, key, f"{rep.precision[i]:.6f}", f"{rep.recall[i]:.6f}", f"{rep.f1[i]:.6f}",
+                             rep.support[i]])
     return path
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_model(model: nn.Module, test: ArraySplit, class_names: list[str], tracker: Tracker) -> TestMetrics:
-    """Score the trained model on the held-out test split and log metrics and plots to MLflow."""
+    """Score the trained model on the held-out test split; log metrics, the per-class table and figures."""
     metrics = evaluate_split(model, test, len(class_names))
     rep = metrics.report
     per_class: dict[str, float] = {}
-    for i, name in enumerate(class_names):
-        key = metric_key(name)
+    for i, key in enumerate(class_metric_keys(class_names)):
         per_class |= {f"test_precision_{key}": rep.precision[i], f"test_recall_{key}": rep.recall[i],
                       f"test_f1_{key}": rep.f1[i]}
-    tracker.log_metrics(metrics.as_dict() | per_class)
+    speed = inference_speed(model, torch.from_numpy(test.images))
+    tracker.log_metrics(metrics.as_dict() | per_class | speed)
+    cal = metrics.calibration
     tracker.log_dict({"classes": class_names, "confusion": rep.confusion.tolist(), "precision": rep.precision,
-                      "recall": rep.recall, "f1": rep.f1, "support": rep.support,
-                      "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}, "evaluation/report.json")
+                      "recall": rep.recall, "f1": rep.f1, "support": rep.support, "accuracy": metrics.accuracy,
+                      "macro_f1": metrics.macro_f1, "top5_accuracy": metrics.top5, "ece": cal.ece,
+                      "calibration": {"bins": len(cal.count), "edges": cal.edges, "confidence": cal.confidence,
+                                      "accuracy": cal.accuracy, "count": cal.count},
+                      "inference": speed | {"device": "cpu", "threads": torch.get_num_threads()}},
+                     "evaluation/report.json")
+    wrong = (metrics.predictions != torch.from_numpy(test.labels)).nonzero().flatten()[:MISCLASSIFIED_SHOWN]
     with tempfile.TemporaryDirectory() as tmp:
-        png = confusion_png(rep, class_names, Path(tmp) / "confusion_matrix.png",
-                            f"test accuracy {metrics.accuracy:.3f}")
-        tracker.log_artifact(png, "evaluation")
-    return metrics
-
-
-def learning_curves_png(history: list[dict[str, float]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for split in ("train", "val"):
-        loss_ax.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
-        acc_ax.plot(epochs, [r[f"{split}_accuracy"] for r in history], marker="o", label=split)
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (loss_ax, acc_ax):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        folder = Path(tmp)
+        for artifact in (
+            confusion_png(rep, class_names, folder / "confusion_matrix.png", f"test accuracy {metrics.accuracy:.3f}"),
+            reliability_png(cal, folder / "reliability_diagram.png"),
+            misclassified_png(test.images[wrong.numpy()], test.labels[wrong.numpy()].tolist(),
+                              metrics.predictions[wrong].tolist(), metrics.confidence[wrong].tolist(), class_names,
+                              folder / "misclassified.png"),
+            per_class_csv(metrics, class_names, folder / "per_class.csv"),
+        ):
+            tracker.log_artifact(artifact, "evaluation")
+    return replace(metrics, inference=speed)
 
 
 def log_learning_curves(history: list[dict[str, float]], tracker: Tracker) -> None:

@@ -1,6 +1,12 @@
 """Champion/challenger promotion: the registry alias ``champion`` moves to a new version only when the
 policy says so, judged on the challenger's own test split, with a compare-and-set on the alias.
 
+Test data: the champion is always scored again on the challenger's test split, so both numbers come from
+the same examples (one test digest). When the champion's own test split had another digest (the data
+changed, or another subset or size), the decision records "incomparable: different test data" and the
+rule is that re-scoring: a champion that trained on some of the new test images can only look better for
+it, so a promotion is never easier than it should be.
+
 Order of writes, each only after the previous one succeeded: alias -> ``champion.json`` in S3 -> version and
 run tags. A reader of the pointer never sees a model the alias has not reached; a retry of the task after
 the alias moved finishes the pointer instead of deciding again.
@@ -15,15 +21,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.errors import HeadbenchError, retry_transient
+from infra.published import load_published
 from infra.s3 import ModelStore, s3_client
 from infra.settings import Settings
 from infra.tracking import CHAMPION_ALIAS, Tracker, alias_version, set_alias, set_version_tags
 from models.data import ArraySplit, resize_uint8
 from tasks.evaluate import evaluate_split
-from tasks.publish import Publication, load_published
+from tasks.publish import Publication
 
 PROMOTED, REJECTED, SKIPPED = "champion", "challenger-rejected", "not-promoted"
 CAS_ATTEMPTS = 5  # re-decide this many times when another run moved the alias under us
+INCOMPARABLE_TEST_DATA = "incomparable: different test data"
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class Decision:
     challenger_score: float
     champion_version: str | None = None  # the champion this run was compared with
     champion_score: float | None = None  # that champion, scored on this run's test split
+    test_data: str = ""  # whether the champion's own test split was this run's ("same") or not
 
     @property
     def promoted(self) -> bool:
@@ -54,14 +63,20 @@ class Decision:
             tags["champion_version"] = self.champion_version
         if self.champion_score is not None:
             tags["champion_score"] = f"{self.champion_score:.6f}"
+        if self.test_data:
+            tags["promotion_test_data"] = self.test_data
         return tags
 
 
 def decide(policy: PromotionPolicy, version: str, score: float, champion_version: str | None,
-           champion_score: float | None, incomparable: str | None = None) -> Decision:
-    """The promotion rule, pure: first model -> champion; if-better needs score > champion + min_margin."""
+           champion_score: float | None, incomparable: str | None = None, test_data: str = "") -> Decision:
+    """The promotion rule, pure: first model -> champion; if-better needs score > champion + min_margin,
+    both scored on this run's test split (``test_data`` says whether the champion's own split was it)."""
     def make(outcome: str, reason: str) -> Decision:
-        return Decision(outcome, reason, policy.metric, version, score, champion_version, champion_score)
+        if test_data.startswith(INCOMPARABLE_TEST_DATA) and champion_score is not None:
+            reason = f"{reason}; {test_data}"
+        return Decision(outcome, reason, policy.metric, version, score, champion_version, champion_score,
+                        test_data)
 
     if policy.mode == "never":
         return make(SKIPPED, "promotion disabled (promote=never)")
@@ -78,23 +93,34 @@ def decide(policy: PromotionPolicy, version: str, score: float, champion_version
                           f"+ margin {policy.min_margin:g}")
 
 
-def score_champion(source: str, test: ArraySplit, class_names: list[str], metric: str,
-                   settings: Settings) -> tuple[float | None, str | None]:
-    """The champion's ``metric`` on this run's test split, or (None, why not comparable)."""
+@dataclass(frozen=True)
+class ChampionScore:
+    score: float | None  # on this run's test split; None when it cannot be compared at all
+    incomparable: str | None = None  # why there is no score
+    test_data: str = "same"  # "same", or INCOMPARABLE_TEST_DATA with both digests
+
+
+def score_champion(source: str, test: ArraySplit, test_digest: str, class_names: list[str], metric: str,
+                   settings: Settings) -> ChampionScore:
+    """The champion (``source``: its registry URI) scored with ``metric`` on this run's test split."""
     model, manifest = load_published(source, settings)
     if manifest["class_names"] != class_names:
-        return None, (f"champion classes {manifest['class_names']} differ from this run's {class_names}; "
-                      "scores are not comparable (use promote=always to replace it)")
+        return ChampionScore(None, f"champion classes {manifest['class_names']} differ from this run's "
+                                   f"{class_names}; scores are not comparable (use promote=always to replace it)")
     size = int(manifest["image_size"])
     split = test if test.images.shape[-1] == size else ArraySplit(resize_uint8(test.images, size), test.labels)
     metrics = evaluate_split(model, split, len(class_names))
-    return metrics.as_dict()[metric], None
+    own = str(manifest.get("lineage", {}).get("split_sha256", {}).get("test", "not recorded"))
+    test_data = "same" if own == test_digest else (
+        f"{INCOMPARABLE_TEST_DATA} (champion's {own[:12]}, this run's {test_digest[:12]}); the champion was "
+        "re-scored on this run's test split")
+    return ChampionScore(metrics.as_dict()[metric], None, test_data)
 
 
 @task(name="promote", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient)
-def promote_model(publication: Publication, metrics: dict[str, float], test: ArraySplit, class_names: list[str],
-                  policy: PromotionPolicy, settings: Settings, tracker: Tracker,
+def promote_model(publication: Publication, metrics: dict[str, float], test: ArraySplit, test_digest: str,
+                  class_names: list[str], policy: PromotionPolicy, settings: Settings, tracker: Tracker,
                   context: dict[str, str] | None = None) -> Decision:
     """Decide, then move the alias with a compare-and-set: under the model name's S3 lease, the alias must
     still point at the champion we compared against; if another run moved it, score the new champion and
@@ -103,7 +129,7 @@ def promote_model(publication: Publication, metrics: dict[str, float], test: Arr
     uri = tracker.tracking_uri
     store = ModelStore(s3_client(settings), settings.model_bucket, settings.s3_endpoint_url)
     score = metrics[policy.metric]
-    scored: dict[str, tuple[float | None, str | None]] = {}
+    scored: dict[str, ChampionScore] = {}
     pointer = {"model_name": name, "version": version, "s3_uri": publication.s3_uri, "sha256": publication.sha256,
                "mlflow_run_id": tracker.run_id, "metric": policy.metric, "score": score, **(context or {})}
     for _ in range(CAS_ATTEMPTS):
@@ -115,9 +141,10 @@ def promote_model(publication: Publication, metrics: dict[str, float], test: Arr
                 store.write_champion(name, pointer | {"promoted_at": _now()})
             break
         if current is not None and policy.mode == "if-better" and seen not in scored:
-            scored[seen] = score_champion(current.source, test, class_names, policy.metric, settings)
-        champion_score, incomparable = scored.get(seen, (None, None))
-        decision = decide(policy, version, score, seen, champion_score, incomparable)
+            scored[seen] = score_champion(f"models:/{name}/{seen}", test, test_digest, class_names, policy.metric,
+                                          settings)
+        champion = scored.get(seen, ChampionScore(None))
+        decision = decide(policy, version, score, seen, champion.score, champion.incomparable, champion.test_data)
         if not decision.promoted:
             break
         with store.lease(name, owner=f"{tracker.run_id}/v{version}"):

@@ -1,4 +1,5 @@
-"""Publish task: safetensors + manifest to S3 (manifest last), then an MLflow registered model version."""
+"""Publish task: safetensors + manifest to S3 (manifest last), the same files as an MLflow pyfunc logged
+model, then a registered model version whose source is that logged model."""
 
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from infra.errors import retry_transient
-from infra.s3 import ModelStore, fetch_model, s3_client
+from infra.mlflow_models import finish_logged_model, input_example, start_logged_model
+from infra.s3 import ModelStore, s3_client
 from infra.settings import Settings
 from infra.tracking import Tracker, register_version
-from models import HeadNet, build_model
+from models import HeadNet
 from models.data import IMAGENET_MEAN, IMAGENET_STD
-from models.weights import WEIGHTS_FILE, read_state_dict, save_state_dict
+from models.weights import WEIGHTS_FILE, save_state_dict
 
 MANIFEST_VERSION = 1
 
@@ -30,10 +33,12 @@ class Publication:
     registered_model: str
     version: str
     sha256: str
+    model_uri: str  # the MLflow logged model, models:/<model id>
 
 
 def build_manifest(model: HeadNet, *, model_name: str, class_names: list[str], class_indices: list[int],
-                   image_size: int, data: dict[str, Any], metrics: dict[str, float], run_id: str,
+                   image_size: int, data: dict[str, Any], lineage: dict[str, Any], metrics: dict[str, float],
+                   run_id: str,
                    hidden_dim: int, dropout: float, channels: int = 3) -> dict[str, Any]:
     """Everything needed to rebuild, preprocess for, and trust a published model."""
     return {
@@ -50,6 +55,7 @@ def build_manifest(model: HeadNet, *, model_name: str, class_names: list[str], c
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                           "input": "uint8 RGB (grayscale replicated), resized, /255, then (x-mean)/std"},
         "data": data,
+        "lineage": lineage,  # source URI, digests of the files read and of each split, split sizes
         "metrics": metrics,
         "mlflow_run_id": run_id,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -59,31 +65,28 @@ def build_manifest(model: HeadNet, *, model_name: str, class_names: list[str], c
 
 @task(name="publish", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient)
-def publish_model(model: nn.Module, manifest: dict[str, Any], settings: Settings, tracker: Tracker) -> Publication:
-    """Upload weights and manifest (manifest last, never overwriting), tag the run, register a version."""
+def publish_model(model: nn.Module, manifest: dict[str, Any], example_images: np.ndarray, settings: Settings,
+                  tracker: Tracker) -> Publication:
+    """Upload weights and manifest (manifest last, never overwriting), log them as the run's MLflow model,
+    tag the run, register a version of that model. ``example_images``: (N, C, S, S) uint8 test images, two
+    of which become the logged model's input example."""
     name, run_id = manifest["model_name"], manifest["mlflow_run_id"]
     store = ModelStore(s3_client(settings), settings.model_bucket, settings.s3_endpoint_url)
+    experiment_id = tracker.client.get_run(run_id).info.experiment_id
+    logged = start_logged_model(tracker, experiment_id, {"arch": manifest["arch"], "strategy": manifest["strategy"]})
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / WEIGHTS_FILE
-        save_state_dict(model, weights)
-        published = store.publish(name, run_id, weights, manifest)
-    tracker.set_tags({"model_s3_uri": published.uri, "model_sha256": published.manifest["sha256"]})
+        key_format = save_state_dict(model, weights)
+        published = store.publish(name, run_id, weights, manifest | {"key_format": key_format,
+                                                                     "mlflow_model_uri": logged.uri})
+        finish_logged_model(tracker, logged, weights, published.manifest, published.uri,
+                            input_example(example_images))
+    sha256 = published.manifest["sha256"]
+    tracker.set_tags({"model_s3_uri": published.uri, "model_sha256": sha256, "model_uri": logged.uri})
     tracker.log_dict(published.manifest, "model/manifest.json")
     version = register_version(
-        tracker.tracking_uri, name, published.uri, run_id,
-        tags={"arch": manifest["arch"], "strategy": manifest["strategy"], "sha256": published.manifest["sha256"],
+        tracker.tracking_uri, name, logged.uri, run_id, model_id=logged.model_id,
+        tags={"arch": manifest["arch"], "strategy": manifest["strategy"], "sha256": sha256, "s3_uri": published.uri,
               "test_accuracy": f"{manifest['metrics'].get('test_accuracy', float('nan')):.6f}"},
         description=f"{manifest['arch']} {manifest['strategy']} on {manifest['data'].get('dataset')}")
-    return Publication(published.uri, name, version, published.manifest["sha256"])
-
-
-def load_published(uri: str, settings: Settings) -> tuple[HeadNet, dict[str, Any]]:
-    """Fetch a published model from S3, verify its sha256, rebuild it from the manifest (safe loading)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, manifest = fetch_model(s3_client(settings), uri, Path(tmp), settings.s3_endpoint_url)
-        state = read_state_dict(weights)
-    head = manifest.get("head", {})
-    model = build_model(manifest["arch"], manifest["num_classes"], manifest["strategy"], None,
-                        hidden_dim=head.get("hidden_dim", 512), dropout=head.get("dropout", 0.2))
-    model.load_state_dict(state, strict=True)
-    return model.eval(), manifest
+    return Publication(published.uri, name, version, sha256, logged.uri)

@@ -44,20 +44,30 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("stack")
     local = LocalStack(load_settings(home), free_ports(), ray_nodes=len(RAY_NODE_CPUS), ray_cpus=RAY_NODE_CPUS)
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         local.up(timeout=240)
+        # MLflow's fluent loaders, and MlflowClient.list_artifacts on a run with a logged model, resolve models
+        # through the environment's tracking URI (not the client's): without it they open ./mlflow.db
+        os.environ["MLFLOW_TRACKING_URI"] = local.mlflow_url
         yield Stack(local, load_settings(home))
     finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
         local.down()
 
 
 @pytest.fixture(scope="session")
 def e2e_run(stack: Stack, ray_cluster: RayCluster) -> dict[str, str]:
     """One `headbench run` on a tiny subset, 2 workers SPREAD over both nodes: the run that the end-to-end
-    checks (test_retrain_e2e) and the secret scan (test_secrets) look at from the outside."""
+    checks (test_retrain_e2e), the MLflow-model checks (test_mlflow_model) and the secret scan (test_secrets)
+    look at from the outside. replace-fc, so its weights are torchvision's."""
     return headbench_run(stack, "--classes", "0-2", "--limit", "150", "--test-limit", "60", "--image-size", "32",
-                         "--epochs", str(E2E_EPOCHS), "--workers", "2", "--batch-size", "32", "--strategy", "mlp",
-                         "--placement-strategy", "SPREAD", "--model-name", "e2e-test", "--seed", "3")
+                         "--epochs", str(E2E_EPOCHS), "--workers", "2", "--batch-size", "32",
+                         "--strategy", "replace-fc", "--placement-strategy", "SPREAD", "--model-name", "e2e-test",
+                         "--seed", "3")
 
 
 def headbench_run(stack: Stack, *args: str, timeout: float = 900) -> dict[str, str]:

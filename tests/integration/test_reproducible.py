@@ -13,9 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from infra.published import load_published
 from infra.ray_cluster import RayCluster
 from infra.s3 import s3_client, split_uri
-from tasks.publish import load_published
 from tests.integration.conftest import Stack, headbench_run
 
 

@@ -13,10 +13,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.datasets import DataSpec, load_raw, prepare
+from infra.published import load_published
 from infra.ray_cluster import RayCluster
 from infra.s3 import s3_client, split_uri
 from tasks.evaluate import evaluate_split
-from tasks.publish import load_published
 from tests.integration.conftest import E2E_EPOCHS as EPOCHS
 from tests.integration.conftest import Stack, train_worker_nodes
 
@@ -35,7 +35,7 @@ def test_s3_objects_match_the_manifest(stack: Stack, e2e_run: dict[str, str]) ->
     manifest = json.loads(client.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
     weights = client.get_object(Bucket=bucket, Key=prefix + "model.safetensors")["Body"].read()
     assert hashlib.sha256(weights).hexdigest() == manifest["sha256"]
-    assert manifest["arch"] == "resnet18" and manifest["strategy"] == "mlp" and manifest["num_classes"] == 3
+    assert manifest["arch"] == "resnet18" and manifest["strategy"] == "replace-fc" and manifest["num_classes"] == 3
     assert manifest["class_names"] == ["T-shirt/top", "Trouser", "Pullover"]
     assert manifest["mlflow_run_id"] == e2e_run["run_id"] and manifest["image_size"] == 32
 
@@ -48,7 +48,7 @@ def test_mlflow_run_has_params_metrics_artifacts_and_version(stack: Stack, e2e_r
     run = client.get_run(e2e_run["run_id"])
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert (params["arch"], params["strategy"], params["epochs"], params["classes"]) == ("resnet18", "mlp", "2",
+    assert (params["arch"], params["strategy"], params["epochs"], params["classes"]) == ("resnet18", "replace-fc", "2",
                                                                                           "0-2")
     assert params["num_classes"] == "3" and params["in_features"] == "512" and params["workers"] == "2"
     assert run.data.tags["model_s3_uri"] == e2e_run["s3_uri"]
@@ -63,7 +63,7 @@ def test_mlflow_run_has_params_metrics_artifacts_and_version(stack: Stack, e2e_r
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     versions = client.search_model_versions("name='e2e-test'")
     mine = [v for v in versions if v.run_id == run.info.run_id]
-    assert len(mine) == 1 and mine[0].source == e2e_run["s3_uri"]
+    assert len(mine) == 1 and mine[0].source == run.data.tags["model_uri"]  # the logged MLflow model
 
 
 def test_published_model_reproduces_logged_test_accuracy(stack: Stack, e2e_run: dict[str, str]) -> None:
@@ -87,7 +87,7 @@ def test_prefect_server_recorded_the_flow_run(stack: Stack, e2e_run: dict[str, s
     assert response.status_code == 200
     body = response.json()
     assert body["state_type"] == "COMPLETED"
-    assert body["name"] == "fashion-mnist-resnet18-mlp-seed3"
+    assert body["name"] == "fashion-mnist-resnet18-replace-fc-seed3"
     tasks = httpx.post(f"{stack.settings.prefect_api_url}/task_runs/filter",
                        json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=10).json()
     names = {t["name"].rsplit("-", 1)[0] for t in tasks}

@@ -161,3 +161,23 @@ def test_prepare_class_subset_limit_and_names() -> None:
     assert data.train.images.shape[1:] == (1, 32, 32)
     with pytest.raises(DatasetError, match="out of range"):
         prepare(raw, DataSpec(classes="8-12"))
+
+
+def test_digests_name_the_files_read_and_the_examples_of_each_split(tmp_path: Path) -> None:
+    """files_digest covers every file read (the corrupt one too); a split digest depends on which examples
+    and labels it holds, not on the image size; one more image changes the files digest."""
+    _write_tree(tmp_path / "d", {"cat": 12, "dog": 10}, corrupt=1)
+    spec = DataSpec(dataset=str(tmp_path / "d"), image_size=32, seed=0, val_fraction=0.2, test_fraction=0.25)
+    first = prepare(load_image_folder(spec.dataset, 32, tmp_path / "cache"), spec)
+    again = prepare(load_image_folder(spec.dataset, 40, tmp_path / "cache"), DataSpec(**{**spec.__dict__,
+                                                                                        "image_size": 40}))
+    assert first.files_digest == again.files_digest and first.digests == again.digests
+    assert len({first.digests["train"], first.digests["val"], first.digests["test"]}) == 3
+    other_seed = prepare(load_image_folder(spec.dataset, 32, tmp_path / "cache"), DataSpec(**{**spec.__dict__,
+                                                                                              "seed": 1}))
+    assert other_seed.files_digest == first.files_digest and other_seed.digests["test"] != first.digests["test"]
+    (tmp_path / "d" / "cat" / "broken0.png").write_bytes(b"still not a png")  # an unreadable file changed
+    assert load_image_folder(spec.dataset, 32, tmp_path / "cache").files_digest != first.files_digest
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(tmp_path / "d" / "dog" / "new.png")
+    grown = load_image_folder(spec.dataset, 32, tmp_path / "cache")
+    assert len(grown.train_labels) == 23 and grown.files_digest != first.files_digest

@@ -33,3 +33,19 @@ def test_incomparable_champion_is_not_replaced_unless_always() -> None:
     assert decide(PromotionPolicy("if-better"), "2", 0.99, "1", None, why).outcome == REJECTED
     assert decide(PromotionPolicy("if-better"), "2", 0.99, "1", None, why).reason == why
     assert decide(PromotionPolicy("always"), "2", 0.10, "1", None, why).outcome == PROMOTED
+
+
+def test_a_champion_from_other_test_data_is_judged_on_this_runs_split_and_says_so() -> None:
+    """The documented rule: both scores come from this run's test split; when the champion's own split had
+    another digest, the reason and the promotion_test_data tag say 'incomparable: different test data'."""
+    from tasks.promote import INCOMPARABLE_TEST_DATA
+
+    note = f"{INCOMPARABLE_TEST_DATA} (champion's aaaa, this run's bbbb)"
+    better = decide(PromotionPolicy("if-better"), "4", 0.9, "3", 0.8, test_data=note)
+    worse = decide(PromotionPolicy("if-better"), "4", 0.7, "3", 0.8, test_data=note)
+    assert better.outcome == PROMOTED and worse.outcome == REJECTED
+    for decision in (better, worse):
+        assert INCOMPARABLE_TEST_DATA in decision.reason
+        assert decision.as_tags()["promotion_test_data"] == note
+    same = decide(PromotionPolicy("if-better"), "4", 0.9, "3", 0.8, test_data="same")
+    assert INCOMPARABLE_TEST_DATA not in same.reason and same.as_tags()["promotion_test_data"] == "same"

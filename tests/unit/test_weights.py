@@ -111,3 +111,35 @@ def test_torchvision_weights_unreachable_is_one_line_naming_the_url(tmp_path: Pa
     assert weights.url in str(caught.value) and "offline?" in str(caught.value)
     assert "\n" not in str(caught.value)
     assert not list(tmp_path.rglob("*.pth"))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_published_replace_fc_loads_into_torchvision_strictly_and_computes_the_same(tmp_path: Path, arch: str) -> None:
+    """replace-fc is torchvision's ResNet with fc reassigned: its published file uses torchvision's key
+    names, so `torchvision.models.<arch>(num_classes=C).load_state_dict(..., strict=True)` needs no surgery."""
+    from safetensors.torch import load_file
+
+    ours = build_model(arch, 4, "replace-fc", seed=1).eval()
+    path = tmp_path / "model.safetensors"
+    assert save_state_dict(ours, path) == "torchvision"
+    theirs = torchvision.models.get_model(arch, num_classes=4).eval()
+    theirs.load_state_dict(load_file(path), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x))
+
+
+@pytest.mark.parametrize("strategy", ["mlp", "replace-fc:max", "conv1x1", "fastai+lp-ft"])
+def test_other_heads_keep_headbench_keys_and_every_format_loads_back_exactly(tmp_path: Path, strategy: str) -> None:
+    from models.weights import load_exact, read_state_dict
+
+    ours = build_model("resnet18", 3, strategy, seed=2)
+    path = tmp_path / "model.safetensors"
+    assert save_state_dict(ours, path) == "headbench"
+    assert all(k.startswith(("backbone.", "head.")) for k in read_state_dict(path))
+    again = build_model("resnet18", 3, strategy, seed=9)
+    load_exact(again, read_state_dict(path))
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value)
+    with pytest.raises(RuntimeError, match="size mismatch|Missing|Unexpected"):
+        load_exact(build_model("resnet18", 5, strategy), read_state_dict(path))
