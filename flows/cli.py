@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ err = Console(stderr=True)
 
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="state directory of the local stack "
                                               "[env: HEADBENCH_HOME; default .headbench]")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="also show Ray's worker output and Prefect's "
+                                          "INFO logs (MLflow and Prefect keep them either way)")]
 
 
 def say(line: str) -> None:
@@ -179,9 +182,22 @@ def preflight(settings: Settings) -> None:
         s3_client(settings, max_attempts=2).head_bucket(Bucket=settings.model_bucket)
 
 
-def run_flow(settings: Settings, kind: str, values: dict[str, Any]) -> Any:
+def quiet_console(verbose: bool) -> None:
+    """Before Prefect, MLflow and Ray are imported: by default the terminal gets the live display and errors
+    only (Prefect's INFO lines still reach its API, Ray's output its log files); ``verbose`` forwards all."""
+    if verbose:
+        os.environ["HEADBENCH_RAY_LOGS"] = "1"
+        return
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def run_flow(settings: Settings, kind: str, values: dict[str, Any], verbose: bool = False) -> Any:
     """Validate, preflight, then run a flow (`retrain` or `compare`) in this process against the servers."""
     settings.export_env()  # before prefect is imported: it reads PREFECT_API_URL once
+    quiet_console(verbose)
     from flows.params import CompareParams, RetrainParams
 
     params_cls = RetrainParams if kind == "retrain" else CompareParams
@@ -194,9 +210,8 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any]) -> Any:
     except HeadbenchError as exc:
         fail(str(exc))
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from flows.stages import STAGES, listening
+    from flows.console import LiveProgress
+    from flows.stages import listening
 
     console_without_tracebacks()
     if kind == "retrain":
@@ -204,26 +219,20 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any]) -> Any:
     else:
         from flows.compare import compare_heads as flow_fn
 
-    with Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), TimeElapsedColumn(), console=console,
-                  transient=False) as progress:
-        bar = progress.add_task("starting", total=len(STAGES) - 1)
-
-        def on_stage(name: str) -> None:
-            progress.update(bar, description=name, completed=STAGES.index(name))
-
+    with LiveProgress(console, settings.mlflow_tracking_uri, settings.experiment) as live:
         try:
-            with listening(on_stage):
+            with listening(live.on_stage):
                 return flow_fn(params)
         except (HeadbenchError, ValueError) as exc:
-            progress.stop()
+            live.progress.stop()
             fail(first_line(exc))
         except Exception as exc:  # noqa: BLE001 - one line here; the full traceback is in the Prefect UI logs
-            progress.stop()
+            live.progress.stop()
             fail(f"{exc.__class__.__name__}: {first_line(exc)}")
 
 
-def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
-    result = run_flow(settings, "retrain", values)
+def run_retrain(settings: Settings, values: dict[str, Any], verbose: bool = False) -> Any:
+    result = run_flow(settings, "retrain", values, verbose)
     if result.skipped:
         say(f"{result.promotion_reason}; champion is v{result.champion_version}")
         say(f"MLflow run : {result.run_url}  (the champion's)")
@@ -239,17 +248,18 @@ def run_retrain(settings: Settings, values: dict[str, Any]) -> Any:
     say(f"MLflow model: {result.model_uri}")
     say(f"S3 model   : {result.s3_uri}")
     say(f"registered : {result.registered_model} version {result.version}")
+    if result.freshness:
+        say(f"trained    : {result.freshness}")
     say(f"promotion  : {result.promotion} ({result.promotion_reason}); champion is "
         f"{'v' + result.champion_version if result.champion_version else 'unset'}")
     return result
 
 
-def run_compare(settings: Settings, values: dict[str, Any]) -> Any:
-    result = run_flow(settings, "compare", values)
-    table = Table(*result.table[0].keys(), title="head strategies (best first)")
-    for row in result.table:
-        table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+def run_compare(settings: Settings, values: dict[str, Any], verbose: bool = False) -> Any:
+    result = run_flow(settings, "compare", values, verbose)
+    from flows.console import comparison_table
+
+    console.print(comparison_table(result.table, console.width))
     say(result.verdict)
     say(f"MLflow parent run : {result.parent_run_url}  ({len(result.children)} child runs)")
     return result
@@ -287,7 +297,7 @@ Seed = Annotated[int, typer.Option(help="seed for split, init and shuffling")]
 
 
 def _values(local: dict[str, Any]) -> dict[str, Any]:
-    values = {k: v for k, v in local.items() if k != "home"}
+    values = {k: v for k, v in local.items() if k not in ("home", "verbose")}
     values["use_gpu"] = values.pop("gpu")
     return values
 
@@ -316,10 +326,10 @@ def run(
                                                       "options: continue it from its last checkpoint")] = None,
     skip_if_unchanged: Annotated[bool, typer.Option(help="train nothing when the champion was trained on the same "
                                                     "data digest with the same options")] = False,
-    home: HomeOpt = None,
+    home: HomeOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Run one retraining (the `retrain` Prefect flow) and print the MLflow run URL and the S3 URI."""
-    run_retrain(_settings(home), _values(dict(locals())))
+    run_retrain(_settings(home), _values(dict(locals())), verbose)
 
 
 @app.command()
@@ -340,12 +350,12 @@ def compare(
     hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
     cache_features: CacheFeatures = True, precise_bn_batches: PreciseBn = 20, workers: Workers = 1,
     cpus_per_worker: CpusPerWorker = None, placement_strategy: Placement = "PACK",
-    gpu: Gpu = False, seed: Seed = 0, home: HomeOpt = None,
+    gpu: Gpu = False, seed: Seed = 0, home: HomeOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Compare head strategies x seeds on one split (the `compare-heads` flow); prints the table."""
     values = _values(dict(locals()))
     values["strategies"] = [s.strip() for s in strategies.split(",") if s.strip()] or None
-    run_compare(_settings(home), values)
+    run_compare(_settings(home), values, verbose)
 
 
 @app.command()
@@ -388,11 +398,11 @@ def deploy(
     running on the local `process` work pool (the worker `headbench up` started)."""
     settings = _settings(home)
     settings.export_env()  # before prefect is imported
-    from flows.deploy import deploy_all
+    from flows.deploy import SCHEDULED_DEFAULTS, deploy_all
     from flows.params import RetrainParams
 
     try:
-        params = RetrainParams(**({"warm_start": "champion"} | parse_assignments(param or [])))
+        params = RetrainParams(**(SCHEDULED_DEFAULTS | parse_assignments(param or [])))
     except ValidationError as exc:
         fail(validation_line(exc).replace("--", "--param ", 1))
     try:
@@ -444,7 +454,8 @@ def predict(
 def demo(home: HomeOpt = None,
          weights: Annotated[str | None, typer.Option(help="skip the source pretraining and start the comparison "
                                                      "from these weights, e.g. DEFAULT (ImageNet, needs "
-                                                     "internet)")] = None) -> None:
+                                                     "internet)")] = None,
+         verbose: VerboseOpt = False) -> None:
     """Transfer demo: `up`; pretrain a source model on Fashion-MNIST classes 0-4 and publish it; then
     compare head strategies on classes 5-9 starting from that published backbone."""
     from flows.params import DEMO_SOURCE, DEMO_TARGET
@@ -454,10 +465,10 @@ def demo(home: HomeOpt = None,
     settings = _settings(home)
     if weights is None:
         console.rule("1/2 source model: classes 0-4, random init, published to S3 and the registry")
-        source = run_retrain(settings, DEMO_SOURCE)
+        source = run_retrain(settings, DEMO_SOURCE, verbose)
         weights = source.s3_uri
     console.rule(f"2/2 target task: classes 5-9 from {weights}")
-    result = run_compare(settings, DEMO_TARGET | {"weights": weights})
+    result = run_compare(settings, DEMO_TARGET | {"weights": weights}, verbose)
     from infra.stack import LocalStack
 
     stack = LocalStack(settings)

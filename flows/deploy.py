@@ -48,6 +48,9 @@ COMPARE = DeploymentTarget("compare-heads", "on-demand", "flows/compare.py:compa
                            "Compare head strategies x seeds on one split (trigger from the dashboard).",
                            scheduled=False)
 TARGETS = (RETRAIN, COMPARE)
+# What the scheduled deployment changes from the `run` defaults: start from the champion, and train only
+# when the data or a training parameter changed since it (prefect.yaml says the same)
+SCHEDULED_DEFAULTS: dict[str, object] = {"warm_start": "champion", "skip_if_unchanged": True}
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def deploy_all(settings: Settings, *, cron: str = DEFAULT_CRON, timezone: str = 
     schedule = cron_schedule(cron, timezone)
     ui = (settings.prefect_api_url or "").removesuffix("/").removesuffix("/api")
     ensure_work_pool(settings.work_pool)
-    defaults = {RETRAIN: retrain_params or RetrainParams(warm_start="champion", skip_if_unchanged=True),
+    defaults = {RETRAIN: retrain_params or RetrainParams(**SCHEDULED_DEFAULTS),  # type: ignore[arg-type]
                 COMPARE: compare_params or CompareParams()}
     deployed = []
     for target in TARGETS:

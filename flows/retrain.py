@@ -48,6 +48,7 @@ class RetrainResult(BaseModel):
     promotion: str  # champion | challenger-rejected | not-promoted | skipped
     promotion_reason: str
     champion_version: str | None  # the alias target after this run
+    freshness: str = ""  # skip_if_unchanged: what changed since the champion (or why nothing was skipped)
 
     @property
     def skipped(self) -> bool:
@@ -115,7 +116,8 @@ def skipped_result(params: RetrainParams, fresh: Freshness, tracking_uri: str, f
                          registered_model=params.model_name, version=fresh.champion_version,
                          test_accuracy=run.data.metrics.get("test_accuracy", float("nan")),
                          test_macro_f1=run.data.metrics.get("test_macro_f1", float("nan")), history=[],
-                         promotion=SKIPPED, promotion_reason=fresh.reason, champion_version=fresh.champion_version)
+                         promotion=SKIPPED, promotion_reason=fresh.reason, champion_version=fresh.champion_version,
+                         freshness=fresh.reason)
 
 
 def versions() -> dict[str, str]:
@@ -136,9 +138,11 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
 
     stage("download")
     data = download_data(params.data_spec(), settings)
+    freshness = ""
     if params.skip_if_unchanged and not params.resume_run_id:
         fresh = check_unchanged(tracking_uri, params.model_name, data.files_digest, params.identity())
         print(fresh.reason)
+        freshness = fresh.reason
         if fresh.unchanged:
             stage("done")
             return skipped_result(params, fresh, tracking_uri, str(flow_run.get_id() or ""))
@@ -210,5 +214,5 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
                          version=publication.version,
                          test_accuracy=metrics.accuracy, test_macro_f1=metrics.macro_f1,
                          test_metrics=metrics.as_dict() | metrics.inference, history=outcome.history,
-                         promotion=decision.outcome, promotion_reason=decision.reason,
+                         promotion=decision.outcome, promotion_reason=decision.reason, freshness=freshness,
                          champion_version=champion.version if champion else None)

@@ -98,3 +98,11 @@ def finish_logged_model(tracker: Tracker, logged: LoggedClassifier, weights: Pat
     client.log_outputs(tracker.run_id, [LoggedModelOutput(logged.model_id, step=0)])
     client.set_logged_model_tags(logged.model_id, {S3_URI_KEY: s3_uri, SHA256_KEY: manifest["sha256"]})
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+
+def fail_logged_model(tracker: Tracker, logged: LoggedClassifier) -> None:
+    """Mark the logged model FAILED when its publication did not finish (best effort: MLflow may be down)."""
+    from contextlib import suppress
+
+    with suppress(Exception):
+        tracker.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)

@@ -137,12 +137,12 @@ def init_ray(settings: Settings) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=True, logging_level="WARNING")
+        ray.init(address=settings.ray_address, log_to_driver=settings.ray_logs, logging_level="WARNING")
     else:
         # The dashboard process serves Ray's state API, which Train V2's placement-group cleaner (and the
         # fault-injection tests) query; it binds 127.0.0.1 only.
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host=HOST,
-                 _node_ip_address=HOST, log_to_driver=True, logging_level="WARNING")
+                 _node_ip_address=HOST, log_to_driver=settings.ray_logs, logging_level="WARNING")
 
 
 def cluster_node_cpus(settings: Settings) -> list[int]:

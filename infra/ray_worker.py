@@ -135,11 +135,16 @@ def train_worker(config: dict[str, Any]) -> None:
             log_epochs(tracker, [row for row in resume.history if int(row["epoch"]) not in logged])
             logged |= {int(row["epoch"]) for row in resume.history}
 
+    # every epoch's line, kept in MLflow as training/epochs.log (a resumed attempt rewrites the earlier ones)
+    lines = [_epoch_line(row, cfg.epochs, f"phase {int(row.get('phase', 1))}") for row in resume.history] if resume \
+        else []
+
     def on_epoch(end: EpochEnd) -> None:
         if tracker is None:
             ray.train.report(end.row, checkpoint=None)
             return
-        print(_epoch_line(end.row, cfg.epochs, end.phase.name), flush=True)
+        lines.append(_epoch_line(end.row, cfg.epochs, end.phase.name))
+        print(lines[-1], flush=True)  # to Ray's worker log (and the driver with --verbose)
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(end, Path(tmp))
             ray.train.report(end.row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -148,6 +153,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if int(end.row["epoch"]) not in logged:
             log_epochs(tracker, [end.row])
             logged.add(int(end.row["epoch"]))
+        tracker.log_text("\n".join(lines) + "\n", "training/epochs.log")
 
     hooks = FitHooks(
         rank=rank, world=world, device=device, on_epoch=on_epoch, resume=resume,

@@ -7,7 +7,6 @@ is an unfinished upload that readers ignore, and an existing manifest is never o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -23,7 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from infra.errors import HeadbenchError
 from infra.settings import Settings
-from models.weights import WEIGHTS_FILE
+from models.weights import WEIGHTS_FILE, sha256_file
 
 MANIFEST = "manifest.json"
 CHAMPION = "champion.json"  # per model name: which published model the 'champion' alias points at
@@ -107,14 +106,6 @@ def split_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise S3Error(f"not an S3 URI: {uri!r}; expected s3://bucket/prefix")
     return bucket, key
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ensure_buckets(client: Any, buckets: list[str], endpoint: str | None) -> None:

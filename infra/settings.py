@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION"))
     prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL")
     ray_address: str | None = Field(None, validation_alias="RAY_ADDRESS")
+    ray_logs: bool = Field(False, validation_alias="HEADBENCH_RAY_LOGS",
+                           description="forward Ray's worker and actor output to the driver (`--verbose`); off, "
+                           "progress comes from MLflow and the logs stay in MLflow, Prefect and Ray's log files")
 
     model_bucket: str = Field("models", validation_alias="HEADBENCH_MODEL_BUCKET")
     data_bucket: str = Field("data", validation_alias="HEADBENCH_DATA_BUCKET")

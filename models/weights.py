@@ -5,6 +5,7 @@ Only safetensors or ``torch.load(weights_only=True)`` are used: a checkpoint is 
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -14,6 +15,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (the integrity check of a published model)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class WeightsError(ValueError):

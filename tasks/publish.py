@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from infra.errors import retry_transient
-from infra.mlflow_models import finish_logged_model, input_example, start_logged_model
+from infra.mlflow_models import fail_logged_model, finish_logged_model, input_example, start_logged_model
 from infra.s3 import ModelStore, s3_client
 from infra.settings import Settings
 from infra.tracking import Tracker, register_version
@@ -74,13 +74,17 @@ def publish_model(model: nn.Module, manifest: dict[str, Any], example_images: np
     store = ModelStore(s3_client(settings), settings.model_bucket, settings.s3_endpoint_url)
     experiment_id = tracker.client.get_run(run_id).info.experiment_id
     logged = start_logged_model(tracker, experiment_id, {"arch": manifest["arch"], "strategy": manifest["strategy"]})
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / WEIGHTS_FILE
-        key_format = save_state_dict(model, weights)
-        published = store.publish(name, run_id, weights, manifest | {"key_format": key_format,
-                                                                     "mlflow_model_uri": logged.uri})
-        finish_logged_model(tracker, logged, weights, published.manifest, published.uri,
-                            input_example(example_images))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / WEIGHTS_FILE
+            key_format = save_state_dict(model, weights)
+            published = store.publish(name, run_id, weights, manifest | {"key_format": key_format,
+                                                                         "mlflow_model_uri": logged.uri})
+            finish_logged_model(tracker, logged, weights, published.manifest, published.uri,
+                                input_example(example_images))
+    except BaseException:
+        fail_logged_model(tracker, logged)  # a retry or a resume of this run reuses it and marks it READY
+        raise
     sha256 = published.manifest["sha256"]
     tracker.set_tags({"model_s3_uri": published.uri, "model_sha256": sha256, "model_uri": logged.uri})
     tracker.log_dict(published.manifest, "model/manifest.json")

@@ -4,9 +4,10 @@ S3 every epoch, resumed from the last checkpoint when the same run key runs agai
 from __future__ import annotations
 
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from infra.progress import epoch_lines
 from infra.ray_train import TrainConfig, TrainOutcome, run_training
 from infra.settings import Settings
 from models.data import ArraySplit
@@ -15,6 +16,8 @@ from models.data import ArraySplit
 @task(name="train", cache_policy=NO_CACHE, log_prints=True)
 def train_model(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                 settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
-    """Data-parallel fine-tuning on Ray Train, checkpointed to S3 every epoch."""
-    return run_training(cfg, train, val, init_state, settings=settings, tracking_uri=tracking_uri,
-                        run_id=run_id, run_key=run_key)
+    """Data-parallel fine-tuning on Ray Train, checkpointed to S3 every epoch; each epoch MLflow records is
+    also a line of this task's Prefect log."""
+    with epoch_lines(tracking_uri, run_id, get_run_logger().info):
+        return run_training(cfg, train, val, init_state, settings=settings, tracking_uri=tracking_uri,
+                            run_id=run_id, run_key=run_key)

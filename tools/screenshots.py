@@ -2,7 +2,8 @@
 comparison and the Prefect flow-run page in headless Chromium, check that the strategy names and the test
 accuracy are visible, and save PNGs under docs/img/. Then do what a person does in the dashboard: open
 `retrain/scheduled` -> Custom run, change a field of the typed form, Submit, and wait until the process
-worker has run it to COMPLETED (a champion in the registry, a link artifact to MLflow).
+worker has run it to COMPLETED (a champion in the registry, a link artifact to MLflow); the MLflow page of
+that retrain run shows its datasets and its logged model.
 
 Needs Debian's `chromium` and the `playwright` Python package (the Makefile target installs both); the
 browser is Debian's, never one downloaded by playwright.
@@ -124,7 +125,28 @@ def custom_run_through_the_dashboard(page: Any, settings: Any, deployment_url: s
         page.screenshot(path=str(OUT / "prefect-custom-run-done.png"), full_page=False)
         print(f"custom run from the dashboard: flow run {run['id']} COMPLETED with epochs=2, MLflow run "
               f"{mlrun.info.run_id}, promotion {mlrun.data.tags.get('promotion')}")
+        problems += retrain_run_page(page, settings, exp.experiment_id, mlrun.info.run_id)
     return problems
+
+
+def retrain_run_page(page: Any, settings: Any, experiment: str, run_id: str) -> list[tuple[str, list[str]]]:
+    """The MLflow overview of a retrain run: its three datasets (with digests) and its logged model."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    expected = ["fashion-mnist-train", "fashion-mnist-val", "fashion-mnist-test", "Logged models"]
+    page.goto(f"{settings.mlflow_tracking_uri}/#/experiments/{experiment}/runs/{run_id}",
+              wait_until="domcontentloaded", timeout=60_000)
+    try:
+        page.wait_for_function("words => words.every(w => document.body.innerText.includes(w))", arg=expected,
+                               timeout=45_000)
+    except PlaywrightTimeout:  # reported below as missing words
+        pass
+    page.wait_for_timeout(1500)
+    text = page.inner_text("body")
+    missing = [word for word in expected if word not in text]
+    page.screenshot(path=str(OUT / "mlflow-retrain-run.png"), full_page=False)
+    print(f"{OUT / 'mlflow-retrain-run.png'}: run {run_id}" + (f"  MISSING {missing}" if missing else "  ok"))
+    return [("mlflow-retrain-run.png", missing)] if missing else []
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def test_deploy_stores_schedule_pool_and_typed_schema(stack: Stack, deployed: di
         assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
                                     {"directory": str(PROJECT_ROOT)}}]
     assert retrain["parameters"]["params"]["warm_start"] == "champion"  # scheduled runs start from the champion
+    assert retrain["parameters"]["params"]["skip_if_unchanged"] is True  # and train only when something changed
     assert retrain["parameters"]["params"]["classes"] == "1,8,9"
 
     fields = retrain["parameter_openapi_schema"]["definitions"]["RetrainParams"]["properties"]
@@ -158,7 +159,7 @@ def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster:
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
     assert keys == {prefix + "model.safetensors", prefix + "manifest.json"}
     [v1] = mlflow.search_model_versions(f"run_id = '{run.info.run_id}'")
-    assert v1.name == MODEL and v1.source == tags["model_s3_uri"]
+    assert v1.name == MODEL and v1.source == tags["model_uri"]  # the logged model
     assert mlflow.get_model_version_by_alias(MODEL, "champion").version == v1.version
     pointer = json.loads(s3.get_object(Bucket=bucket, Key=f"{MODEL}/champion.json")["Body"].read())
     assert pointer["version"] == v1.version and pointer["s3_uri"] == tags["model_s3_uri"]

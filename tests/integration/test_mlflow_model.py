@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
@@ -52,7 +53,7 @@ def test_the_registry_version_is_the_runs_logged_model_and_points_at_s3(stack: S
     version = client.get_model_version_by_alias("e2e-test", "champion")
     assert version.run_id == e2e_run["run_id"] and version.source == f"models:/{model_id}"
     logged = client.get_logged_model(model_id)
-    assert logged.status.to_proto() == 2  # READY
+    assert logged.status == LoggedModelStatus.READY
     assert logged.tags["headbench.s3_uri"] == e2e_run["s3_uri"]
     _, manifest = load_published(e2e_run["s3_uri"], stack.settings)
     assert logged.tags["headbench.sha256"] == manifest["sha256"]

@@ -20,10 +20,20 @@ from tasks.evaluate import evaluate_split
 from tests.integration.conftest import E2E_EPOCHS as EPOCHS
 from tests.integration.conftest import Stack, train_worker_nodes
 
+RAY_LINES = ("(RayTrainWorker", "(TrainController", "TrainingReport(", "core_worker.cc", "PreemptionWatcher",
+             "NumPy array is not writable", "Checkpoint successfully created")
 
-def test_progress_is_visible(e2e_run: dict[str, str]) -> None:
+
+def test_progress_is_visible_once_per_epoch_and_no_ray_line_reaches_the_console(e2e_run: dict[str, str]) -> None:
+    out = e2e_run["stdout"]
     for epoch in range(1, EPOCHS + 1):
-        assert re.search(rf"epoch {epoch}/{EPOCHS} \[finetune\] train_loss=\S+ .* \d+ img/s", e2e_run["stdout"])
+        lines = re.findall(rf"^epoch {epoch}/{EPOCHS} \[finetune\] train_loss=\S+ .* \d+ img/s$", out, re.MULTILINE)
+        assert len(lines) == 1, out[-3000:]
+    for stage in ("download", "build", "train", "evaluate", "publish", "promote", "done"):
+        assert re.search(rf"^\[ *\d+\.\d s\] {stage}$", out, re.MULTILINE), stage
+    leaked = [marker for marker in RAY_LINES if marker in out]
+    assert not leaked, f"Ray output on the console: {leaked}\n{out[-3000:]}"
+    assert re.search(r"ECE 0\.\d{4}", out) and re.search(r"\d+\.\d ms p50", out)
 
 
 def test_s3_objects_match_the_manifest(stack: Stack, e2e_run: dict[str, str]) -> None:

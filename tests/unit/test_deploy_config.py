@@ -8,7 +8,7 @@ import pytest
 import yaml
 from prefect.flows import Flow
 
-from flows.deploy import DEFAULT_CRON, DEFAULT_TIMEZONE, PROJECT_ROOT, TARGETS, cron_schedule
+from flows.deploy import DEFAULT_CRON, DEFAULT_TIMEZONE, PROJECT_ROOT, SCHEDULED_DEFAULTS, TARGETS, cron_schedule
 from flows.params import CompareParams, RetrainParams
 from infra.errors import HeadbenchError
 from infra.settings import Settings
@@ -30,6 +30,7 @@ def test_prefect_yaml_matches_the_code() -> None:
     [schedule] = by_name["scheduled"]["schedules"]
     assert (schedule["cron"], schedule["timezone"]) == (DEFAULT_CRON, DEFAULT_TIMEZONE)
     RetrainParams(**by_name["scheduled"]["parameters"]["params"])  # the defaults it declares are valid
+    assert by_name["scheduled"]["parameters"]["params"] == SCHEDULED_DEFAULTS  # and the ones `headbench deploy` sets
     CompareParams(**by_name["on-demand"].get("parameters", {}).get("params", {}))
     assert CONFIG["prefect-version"] == importlib.import_module("prefect").__version__
 

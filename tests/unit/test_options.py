@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from flows.cli import app
 from flows.params import CompareParams, RetrainParams
 
-CLI_ONLY = {"home"}  # where the local stack lives: not a flow parameter
+CLI_ONLY = {"home", "verbose"}  # where the local stack lives, and what the terminal shows: not flow parameters
 RENAMED = {"gpu": "use_gpu"}  # --gpu/--cpu sets use_gpu
 
 
