@@ -130,23 +130,35 @@ def custom_run_through_the_dashboard(page: Any, settings: Any, deployment_url: s
 
 
 def retrain_run_page(page: Any, settings: Any, experiment: str, run_id: str) -> list[tuple[str, list[str]]]:
-    """The MLflow overview of a retrain run: its three datasets (with digests) and its logged model."""
+    """The MLflow overview of a retrain run: its three datasets (with digests, the '+2' opened) and, further
+    down, its logged model (READY, the registered version's source)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    expected = ["fashion-mnist-train", "fashion-mnist-val", "fashion-mnist-test", "Logged models"]
     page.goto(f"{settings.mlflow_tracking_uri}/#/experiments/{experiment}/runs/{run_id}",
               wait_until="domcontentloaded", timeout=60_000)
+    shots = [("mlflow-retrain-run.png", ["fashion-mnist-train", "fashion-mnist-val", "fashion-mnist-test"]),
+             ("mlflow-logged-model.png", ["Logged models (1)", "Ready"])]
+    problems = []
     try:
-        page.wait_for_function("words => words.every(w => document.body.innerText.includes(w))", arg=expected,
-                               timeout=45_000)
-    except PlaywrightTimeout:  # reported below as missing words
+        page.get_by_text("fashion-mnist-train").first.wait_for(timeout=45_000)
+        close = page.get_by_role("button", name="Close")  # the UI's assistant side panel, when it opens
+        if close.count():
+            close.first.click()
+        page.get_by_text("+2", exact=True).first.click(timeout=10_000)  # the other two datasets
+    except PlaywrightTimeout:
         pass
-    page.wait_for_timeout(1500)
-    text = page.inner_text("body")
-    missing = [word for word in expected if word not in text]
-    page.screenshot(path=str(OUT / "mlflow-retrain-run.png"), full_page=False)
-    print(f"{OUT / 'mlflow-retrain-run.png'}: run {run_id}" + (f"  MISSING {missing}" if missing else "  ok"))
-    return [("mlflow-retrain-run.png", missing)] if missing else []
+    for i, (name, expected) in enumerate(shots):
+        if i == 1:
+            page.keyboard.press("Escape")
+            page.get_by_text("Logged models (1)").scroll_into_view_if_needed(timeout=10_000)
+        page.wait_for_timeout(1500)
+        text = page.inner_text("body")
+        missing = [word for word in expected if word not in text]
+        page.screenshot(path=str(OUT / name), full_page=False)
+        print(f"{OUT / name}: run {run_id}" + (f"  MISSING {missing}" if missing else "  ok"))
+        if missing:
+            problems.append((name, missing))
+    return problems
 
 
 if __name__ == "__main__":
