@@ -83,7 +83,9 @@ def publishable_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], s
 def save_state_dict(model: nn.Module, path: Path) -> str:
     """Save the model's state dict as safetensors; returns its key format (``KEY_FORMATS``)."""
     state, key_format = publishable_state_dict(model)
-    save_file(state, path, metadata={"format": "pt", "key_format": key_format})
+    # no header metadata: safetensors writes it from a hash map in a per-process order, so two keys would
+    # make the same weights hash differently (the manifest records the key format instead)
+    save_file(state, path)
     return key_format
 
 

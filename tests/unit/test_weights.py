@@ -143,3 +143,21 @@ def test_other_heads_keep_headbench_keys_and_every_format_loads_back_exactly(tmp
         torch.testing.assert_close(again.state_dict()[key], value)
     with pytest.raises(RuntimeError, match="size mismatch|Missing|Unexpected"):
         load_exact(build_model("resnet18", 5, strategy), read_state_dict(path))
+
+
+def test_the_same_weights_saved_by_two_processes_hash_the_same(tmp_path: Path) -> None:
+    """The published sha256 is the reproducibility check: the file's bytes must depend on the tensors only
+    (safetensors writes header metadata in a per-process hash-map order, so none is written)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from models import build_model; "
+              "from models.weights import save_state_dict; "
+              "save_state_dict(build_model('resnet18', 3, sys.argv[1], seed=5), Path(sys.argv[2]))")
+    digests = set()
+    for i, strategy in enumerate(["mlp", "mlp", "replace-fc", "replace-fc"]):
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, strategy, str(path)], check=True, timeout=120)
+        digests.add((strategy, hashlib.sha256(path.read_bytes()).hexdigest()))
+    assert len(digests) == 2  # one per strategy
