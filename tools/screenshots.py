@@ -66,13 +66,7 @@ def main() -> int:
                                        arg=expected, timeout=45_000)
             except PlaywrightTimeout:
                 pass
-            page.wait_for_timeout(1500)
-            text = page.inner_text("body")
-            missing = [word for word in expected if word not in text]
-            page.screenshot(path=str(OUT / name), full_page=False)
-            print(f"{OUT / name}: {url}" + (f"  MISSING {missing}" if missing else "  ok"))
-            if missing:
-                failures.append((name, missing))
+            failures += capture(page, name, expected, url)
         failures += custom_run_through_the_dashboard(page, settings, deployment_url)
         browser.close()
     return 1 if failures else 0
@@ -151,14 +145,18 @@ def retrain_run_page(page: Any, settings: Any, experiment: str, run_id: str) -> 
         if i == 1:
             page.keyboard.press("Escape")
             page.get_by_text("Logged models (1)").scroll_into_view_if_needed(timeout=10_000)
-        page.wait_for_timeout(1500)
-        text = page.inner_text("body")
-        missing = [word for word in expected if word not in text]
-        page.screenshot(path=str(OUT / name), full_page=False)
-        print(f"{OUT / name}: run {run_id}" + (f"  MISSING {missing}" if missing else "  ok"))
-        if missing:
-            problems.append((name, missing))
+        problems += capture(page, name, expected, f"run {run_id}")
     return problems
+
+
+def capture(page: Any, name: str, expected: list[str], where: str) -> list[tuple[str, list[str]]]:
+    """Screenshot the page as docs/img/NAME after it settled; the expected words it does not show."""
+    page.wait_for_timeout(1500)
+    text = page.inner_text("body")
+    missing = [word for word in expected if word not in text]
+    page.screenshot(path=str(OUT / name), full_page=False)
+    print(f"{OUT / name}: {where}" + (f"  MISSING {missing}" if missing else "  ok"))
+    return [(name, missing)] if missing else []
 
 
 if __name__ == "__main__":
