@@ -18,10 +18,12 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from bench.cli import app as bench_app
 from infra.errors import HeadbenchError
 from infra.settings import Settings, load_settings
+from models.data import clip
 
 app = typer.Typer(help="headbench: fine-tune pretrained ResNets with comparable head strategies "
                   "(Prefect flows, Ray Train, MLflow, S3).", no_args_is_help=True, add_completion=False)
@@ -34,13 +36,22 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="also show Ray
                                           "INFO logs (MLflow and Prefect keep them either way)")]
 
 
+@app.callback()
+def _private_files() -> None:
+    """Every file a command creates (the dataset and weights caches under $HEADBENCH_HOME, the env file) is
+    private to the user: 0600 files, 0700 folders."""
+    os.umask(0o077)
+
+
 def say(line: str) -> None:
-    """Print one unwrapped line (URLs stay copyable)."""
-    console.print(line, soft_wrap=True, highlight=False)
+    """Print one unwrapped line (URLs stay copyable). No markup: lines carry user text (paths, class names,
+    URIs) in which ``[x]`` or ``[/]`` would be eaten or crash Rich's markup parser."""
+    console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """The one-line error contract: ``error: <message>`` on stderr, exit ``code``; the message is user text."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -56,7 +67,7 @@ def validation_line(exc: ValidationError) -> str:
     msg = str(e["msg"]).removeprefix("Value error, ")
     option = f"--{field.replace('_', '-')}: " if field else ""
     got = e.get("input")
-    suffix = f" (got {got!r})" if field and not isinstance(got, dict) else ""
+    suffix = f" (got {clip(repr(got), 80)})" if field and not isinstance(got, dict) else ""
     return f"{option}{msg}{suffix}"
 
 
@@ -467,7 +478,7 @@ def demo(home: HomeOpt = None,
         console.rule("1/2 source model: classes 0-4, random init, published to S3 and the registry")
         source = run_retrain(settings, DEMO_SOURCE, verbose)
         weights = source.s3_uri
-    console.rule(f"2/2 target task: classes 5-9 from {weights}")
+    console.rule(Text(f"2/2 target task: classes 5-9 from {weights}"))
     result = run_compare(settings, DEMO_TARGET | {"weights": weights}, verbose)
     from infra.stack import LocalStack
 

@@ -14,8 +14,8 @@ from infra.datasets import FASHION_MNIST_CLASSES, DataSpec
 from infra.ray_cluster import PLACEMENT_STRATEGIES
 from infra.ray_worker import TrainConfig
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
-from models.data import parse_classes
-from models.loop import AUGMENTATIONS
+from models.data import parse_class_ranges, parse_classes
+from models.loop import AUGMENTATIONS, check_batch_split
 from models.schedules import plan
 from models.strategies import DEMO_STRATEGIES, all_strategies
 
@@ -84,7 +84,7 @@ class TrainingParams(BaseModel):
     @classmethod
     def _classes_syntax(cls, value: str | None) -> str | None:
         if value is not None and value.strip():
-            parse_classes(value, 10**6)  # syntax only; the range is checked against the dataset
+            parse_class_ranges(value)  # syntax only; the range is checked against the dataset
             return value.strip()
         return None
 
@@ -92,6 +92,7 @@ class TrainingParams(BaseModel):
     def _consistent(self) -> TrainingParams:
         if self.classes and self.dataset in BUILTIN_CLASSES:
             parse_classes(self.classes, BUILTIN_CLASSES[self.dataset])
+        check_batch_split(self.batch_size, self.workers)
         if self.limit is not None and self.limit < self.batch_size:
             raise ValueError(f"batch_size {self.batch_size} is larger than the training pool limit "
                              f"{self.limit}; allowed: batch_size <= limit")

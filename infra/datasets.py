@@ -206,16 +206,46 @@ def _row_keys(file_sha256: str, count: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- ImageFolder
 
 
-def _decode(data: bytes, size: int) -> np.ndarray | None:
-    """Image bytes -> (3, size, size) uint8, or None when the bytes are not a decodable image."""
+def _decode(data: bytes, size: int) -> tuple[np.ndarray | None, str]:
+    """Image bytes -> ((3, size, size) uint8, "") or (None, why it is unreadable).
+
+    The pixel count is read from the header and checked before anything is decoded: an image over PIL's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 Mpx) is refused like a corrupt one, never
+    decoded in full (PIL itself only warns up to twice that)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                limit = Image.MAX_IMAGE_PIXELS or 0
+                if limit and width * height > limit:
+                    return None, (f"{width}x{height} = {width * height / 1e6:.0f} Mpx is over the "
+                                  f"{limit / 1e6:.0f} Mpx limit on decoded images")
+                img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy(), ""
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return None, f"over the decompression-bomb limit: {str(exc).splitlines()[0]}"
+    except UnidentifiedImageError:
+        return None, "not an image PIL can identify"
+    except (OSError, ValueError, SyntaxError) as exc:
+        return None, f"undecodable ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+
+def inside(root: Path, rel: str, where: str) -> Path:
+    """``root / rel``, refusing a relative name that would land outside ``root``: an absolute path, a ``..``
+    segment, in either slash (an S3 key or an archive member name is untrusted text)."""
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith(("/", "\\")) or ".." in parts:
+        raise DatasetError(f"refusing {where}: its name {rel[:120]!r} would be written outside the dataset "
+                           "cache; allowed: relative names without '..' segments")
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise DatasetError(f"refusing {where}: it resolves to {target}, outside the dataset cache {root}")
+    return target
 
 
 def _download_prefix(client: Any, uri: str, dest: Path, endpoint: str | None) -> Path:
@@ -228,7 +258,7 @@ def _download_prefix(client: Any, uri: str, dest: Path, endpoint: str | None) ->
                 rel = obj["Key"][len(prefix):]
                 if not rel or rel.endswith("/"):
                     continue
-                target = dest / rel
+                target = inside(dest, rel, f"s3://{bucket}/{obj['Key']}")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if not (target.is_file() and target.stat().st_size == obj["Size"]):
                     client.download_file(bucket, obj["Key"], str(target))
@@ -262,18 +292,23 @@ def _read_tree(root: Path, size: int, class_names: list[str] | None) -> Tree:
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         if not files:
             raise DatasetError(f"class folder {name!r} in {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        unreadable: list[str] = []
         for path in files:
             data = path.read_bytes()
             sha = _sha256(data)
             read.append(f"{path.relative_to(root).as_posix()}\t{sha}")
-            arr = _decode(data, size)
+            arr, why = _decode(data, size)
             if arr is None:
                 skipped += 1
-                log.warning("skipping corrupt image %s", path)
+                unreadable.append(f"{path.relative_to(root).as_posix()}: {why}")
+                log.warning("skipping unreadable image %s: %s", path, why)
                 continue
             images.append(arr)
             labels.append(label)
             keys.append(sha)
+        if len(unreadable) == len(files):  # a class with no example left would silently drop out of training
+            raise DatasetError(f"class folder {name!r} in {root}: all {len(files)} image(s) are unreadable "
+                               f"(first: {unreadable[0]}); refusing to train without that class")
     return Tree(np.stack(images), np.asarray(labels, dtype=np.int64), classes, np.array(keys, dtype=object), read,
                 skipped)
 

@@ -158,6 +158,22 @@ def node_cpus() -> list[int]:
     return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
+def node_gpus() -> list[int]:
+    """GPUs of each alive node of the cluster this process is connected to."""
+    import ray
+
+    return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_gpus(workers: int, gpus: list[int]) -> None:
+    """``--gpu`` asks one GPU per worker: fail at once where Ray would wait forever for GPUs that do not exist."""
+    if workers > (total := sum(gpus)):
+        have = f"{total} GPU(s) on {len(gpus)} node(s)" if total else f"no GPU on its {len(gpus)} node(s)"
+        allowed = f"at most {total} workers with --gpu, or --cpu" if total else "--cpu"
+        raise PlacementError(f"--gpu: workers={workers} x 1 GPU need {workers} GPUs but the Ray cluster has "
+                             f"{have}; allowed: {allowed}")
+
+
 def workers_that_fit(cpus: int, nodes: list[int]) -> int:
     """How many workers of ``cpus`` CPUs the nodes hold at once: a worker's bundle never spans nodes."""
     return sum(n // cpus for n in nodes)

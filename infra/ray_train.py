@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from infra.errors import HeadbenchError
-from infra.ray_cluster import check_placement, cluster_node_cpus, even_share
+from infra.ray_cluster import check_gpus, check_placement, cluster_node_cpus, even_share, node_gpus
 from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
 from infra.s3 import ray_storage
 from infra.settings import Settings
 from models import parse_strategy
 from models.data import ArraySplit
+from models.loop import check_batch_split
 from models.schedules import plan
 
 __all__ = ["TrainConfig", "TrainOutcome", "TrainingError", "augmentation_note", "run_training"]
@@ -62,14 +63,19 @@ def augmentation_note(cfg: TrainConfig) -> str:
 def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                  *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
+    try:  # before Ray starts: a batch of one reaches BatchNorm only inside a worker, retried max_failures times
+        check_batch_split(cfg.batch_size, cfg.workers, len(train))
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
     nodes = cluster_node_cpus(settings)  # starts or joins Ray before anything imports it
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cpus = cfg.cpus_per_worker or even_share(cfg.workers, nodes)
-    if not cfg.use_gpu:
-        check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
+    check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
+    if cfg.use_gpu:
+        check_gpus(cfg.workers, node_gpus())
     storage_path, storage_fs = ray_storage(settings, "ray")
     trainer = TorchTrainer(
         train_worker,

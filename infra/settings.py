@@ -63,6 +63,10 @@ class Settings(BaseSettings):
                            description="forward Ray's worker and actor output to the driver (`--verbose`); off, "
                            "progress comes from MLflow and the logs stay in MLflow, Prefect and Ray's log files")
 
+    database_url: SecretStr | None = Field(None, validation_alias="HEADBENCH_DATABASE_URL",
+                                           description="`up --backend postgres`: postgresql://user[:password]@host"
+                                           ":5432/name[?sslmode=...], when not given as --database-url")
+
     model_bucket: str = Field("models", validation_alias="HEADBENCH_MODEL_BUCKET")
     data_bucket: str = Field("data", validation_alias="HEADBENCH_DATA_BUCKET")
     checkpoint_bucket: str = Field("checkpoints", validation_alias="HEADBENCH_CHECKPOINT_BUCKET")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -23,6 +24,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from infra.errors import HeadbenchError
 from infra.procs import BIN, HOST, free_port, pid_alive, port_taken, stop_group
@@ -118,11 +120,16 @@ class LocalStack:
         self.secret_key = saved.get("secret_key") if saved else None
         # sqlite (default, files under $HEADBENCH_HOME) or postgres: the choice sticks to the stack's state
         self.backend = backend or saved.get("backend", "sqlite")
-        self.database_url = database_url or saved.get("database_url")
+        # argv is world-readable (ps): the URL, which may hold a password, can come from the environment
+        url_from_env = settings.database_url.get_secret_value() if settings.database_url else None
+        self.database_url = database_url or saved.get("database_url") or url_from_env
         if self.backend not in BACKENDS:
             raise StackError(f"unknown --backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         if self.backend == "postgres" and not self.database_url:
-            raise StackError("--backend postgres needs --database-url postgresql://user[:password]@host:5432/name")
+            raise StackError("--backend postgres needs --database-url postgresql://user[:password]@host:5432/name "
+                             "(or HEADBENCH_DATABASE_URL)")
+        if self.backend == "postgres" and self.database_url:
+            check_database_url(self.database_url)
         # 0: no cluster, each run starts a private Ray; N >= 1: a head and N-1 worker nodes, RAY_ADDRESS set
         self.ray_nodes = saved.get("ray_nodes", 0) if ray_nodes is None else ray_nodes
         if not 0 <= self.ray_nodes <= MAX_RAY_NODES:
@@ -149,9 +156,18 @@ class LocalStack:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
+    def _private_dirs(self) -> None:
+        """$HEADBENCH_HOME and its service folders, 0700 (an existing folder's mode is reset): the env file,
+        the stores and the logs hold the stack's keys and data."""
+        for sub in ("", "pids", "logs", "s3", "mlflow", "prefect"):
+            path = self.home / sub
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.chmod(0o700)
+
     def _write_private(self, path: Path, text: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._private_dirs()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode applies to new files only: reset an existing file's
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
 
@@ -222,11 +238,13 @@ class LocalStack:
             return False
 
     # ------------------------------------------------------------------ backend stores
-    def database(self, service: str) -> str:
-        """postgresql://.../<name> -> the URL of database ``<name>_<service>`` (one per server)."""
+    def database(self, service: str, name: str | None = None) -> str:
+        """postgresql://.../<name>?<query> -> the URL of database ``<name>_<service>`` (one per server), its
+        query string (``sslmode=...``) kept; ``name`` replaces the database name (the maintenance db)."""
         assert self.database_url
-        base, _, name = self.database_url.rstrip("/").rpartition("/")
-        return f"{base}/{name or 'headbench'}_{service}"
+        url = urlsplit(self.database_url)
+        base = database_name(self.database_url)
+        return urlunsplit(url._replace(path=f"/{name or f'{base}_{service}'}"))
 
     @property
     def mlflow_store(self) -> str:
@@ -236,7 +254,10 @@ class LocalStack:
 
     @property
     def prefect_store(self) -> str:
-        return self.database("prefect").replace("postgresql://", "postgresql+asyncpg://", 1)
+        # SQLAlchemy's asyncpg dialect takes libpq's sslmode values under the name `ssl`
+        url = urlsplit(self.database("prefect"))
+        query = urlencode([("ssl" if k == "sslmode" else k, v) for k, v in parse_qsl(url.query)])
+        return urlunsplit(url._replace(scheme="postgresql+asyncpg", query=query))
 
     def _create_databases(self) -> None:
         """CREATE DATABASE for MLflow's and Prefect's stores when missing (through the maintenance db)."""
@@ -245,17 +266,18 @@ class LocalStack:
         import asyncpg
 
         async def create() -> None:
-            base = self.database_url.rstrip("/").rpartition("/")[0] if self.database_url else ""
+            maintenance = self.database("", name="postgres")
             try:
-                conn = await asyncpg.connect(f"{base}/postgres", timeout=10)
+                conn = await asyncpg.connect(maintenance, timeout=10)
             except (OSError, asyncpg.PostgresError) as exc:
-                raise StackError(f"PostgreSQL at {redact_url(base)} unreachable or refused the login: "
+                raise StackError(f"PostgreSQL at {redact_url(maintenance)} unreachable or refused the login: "
                                  f"{str(exc).splitlines()[0]}") from None
             try:
                 for service in ("mlflow", "prefect"):
-                    name = self.database(service).rpartition("/")[2]
+                    name = database_name(self.database(service))  # an identifier: checked in __init__
                     if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-                        await conn.execute(f'CREATE DATABASE "{name}"')
+                        # DDL takes no bind parameters: the name is quoted as an identifier, never formatted raw
+                        await conn.execute(f"CREATE DATABASE {quote_ident(name)}")
             finally:
                 await conn.close()
 
@@ -345,16 +367,16 @@ class LocalStack:
             return None
 
     def _start(self, spec: ServiceSpec) -> subprocess.Popen[bytes]:
-        for sub in ("pids", "logs", "s3", "mlflow", "prefect"):
-            (self.home / sub).mkdir(parents=True, exist_ok=True)
+        self._private_dirs()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "RAY_"))}  # no foreign endpoints
         env.update(spec.env)
-        log = self.log_file(spec.name).open("ab")
+        log = os.fdopen(os.open(self.log_file(spec.name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+        # umask 077: what the servers write under $HEADBENCH_HOME (stores, sockets, flow-run files) is 0600/0700
         proc = subprocess.Popen(spec.argv, cwd=self.home, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
         log.close()
-        self.pid_file(spec.name).write_text(f"{proc.pid}\n")
+        self._write_private(self.pid_file(spec.name), f"{proc.pid}\n")
         return proc
 
     def _wait_healthy(self, spec: ServiceSpec, alive: Callable[[], bool], timeout: float) -> None:
@@ -444,6 +466,31 @@ class LocalStack:
                 stopped.append(spec.name)
             self.pid_file(spec.name).unlink(missing_ok=True)
         return stopped
+
+
+DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")  # + "_mlflow": within PostgreSQL's 63 bytes
+
+
+def database_name(url: str) -> str:
+    """The database name in a postgresql:// URL ('headbench' when the URL names none)."""
+    return unquote(urlsplit(url).path.strip("/")) or "headbench"
+
+
+def check_database_url(url: str) -> None:
+    """A postgresql:// URL whose database name is a plain identifier (it becomes ``<name>_mlflow`` and
+    ``<name>_prefect``); one line naming the bad part otherwise, never echoing a password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+        raise StackError(f"--database-url {redact_url(url)!r}: expected postgresql://user[:password]@host:5432/name")
+    name = database_name(url)
+    if not DATABASE_NAME.match(name):
+        raise StackError(f"--database-url: database name {name[:60]!r} is not allowed; allowed: letters, digits and "
+                         "_ (not first), at most 41 characters")
+
+
+def quote_ident(name: str) -> str:
+    """A PostgreSQL identifier, double-quoted with embedded quotes doubled (the names are also checked)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def redact_url(url: str) -> str:

@@ -31,30 +31,48 @@ class ArraySplit:
         return len(self.labels)
 
 
+MAX_CLASS_INDEX = 10**6 - 1  # far above any real label set; keeps a typo like 0-100000000000 from being expanded
+
+
+def clip(text: str, width: int = 60) -> str:
+    """User text echoed in an error message, cut to ``width`` characters so the message stays one short line."""
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def parse_class_ranges(spec: str) -> list[tuple[int, int]]:
+    """``"0-2,5"`` -> [(0, 2), (5, 5)]: syntax only, nothing expanded (a range's bounds may be huge)."""
+    ranges: list[tuple[int, int]] = []
+    for part in spec.split(","):
+        lo, dash, hi = (t.strip() for t in part.strip().partition("-"))
+        # isdecimal() and a length cap: int() of a 5000-digit string raises, and nothing needs > 7 digits
+        if not (lo.isdecimal() and len(lo) <= 12) or (dash and not (hi.isdecimal() and len(hi) <= 12)):
+            raise ValueError(f"bad class list {clip(spec)!r}: use indices like '0-4' or '0,2,7'")
+        start, stop = int(lo), int(hi) if dash else int(lo)
+        if stop < start:
+            raise ValueError(f"bad class range {clip(part.strip())!r} in {clip(spec)!r}: start > end")
+        if stop > MAX_CLASS_INDEX:
+            raise ValueError(f"class index {stop} in {clip(spec)!r} is too large; allowed: 0-{MAX_CLASS_INDEX}")
+        ranges.append((start, stop))
+    return ranges
+
+
 def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int]:
-    """``"0-4"``, ``"0,2,7"``, ``"0-2,5"`` or None (all) -> sorted unique class indices, range-checked."""
+    """``"0-4"``, ``"0,2,7"``, ``"0-2,5"`` or None (all) -> sorted unique class indices, range-checked.
+
+    Bounds are checked on the ranges before any is expanded, so the cost is bounded by ``num_classes``."""
     if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
         return list(range(num_classes))
-    if isinstance(spec, str):
-        chosen: set[int] = set()
-        for part in spec.split(","):
-            part = part.strip()
-            lo, dash, hi = part.partition("-")
-            if not lo.strip().isdigit() or (dash and not hi.strip().isdigit()):
-                raise ValueError(f"bad class list {spec!r}: use indices like '0-4' or '0,2,7'")
-            start, stop = int(lo), int(hi) if dash else int(lo)
-            if stop < start:
-                raise ValueError(f"bad class range {part!r} in {spec!r}: start > end")
-            chosen.update(range(start, stop + 1))
-        classes = sorted(chosen)
-    else:
-        classes = sorted(set(int(c) for c in spec))
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(f"classes {bad} out of range for a dataset with {num_classes} classes; "
+    ranges = parse_class_ranges(spec) if isinstance(spec, str) else [(int(c), int(c)) for c in spec]
+    outside = [(max(a, num_classes), b) for a, b in ranges if b >= num_classes] + [(a, min(b, -1))
+                                                                                    for a, b in ranges if a < 0]
+    if outside:
+        shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in sorted(set(outside)))
+        raise ValueError(f"classes {clip(shown)} out of range for a dataset with {num_classes} classes; "
                          f"allowed: 0-{num_classes - 1}")
+    classes = sorted({c for a, b in ranges for c in range(a, b + 1)})
     if len(classes) < 2:
-        raise ValueError(f"class list {spec!r} selects {len(classes)} class; a classifier needs >= 2")
+        shown_spec = clip(spec) if isinstance(spec, str) else str(classes)
+        raise ValueError(f"class list {shown_spec!r} selects {len(classes)} class; a classifier needs >= 2")
     return classes
 
 

@@ -357,6 +357,25 @@ PROBE_BN_BATCHES = 20  # batches that estimate target BN statistics before a fro
 NOT_METRICS = {"epoch", "first_step_at", "last_step_at"}  # history columns that are not MLflow metrics
 
 
+MIN_BATCH_PER_WORKER = 2  # BatchNorm in train mode needs more than one value per channel
+
+
+def check_batch_split(batch_size: int, world: int, train_size: int | None = None) -> None:
+    """Refuse a global batch (or a training split) that leaves some process a training batch of one sample.
+
+    Each of ``world`` processes takes ``batch_size // world``; ``epoch_loader`` drops the last partial batch
+    whenever a process has a full one, otherwise the process's only batch is its whole sampler share,
+    ``ceil(train_size / world)``. BatchNorm raises on a batch of one, deep inside the worker."""
+    per = batch_size // world
+    if per < MIN_BATCH_PER_WORKER:
+        raise ValueError(f"batch_size {batch_size} over {world} workers leaves {per} sample(s) per worker; "
+                         f"allowed: batch_size >= {MIN_BATCH_PER_WORKER * world} (or fewer workers)")
+    if train_size is not None and -(-train_size // world) < MIN_BATCH_PER_WORKER:
+        raise ValueError(f"a training split of {train_size} sample(s) over {world} workers leaves each worker "
+                         f"fewer than {MIN_BATCH_PER_WORKER}; allowed: workers <= {max(1, train_size // 2)} or a "
+                         "larger --limit")
+
+
 def epoch_loader(dataset: Dataset[Any], batch_size: int, *, rank: int, world: int, seed: int, shuffle: bool,
                  pin_memory: bool = False) -> DataLoader[Any]:
     """This rank's loader: a seeded ``DistributedSampler`` (also for one process, so a seed means the same

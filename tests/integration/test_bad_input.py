@@ -54,7 +54,7 @@ def test_bad_input_fails_in_one_line_and_publishes_nothing(stack: Stack, tmp_pat
     }[case]
     if case == "classes-out-of-range":  # a valid tree, but only 2 classes
         Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tree / "dog" / "0.png")
-        expected = "classes [2, 3] out of range for a dataset with 2 classes; allowed: 0-1"
+        expected = "classes 2-3 out of range for a dataset with 2 classes; allowed: 0-1"
     before = _snapshot(stack)
     done = subprocess.run([HEADBENCH, "run", "--limit", "40", "--batch-size", "32", *args], capture_output=True,
                           text=True, timeout=600, env=stack.cli_env(), check=False)

@@ -32,7 +32,7 @@ def _run(args: list[str], home: Path, extra_env: dict[str, str] | None = None) -
      "'resnet152' (got 'resnet19')"),
     (["--strategy", "fc-swap"], "--strategy: unknown strategy 'fc-swap': head shape 'fc-swap' is not one of "
      "replace-fc, mlp"),
-    (["--classes", "0-12"], "classes [10, 11, 12] out of range for a dataset with 10 classes; allowed: 0-9"),
+    (["--classes", "0-12"], "classes 10-12 out of range for a dataset with 10 classes; allowed: 0-9"),
     (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1 (got 0)"),
     (["--lr", "-0.1"], "--lr: Input should be greater than 0 (got -0.1)"),
     (["--image-size", "8"], "--image-size: Input should be greater than or equal to 32 (got 8)"),
