@@ -19,6 +19,7 @@ from flows.stages import stage
 from infra.ray_cluster import cluster_node_cpus, workers_that_fit
 from infra.settings import load_settings, require_servers
 from infra.tracking import flatten, run_url, start_run
+from tasks import FLOW_TIMEOUT_S
 from tasks.build import resolve_weights
 from tasks.compare import ChildResult, fit_strategy, markdown_table, report_comparison, table_records, tune_strategy
 from tasks.data import download_data
@@ -39,7 +40,7 @@ def _flow_run_name() -> str:
     return f"compare-{dataset}-{p.get('arch', 'resnet18')}-{len(p.get('strategies') or [])}x{p.get('seeds', 2)}"
 
 
-@flow(name="compare-heads", flow_run_name=_flow_run_name, log_prints=True)
+@flow(name="compare-heads", flow_run_name=_flow_run_name, timeout_seconds=FLOW_TIMEOUT_S, log_prints=True)
 def compare_heads(params: CompareParams = CompareParams()) -> CompareResult:  # noqa: B008 - pydantic default
     """Compare head strategies under equal compute, repeated over seeds."""
     settings = load_settings()

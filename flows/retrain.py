@@ -23,6 +23,7 @@ from infra.settings import load_settings, require_servers
 from infra.tracking import CHAMPION_ALIAS, alias_version, flatten, reopen_run, run_url, start_run
 from models import parse_strategy
 from models.schedules import describe_plan, phase_params
+from tasks import FLOW_TIMEOUT_S
 from tasks.build import build_head_model
 from tasks.data import download_data
 from tasks.evaluate import evaluate_model, log_learning_curves
@@ -129,7 +130,7 @@ def versions() -> dict[str, str]:
         name: version(name) for name in ("torch", "torchvision", "ray", "mlflow", "prefect")}
 
 
-@flow(name="retrain", flow_run_name=_flow_run_name, log_prints=True)
+@flow(name="retrain", flow_run_name=_flow_run_name, timeout_seconds=FLOW_TIMEOUT_S, log_prints=True)
 def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: B008 - pydantic default
     """Fine-tune a ResNet with one head strategy and publish it (S3 + MLflow registry)."""
     settings = load_settings()

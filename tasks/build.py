@@ -14,6 +14,7 @@ from infra.s3 import fetch_model, s3_client
 from infra.settings import Settings
 from infra.tracking import resolve_registered
 from models import HeadNet, build_model, trainable_parameters
+from tasks import TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ def resolve_weights(weights: str, settings: Settings) -> str | None:
     return weights
 
 
-@task(name="build-model", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+@task(name="build-model", timeout_seconds=TIMEOUT_S["build-model"],
+      retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient)
 def build_head_model(arch: str, num_classes: int, strategy: str, weights: str, settings: Settings,
                      hidden_dim: int = 512, dropout: float = 0.2, seed: int | None = None) -> BuiltModel:

@@ -27,6 +27,7 @@ from infra.tuning import TUNE_METRIC, lr_grid, tune_lr
 from models import build_model, parse_strategy
 from models.schedules import describe_plan, phase_params
 from models.stats import Interval, paired_difference
+from tasks import TIMEOUT_S
 from tasks.evaluate import evaluate_split
 
 
@@ -168,7 +169,7 @@ def comparison_png(comparison: Comparison, results: list[ChildResult], path: Pat
     return path
 
 
-@task(name="fit-strategy", cache_policy=NO_CACHE, log_prints=True)
+@task(name="fit-strategy", timeout_seconds=TIMEOUT_S["fit-strategy"], cache_policy=NO_CACHE, log_prints=True)
 def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData, weights: str | None,
                  child_params: dict[str, Any], settings: Settings, tracking_uri: str, experiment: str,
                  parent_run_id: str) -> ChildResult:
@@ -202,7 +203,7 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
                        seen / busy if busy else 0.0, outcome.history, cfg.lr)
 
 
-@task(name="tune-lr", cache_policy=NO_CACHE, log_prints=True)
+@task(name="tune-lr", timeout_seconds=TIMEOUT_S["tune-lr"], cache_policy=NO_CACHE, log_prints=True)
 def tune_strategy(strategy: str, cfg: TrainConfig, data: PreparedData, weights: str | None, trials: int,
                   settings: Settings, tracking_uri: str, experiment: str, parent_run_id: str) -> float:
     """Search one strategy's LR on Ray Tune (ASHA on val loss) and log it as parent -> strategy -> trial runs.
@@ -241,7 +242,7 @@ def tune_strategy(strategy: str, cfg: TrainConfig, data: PreparedData, weights: 
     return outcome.best_lr
 
 
-@task(name="summarize", cache_policy=NO_CACHE)
+@task(name="summarize", timeout_seconds=TIMEOUT_S["summarize"], cache_policy=NO_CACHE)
 def report_comparison(results: list[ChildResult], parent: Tracker) -> Comparison:
     """Table, chart and verdict on the MLflow parent run."""
     comparison = summarize(results)

@@ -9,9 +9,11 @@ from infra.datasets import DataSpec, PreparedData, load_raw, prepare
 from infra.errors import retry_transient
 from infra.s3 import s3_client
 from infra.settings import Settings
+from tasks import TIMEOUT_S
 
 
-@task(name="download-data", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
+@task(name="download-data", timeout_seconds=TIMEOUT_S["download-data"],
+      retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient)
 def download_data(spec: DataSpec, settings: Settings) -> PreparedData:
     """Fetch and verify the dataset (mirrored to the S3 data bucket), then subset, split and resize it."""

@@ -19,6 +19,7 @@ from models.data import ArrayDataset, ArraySplit
 from models.loop import evaluate
 from models.metrics import Calibration, ClassificationReport, calibration, classification_report, top_k_accuracy
 from models.predict import inference_speed
+from tasks import TIMEOUT_S
 
 ECE_BINS = 15
 TOP_K = 5  # top-5 accuracy is reported when there are more than 5 classes
@@ -67,7 +68,7 @@ def per_class_csv(metrics: TestMetrics, class_names: list[str], path: Path) -> P
     return path
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", timeout_seconds=TIMEOUT_S["evaluate"], cache_policy=NO_CACHE)
 def evaluate_model(model: nn.Module, test: ArraySplit, class_names: list[str], tracker: Tracker) -> TestMetrics:
     """Score the trained model on the held-out test split; log metrics, the per-class table and figures."""
     metrics = evaluate_split(model, test, len(class_names))

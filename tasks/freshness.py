@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.errors import retry_transient
 from infra.tracking import CHAMPION_ALIAS, alias_version
+from tasks import TIMEOUT_S
 
 DATA_DIGEST_PARAM = "data_sha256"  # the run param holding the digest of every file the run read
 
@@ -24,7 +25,8 @@ class Freshness:
     champion_run_id: str | None = None
 
 
-@task(name="check-unchanged", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+@task(name="check-unchanged", timeout_seconds=TIMEOUT_S["check-unchanged"],
+      retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient)
 def check_unchanged(tracking_uri: str, model_name: str, data_digest: str, training: dict[str, str]) -> Freshness:
     """Compare this run's data digest and training params (``RetrainParams.identity``) with the champion's

@@ -26,6 +26,7 @@ from infra.s3 import ModelStore, s3_client
 from infra.settings import Settings
 from infra.tracking import CHAMPION_ALIAS, Tracker, alias_version, set_alias, set_version_tags
 from models.data import ArraySplit, resize_uint8
+from tasks import TIMEOUT_S
 from tasks.evaluate import evaluate_split
 from tasks.publish import Publication
 
@@ -117,7 +118,8 @@ def score_champion(source: str, test: ArraySplit, test_digest: str, class_names:
     return ChampionScore(metrics.as_dict()[metric], None, test_data)
 
 
-@task(name="promote", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE,
+@task(name="promote", timeout_seconds=TIMEOUT_S["promote"],
+      retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient)
 def promote_model(publication: Publication, metrics: dict[str, float], test: ArraySplit, test_digest: str,
                   class_names: list[str], policy: PromotionPolicy, settings: Settings, tracker: Tracker,

@@ -23,6 +23,7 @@ from infra.tracking import Tracker, register_version
 from models import HeadNet
 from models.data import IMAGENET_MEAN, IMAGENET_STD
 from models.weights import WEIGHTS_FILE, save_state_dict
+from tasks import TIMEOUT_S
 
 MANIFEST_VERSION = 1
 
@@ -63,7 +64,8 @@ def build_manifest(model: HeadNet, *, model_name: str, class_names: list[str], c
     }
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE,
+@task(name="publish", timeout_seconds=TIMEOUT_S["publish"],
+      retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient)
 def publish_model(model: nn.Module, manifest: dict[str, Any], example_images: np.ndarray, settings: Settings,
                   tracker: Tracker) -> Publication:

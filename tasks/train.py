@@ -11,9 +11,10 @@ from infra.progress import epoch_lines
 from infra.ray_train import TrainConfig, TrainOutcome, run_training
 from infra.settings import Settings
 from models.data import ArraySplit
+from tasks import TIMEOUT_S
 
 
-@task(name="train", cache_policy=NO_CACHE, log_prints=True)
+@task(name="train", timeout_seconds=TIMEOUT_S["train"], cache_policy=NO_CACHE, log_prints=True)
 def train_model(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                 settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Data-parallel fine-tuning on Ray Train, checkpointed to S3 every epoch; each epoch MLflow records is

@@ -185,3 +185,24 @@ def test_database_url_keeps_its_query_and_can_come_from_the_environment(tmp_path
     assert stack.database("mlflow") == "postgresql://hb:s3cret@db.internal:5432/team_mlflow?sslmode=require"
     assert stack.prefect_store == "postgresql+asyncpg://hb:s3cret@db.internal:5432/team_prefect?ssl=require"
     assert stack.database("", name="postgres") == "postgresql://hb:s3cret@db.internal:5432/postgres?sslmode=require"
+
+
+def test_every_task_and_flow_has_a_timeout() -> None:
+    import importlib
+    import pkgutil
+
+    import flows
+    import tasks
+    from prefect import Flow, Task
+
+    found: dict[str, float | None] = {}
+    for package in (tasks, flows):
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name in ("cli", "deploy"):
+                continue
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for value in vars(module).values():
+                if isinstance(value, Task | Flow):
+                    found[value.name] = value.timeout_seconds
+    assert {"download-data", "train", "publish", "promote", "evaluate", "retrain", "compare-heads"} <= set(found)
+    assert all(t and t > 0 for t in found.values()), found
