@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -205,6 +206,16 @@ def quiet_console(verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+INTERRUPTED_EXIT = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    """First Ctrl-C: KeyboardInterrupt, which the flow turns into an orderly abort; later ones are ignored,
+    so that a second press cannot cut that clean-up short (it takes a few seconds)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def run_flow(settings: Settings, kind: str, values: dict[str, Any], verbose: bool = False) -> Any:
     """Validate, preflight, then run a flow (`retrain` or `compare`) in this process against the servers."""
     settings.export_env()  # before prefect is imported: it reads PREFECT_API_URL once
@@ -230,10 +241,20 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any], verbose: boo
     else:
         from flows.compare import compare_heads as flow_fn
 
+    from prefect.exceptions import CancelledRun
+
+    from infra.interrupts import interrupt
+
+    signal.signal(signal.SIGINT, _interrupt_once)
     with LiveProgress(console, settings.mlflow_tracking_uri, settings.experiment) as live:
         try:
             with listening(live.on_stage):
                 return flow_fn(params)
+        except (KeyboardInterrupt, CancelledRun):  # the flow ended its runs KILLED/CANCELLED, Ray aborted
+            live.progress.stop()
+            interrupt()
+            fail("interrupted: the Ray job was aborted, the MLflow run is KILLED and the Prefect flow run "
+                 "CANCELLED; nothing was published", code=INTERRUPTED_EXIT)
         except (HeadbenchError, ValueError) as exc:
             live.progress.stop()
             fail(first_line(exc))

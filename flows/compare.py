@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from flows.params import CompareParams
 from flows.retrain import prefect_context, run_params, versions
-from flows.stages import stage
+from flows.stages import cancel_on_interrupt, stage
 from infra.ray_cluster import cluster_node_cpus, workers_that_fit
 from infra.settings import load_settings, require_servers
 from infra.tracking import flatten, run_url, start_run
@@ -43,6 +43,10 @@ def _flow_run_name() -> str:
 @flow(name="compare-heads", flow_run_name=_flow_run_name, timeout_seconds=FLOW_TIMEOUT_S, log_prints=True)
 def compare_heads(params: CompareParams = CompareParams()) -> CompareResult:  # noqa: B008 - pydantic default
     """Compare head strategies under equal compute, repeated over seeds."""
+    return cancel_on_interrupt(_compare_heads, params)  # type: ignore[return-value]  # CANCELLED on Ctrl-C/SIGTERM
+
+
+def _compare_heads(params: CompareParams) -> CompareResult:
     settings = load_settings()
     tracking_uri, _ = require_servers(settings)
 

@@ -7,6 +7,8 @@ with help text and the server rejects bad values before anything runs.
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from typing import Any
 
@@ -17,10 +19,11 @@ from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel
 
 from flows.params import RetrainParams
-from flows.stages import stage
+from flows.stages import cancel_on_interrupt, stage
 from infra.lineage import lineage, log_datasets
-from infra.settings import load_settings, require_servers
-from infra.tracking import CHAMPION_ALIAS, alias_version, flatten, reopen_run, run_url, start_run
+from infra.s3 import RunLease, run_lease
+from infra.settings import Settings, load_settings, require_servers
+from infra.tracking import CHAMPION_ALIAS, Tracker, alias_version, flatten, reopen_run, run_url, start_run
 from models import parse_strategy
 from models.schedules import describe_plan, phase_params
 from tasks import FLOW_TIMEOUT_S
@@ -130,9 +133,40 @@ def versions() -> dict[str, str]:
         name: version(name) for name in ("torch", "torchvision", "ray", "mlflow", "prefect")}
 
 
+@contextmanager
+def open_run(params: RetrainParams, settings: Settings, tracking_uri: str,
+             tags: dict[str, str]) -> Iterator[tuple[Tracker, RunLease]]:
+    """The run's MLflow run (new, or reopened for a resume: same run, same Ray run name, so Ray Train restores
+    the last checkpoint) under its run lease, held until the block ends: a second process resuming the same
+    run is refused instead of racing this one to the same S3 prefix."""
+    owner = f"flow run {flow_run.get_name() or _flow_run_name()}"
+    if params.resume_run_id:
+        with run_lease(settings, params.resume_run_id, owner) as lease:
+            tracker = reopen_run(tracking_uri, params.resume_run_id, params.identity())
+            tracker.set_tags(tags | {"resumed": "true"})
+            yield tracker, lease
+        return
+    tracker = start_run(tracking_uri, settings.experiment, flow_run.get_name() or _flow_run_name(), tags=tags)
+    lease = run_lease(settings, tracker.run_id, owner)
+    try:  # a new run id: the lease is free, and only S3 failing can refuse it
+        lease.acquire()
+    except BaseException:
+        with suppress(Exception):
+            tracker.end("FAILED")
+        raise
+    try:
+        yield tracker, lease
+    finally:
+        lease.release()
+
+
 @flow(name="retrain", flow_run_name=_flow_run_name, timeout_seconds=FLOW_TIMEOUT_S, log_prints=True)
 def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: B008 - pydantic default
     """Fine-tune a ResNet with one head strategy and publish it (S3 + MLflow registry)."""
+    return cancel_on_interrupt(_retrain, params)  # type: ignore[return-value]  # CANCELLED on Ctrl-C/SIGTERM
+
+
+def _retrain(params: RetrainParams) -> RetrainResult:
     settings = load_settings()
     tracking_uri, _ = require_servers(settings)
     spec = parse_strategy(params.strategy)
@@ -157,12 +191,8 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
     tags = {"dataset": params.dataset, "arch": params.arch, "strategy": spec.name, "shape": spec.shape,
             "pool": spec.pool, "schedule": spec.schedule, "seed": str(params.seed), "model_name": params.model_name,
             **links}
-    if params.resume_run_id:  # same MLflow run, same Ray run name: Ray Train restores the last checkpoint
-        tracker = reopen_run(tracking_uri, params.resume_run_id, params.identity())
-        tracker.set_tags(tags | {"resumed": "true"})
-    else:
-        tracker = start_run(tracking_uri, settings.experiment, flow_run.get_name() or _flow_run_name(), tags=tags)
-    with tracker.lifecycle():  # FAILED on any error: the run stays, nothing half-published is visible
+    with open_run(params, settings, tracking_uri, tags) as (tracker, lease), \
+            tracker.lifecycle():  # FAILED on any error: the run stays, nothing half-published is visible
         derived: dict[str, Any] = {
             "num_classes": data.num_classes, "class_names": ",".join(data.class_names),
             "class_indices": ",".join(map(str, data.class_indices)), "train_size": len(data.train),
@@ -189,6 +219,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainResult:  # noqa: 
         metrics = evaluate_model(built.model, data.test, data.class_names, tracker)
 
         stage("publish")
+        lease.check()  # another process took this run over while we stalled: it publishes, not us
         manifest = build_manifest(
             built.model, model_name=params.model_name, class_names=data.class_names,
             class_indices=data.class_indices, image_size=params.image_size,

@@ -11,6 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from prefect.states import State
+
+P = TypeVar("P")
+R = TypeVar("R")
 
 STAGES = ("download", "build", "tune", "train", "evaluate", "publish", "promote", "done")
 
@@ -33,3 +40,22 @@ def stage(name: str) -> None:
     assert name in STAGES, name
     for listener in _listeners.get():
         listener(name)
+
+
+def cancel_on_interrupt(body: Callable[[P], R], params: P) -> R | State:
+    """Run a flow's body; on Ctrl-C or SIGTERM (``headbench down``, a Prefect cancellation) abort the Ray job,
+    let the MLflow runs end KILLED, and end the flow run CANCELLED (a flow that returns a state ends in it)
+    instead of Prefect's CRASHED."""
+    from prefect.states import Cancelled
+
+    from infra.interrupts import interrupt, is_interrupt
+
+    try:
+        return body(params)
+    except BaseException as exc:
+        if not is_interrupt(exc):
+            raise
+        interrupt()
+        what = "SIGTERM" if exc.__class__.__name__ == "TerminationSignal" else "Ctrl-C"
+        return Cancelled(message=f"interrupted ({what}): the Ray job was aborted, the MLflow run is KILLED, "
+                                 "nothing was published")

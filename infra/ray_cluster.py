@@ -136,6 +136,7 @@ def init_ray(settings: Settings) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    settings.export_env()  # a private Ray's workers inherit this environment: their S3 credentials included
     if settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=settings.ray_logs, logging_level="WARNING")
     else:

@@ -9,12 +9,15 @@ restarted worker group resumes from the latest one.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from infra.errors import HeadbenchError
+from infra.interrupts import interrupt
 from infra.ray_cluster import check_gpus, check_placement, cluster_node_cpus, even_share, node_gpus
 from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
 from infra.s3 import ray_storage
@@ -60,6 +63,32 @@ def augmentation_note(cfg: TrainConfig) -> str:
     return f"{cfg.augment} on image phases" + ("; cached-feature phases unaugmented" if cached else "")
 
 
+def fit_interruptibly(trainer: Any) -> Any:
+    """``trainer.fit()`` on a helper thread while this thread waits in short joins, so that Ctrl-C or SIGTERM
+    reaches this thread at once, even while Ray waits for resources; the interrupt then aborts the Ray job
+    (``infra.interrupts.interrupt``). On the main thread, Ray Train would install its own SIGINT handler,
+    which waits for a graceful abort and then exits the process; on a helper thread it installs none."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.25)
+    except BaseException:
+        interrupt()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                  *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
@@ -89,7 +118,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
     except Exception as exc:
         root = exc
         while root.__cause__ is not None:

@@ -8,7 +8,10 @@ is an unfinished upload that readers ignore, and an existing manifest is never o
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +30,7 @@ from models.weights import WEIGHTS_FILE, sha256_file
 MANIFEST = "manifest.json"
 CHAMPION = "champion.json"  # per model name: which published model the 'champion' alias points at
 PROMOTION_LOCK = ".promotion.lock"
+RUN_LEASES = ".run-leases"  # in the checkpoint bucket: <run id>.lease per run being trained
 _PRECONDITION_CODES = {"PreconditionFailed", "412"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
@@ -59,17 +63,20 @@ def s3_client(settings: Settings, *, max_attempts: int = 4, connect_timeout: flo
 
 def ray_storage(settings: Settings, prefix: str) -> tuple[str, Any]:
     """Ray's ``storage_path`` (``bucket/prefix``, no s3:// when a filesystem is given) and a pyarrow S3
-    filesystem for it, for Ray Train checkpoints and Ray Tune experiment state."""
+    filesystem for it, for Ray Train checkpoints and Ray Tune experiment state.
+
+    The filesystem carries the endpoint and region but no keys: Ray pickles it into its object store and
+    GCS, so each process that unpickles it (driver, controller, every worker) takes the credentials from
+    its own environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, the AWS SDK's default chain).
+    The local stack starts its Ray nodes with them; a private Ray's workers inherit the driver's."""
     from urllib.parse import urlparse
 
     from pyarrow import fs
 
     endpoint = urlparse(settings.s3_endpoint_url or "")
-    s3 = fs.S3FileSystem(
-        endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "http",
-        access_key=settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None,
-        secret_key=settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None,
-        region=settings.aws_region)
+    settings.export_env()  # this process's own chain: the variables, when they came from the env file
+    s3 = fs.S3FileSystem(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "http",
+                         region=settings.aws_region)
     return f"{settings.checkpoint_bucket}/{prefix}", s3
 
 
@@ -256,6 +263,103 @@ class S3Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RunBusyError(HeadbenchError):
+    """Another process is training (or resuming) this run: a second one is refused, not queued."""
+
+
+class RunLease(S3Lease):
+    """The lease of one MLflow run id, held from the moment a retrain opens the run until it has published:
+    a second resume of the same run is refused at once instead of racing the first to the same S3 prefix.
+
+    The holder renews it every ``ttl_s / 3`` from a daemon thread (If-Match on its own ETag), so a live
+    run never expires however long it trains; a holder that died stops renewing and is taken over after
+    ``ttl_s``, or at once when it was a process of this host that no longer exists (a crashed driver
+    resumed on the same machine). ``check()`` before publishing: a lease taken over meanwhile means
+    another process owns the run now, and this one must not write its model.
+    """
+
+    def __init__(self, client: Any, bucket: str, run_id: str, owner: str, endpoint: str | None,
+                 ttl_s: float = 45.0) -> None:
+        super().__init__(client, bucket, f"{RUN_LEASES}/{run_id}.lease", owner, endpoint, ttl_s, wait_s=0.0)
+        self.run_id = run_id
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._lost = False
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires_at": time.time() + self.ttl_s}).encode()
+
+    def _put(self, **condition: str) -> bool:
+        try:
+            self._etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(),
+                                                **condition)["ETag"]
+            return True
+        except ClientError as exc:
+            if _code(exc) in _PRECONDITION_CODES or _code(exc) in ("409", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    @staticmethod
+    def _dead_here(holder: dict[str, Any]) -> bool:
+        import psutil
+
+        return holder.get("host") == socket.gethostname() and not psutil.pid_exists(int(holder.get("pid", 0)))
+
+    def acquire(self) -> None:
+        where = f"s3://{self.bucket}/{self.key}"
+        with s3_errors(self.endpoint, f"taking the run lease {where}"):
+            if not self._put(IfNoneMatch="*"):
+                held = self._holder()
+                if held is None:  # released between our PUT and GET
+                    taken = self._put(IfNoneMatch="*")
+                else:
+                    info, etag = held
+                    expired = info.get("expires_at", 0) < time.time() or self._dead_here(info)
+                    taken = expired and self._put(IfMatch=etag)
+                if not taken:
+                    info = held[0] if held else {}
+                    left = max(0.0, float(info.get("expires_at", 0)) - time.time())
+                    raise RunBusyError(
+                        f"MLflow run {self.run_id} is already being trained by {info.get('owner', '?')} "
+                        f"(pid {info.get('pid', '?')} on {info.get('host', '?')}); one process per run: wait "
+                        f"for it to end, or, if it died on another machine, retry in {left:.0f} s")
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self._put(IfMatch=self._etag or "*"):
+                    self._lost = True  # someone took it over (we stalled past the TTL): stop claiming it
+                    return
+            except (ClientError, BotoCoreError):
+                continue  # S3 briefly away: try again next period; the TTL covers a few misses
+
+    def check(self) -> None:
+        """Raise unless this process still holds the lease (call before writing anything for the run)."""
+        if self._lost:
+            raise RunBusyError(f"lost the lease of MLflow run {self.run_id} to another process (this one "
+                               f"stalled for over {self.ttl_s:.0f} s); not publishing")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if not self._lost and self._etag:
+            with s3_errors(self.endpoint, f"releasing the run lease s3://{self.bucket}/{self.key}"):
+                try:
+                    self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self._etag)
+                except ClientError as exc:
+                    if _code(exc) not in _PRECONDITION_CODES | _MISSING_CODES:
+                        raise
+
+
+def run_lease(settings: Settings, run_id: str, owner: str) -> RunLease:
+    return RunLease(s3_client(settings), settings.checkpoint_bucket, run_id, owner, settings.s3_endpoint_url)
 
 
 def fetch_model(client: Any, uri: str, dest: Path, endpoint: str | None) -> tuple[Path, dict[str, Any]]:

@@ -306,14 +306,18 @@ class LocalStack:
         temp_dir = self.home / "ray"
         if len(str(temp_dir)) > 48:
             temp_dir = Path(tempfile.gettempdir()) / f"hbray-{self.ports.ray_gcs}"
+        # S3 credentials reach Ray's workers through their environment, inherited from the node: Ray's
+        # checkpoint filesystem is pickled without them (infra.s3.ray_storage)
+        env = NODE_ENV | {"AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or "",
+                          "AWS_DEFAULT_REGION": self.settings.aws_region}
         specs = [ServiceSpec("ray-head", head_argv(self.ports.ray_gcs, self.ports.ray_dashboard, self.ray_node_cpus[0],
                                                    temp_dir, picker),
-                             dict(NODE_ENV), lambda: 0 in alive_nodes(dashboard), dashboard, "--head",
+                             dict(env), lambda: 0 in alive_nodes(dashboard), dashboard, "--head",
                              leader_first=True)]
         for index in range(1, self.ray_nodes):
             argv = node_argv(self.ray_gcs_address, index, self.ray_node_cpus[index], picker)
             specs.append(ServiceSpec(f"ray-node-{index}", argv,
-                                     dict(NODE_ENV), functools.partial(lambda i: i in alive_nodes(dashboard),
+                                     dict(env), functools.partial(lambda i: i in alive_nodes(dashboard),
                                                                            index),
                                      dashboard, "infra.ray_cluster", leader_first=True))
         return specs

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from infra.errors import HeadbenchError
+from infra.interrupts import INTERRUPTED, is_interrupt
 
 CHAMPION_ALIAS = "champion"  # the registry alias that names the model in service; promotion moves it
 MAX_PARAM_LEN = 6000
@@ -104,13 +105,14 @@ class Tracker:
 
     @contextmanager
     def lifecycle(self) -> Iterator[Tracker]:
-        """FINISHED when the block completes, FAILED when it raises (also Ctrl-C); the block's own error is
+        """FINISHED when the block completes, FAILED when it raises, KILLED when it was interrupted (Ctrl-C,
+        SIGTERM, or any error once ``infra.interrupts.interrupt()`` ran); the block's own error is
         what propagates, even when MLflow cannot be reached to record the failure."""
         try:
             yield self
-        except BaseException:
-            with suppress(Exception):
-                self.end("FAILED")
+        except BaseException as exc:
+            with suppress(Exception):  # KILLED: interrupted (Ctrl-C, SIGTERM), not broken
+                self.end("KILLED" if is_interrupt(exc) or INTERRUPTED.is_set() else "FAILED")
             raise
         self.end("FINISHED")
 
@@ -166,16 +168,29 @@ def run_url(tracking_uri: str, run_id: str) -> str:
     return f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
 
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create registered model ``name`` unless it exists. Two first runs of a new name may both find it
+    missing: the one whose create loses gets RESOURCE_ALREADY_EXISTS, which means what it wanted is there."""
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(name, description="headbench fine-tuned ResNet classifiers")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def register_version(tracking_uri: str, name: str, source: str, run_id: str,
                      tags: Mapping[str, str] | None = None, description: str | None = None,
                      model_id: str | None = None) -> str:
     """Create the registered model if needed, then a new version pointing at ``source`` (the logged
     model's ``models:/<model id>``); returns it."""
     client = MlflowClient(tracking_uri)
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="headbench fine-tuned ResNet classifiers")
+    ensure_registered_model(client, name)
     for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if existing.source == source:  # a retry after registering: one version per published model
             return str(existing.version)

@@ -7,6 +7,12 @@ changed, or another subset or size), the decision records "incomparable: differe
 rule is that re-scoring: a champion that trained on some of the new test images can only look better for
 it, so a promotion is never easier than it should be.
 
+A champion that cannot be loaded (its manifest or weights missing from S3, a sha256 mismatch, weights
+that do not load) would otherwise block every later promotion: it is "unusable", the decision promotes
+the challenger under ``if-better`` (a model that loads beats one that does not) and records why in the
+``promotion_reason`` and ``champion_unusable`` tags. An S3 endpoint that is down is not that: the task
+fails (and retries) without deciding.
+
 Order of writes, each only after the previous one succeeded: alias -> ``champion.json`` in S3 -> version and
 run tags. A reader of the pointer never sees a model the alias has not reached; a retry of the task after
 the alias moved finishes the pointer instead of deciding again.
@@ -20,7 +26,7 @@ from dataclasses import asdict, dataclass
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from infra.errors import HeadbenchError, retry_transient
+from infra.errors import HeadbenchError, is_transient, retry_transient
 from infra.published import load_published
 from infra.s3 import ModelStore, s3_client
 from infra.settings import Settings
@@ -52,6 +58,7 @@ class Decision:
     champion_version: str | None = None  # the champion this run was compared with
     champion_score: float | None = None  # that champion, scored on this run's test split
     test_data: str = ""  # whether the champion's own test split was this run's ("same") or not
+    champion_unusable: str = ""  # why the champion could not be loaded at all
 
     @property
     def promoted(self) -> bool:
@@ -66,18 +73,22 @@ class Decision:
             tags["champion_score"] = f"{self.champion_score:.6f}"
         if self.test_data:
             tags["promotion_test_data"] = self.test_data
+        if self.champion_unusable:
+            tags["champion_unusable"] = self.champion_unusable
         return tags
 
 
 def decide(policy: PromotionPolicy, version: str, score: float, champion_version: str | None,
-           champion_score: float | None, incomparable: str | None = None, test_data: str = "") -> Decision:
+           champion_score: float | None, incomparable: str | None = None, test_data: str = "",
+           unusable: str | None = None) -> Decision:
     """The promotion rule, pure: first model -> champion; if-better needs score > champion + min_margin,
-    both scored on this run's test split (``test_data`` says whether the champion's own split was it)."""
+    both scored on this run's test split (``test_data`` says whether the champion's own split was it);
+    a champion that cannot be loaded (``unusable``) is replaced."""
     def make(outcome: str, reason: str) -> Decision:
         if test_data.startswith(INCOMPARABLE_TEST_DATA) and champion_score is not None:
             reason = f"{reason}; {test_data}"
         return Decision(outcome, reason, policy.metric, version, score, champion_version, champion_score,
-                        test_data)
+                        test_data, unusable or "")
 
     if policy.mode == "never":
         return make(SKIPPED, "promotion disabled (promote=never)")
@@ -85,6 +96,9 @@ def decide(policy: PromotionPolicy, version: str, score: float, champion_version
         return make(PROMOTED, "first model of this name")
     if policy.mode == "always":
         return make(PROMOTED, f"promote=always (replaces v{champion_version})")
+    if unusable:
+        return make(PROMOTED, f"champion v{champion_version} is unusable ({unusable}); replaced by a model "
+                              "that loads")
     if incomparable or champion_score is None:
         return make(REJECTED, incomparable or "the champion could not be scored")
     if score > champion_score + policy.min_margin:
@@ -99,12 +113,19 @@ class ChampionScore:
     score: float | None  # on this run's test split; None when it cannot be compared at all
     incomparable: str | None = None  # why there is no score
     test_data: str = "same"  # "same", or INCOMPARABLE_TEST_DATA with both digests
+    unusable: str | None = None  # the champion's objects are missing or corrupt: why
 
 
 def score_champion(source: str, test: ArraySplit, test_digest: str, class_names: list[str], metric: str,
                    settings: Settings) -> ChampionScore:
     """The champion (``source``: its registry URI) scored with ``metric`` on this run's test split."""
-    model, manifest = load_published(source, settings)
+    try:
+        model, manifest = load_published(source, settings)
+    except (HeadbenchError, ValueError, KeyError, OSError) as exc:
+        if is_transient(exc):  # S3 down: no decision now (the task retries); nothing says the champion is bad
+            raise
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        return ChampionScore(None, test_data="", unusable=why[:300])
     if manifest["class_names"] != class_names:
         return ChampionScore(None, f"champion classes {manifest['class_names']} differ from this run's "
                                    f"{class_names}; scores are not comparable (use promote=always to replace it)")
@@ -146,7 +167,8 @@ def promote_model(publication: Publication, metrics: dict[str, float], test: Arr
             scored[seen] = score_champion(f"models:/{name}/{seen}", test, test_digest, class_names, policy.metric,
                                           settings)
         champion = scored.get(seen, ChampionScore(None))
-        decision = decide(policy, version, score, seen, champion.score, champion.incomparable, champion.test_data)
+        decision = decide(policy, version, score, seen, champion.score, champion.incomparable, champion.test_data,
+                          champion.unusable)
         if not decision.promoted:
             break
         with store.lease(name, owner=f"{tracker.run_id}/v{version}"):

@@ -1,4 +1,4 @@
-"""Faults injected for real: a Ray Train worker SIGKILLed mid-epoch, a driver killed and its run resumed,
+"""Faults injected for real: a Ray Train worker SIGKILLed mid-epoch, Ctrl-C on a run and its run resumed (once),
 SeaweedFS stopped during publish, servers down at start, concurrent promotions."""
 
 from __future__ import annotations
@@ -110,23 +110,75 @@ def test_worker_sigkilled_in_epoch_2_resumes_from_its_checkpoint(stack: Stack, r
     assert _mlflow(stack).get_run(run_id).info.status == "FINISHED"
 
 
+def _alive_train_workers(cluster: RayCluster) -> list[Any]:
+    from ray.util.state import list_actors
+
+    return list_actors(address=cluster.dashboard_url, limit=100, raise_on_missing_output=False,
+                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+
+
+def _flow_run_state(stack: Stack, flow_run_id: str) -> str:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> str:
+        async with get_client() as client:
+            return str((await client.read_flow_run(flow_run_id)).state_type.value)
+
+    os.environ["PREFECT_API_URL"] = stack.settings.prefect_api_url or ""
+    return asyncio.run(read())
+
+
+def _lease_holder(stack: Stack, run_id: str) -> str | None:
+    import json
+
+    client = s3_client(stack.settings)
+    try:
+        body = client.get_object(Bucket=stack.settings.checkpoint_bucket, Key=f".run-leases/{run_id}.lease")["Body"]
+    except client.exceptions.NoSuchKey:
+        return None
+    return str(json.loads(body.read())["owner"])
+
+
 @pytest.mark.slow
-def test_killed_run_is_resumed_from_its_s3_checkpoint(stack: Stack, ray_cluster: RayCluster) -> None:
-    """The whole driver dies (a crashed flow run); `--resume-run-id` continues the same MLflow run and the
-    same Ray run name, so Ray Train restores the last checkpoint from S3 instead of starting over."""
+def test_ctrl_c_aborts_cleanly_and_the_run_resumes_once_from_its_s3_checkpoint(stack: Stack,
+                                                                               ray_cluster: RayCluster) -> None:
+    """Ctrl-C in epoch 2 (SIGINT to the command's process group, as a terminal sends it) ends the command
+    within 10 s in one line: the Ray job aborted (no train worker left), the MLflow run KILLED, the Prefect
+    flow run CANCELLED, nothing published. `--resume-run-id` then continues the same MLflow run and Ray
+    run name from the last S3 checkpoint; a second resume of that run while the first holds its lease is
+    refused at once."""
     name = "fault-resume"
     env = stack.cli_env()
     args = [HEADBENCH, "run", *RUN, "--workers", "2", "--model-name", name]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         run_id = _wait_for_run(stack, name)
         _wait_for_epoch(stack, run_id, 1)
         _wait_for_snapshot(stack, run_id, 1)
+        assert len(_alive_train_workers(ray_cluster)) == 2
+        pressed = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - pressed
     finally:
-        stop_group(proc.pid, timeout=5)  # SIGTERM, then SIGKILL: the run is left unfinished
-        proc.communicate(timeout=60)
-    assert _mlflow(stack).get_run(run_id).info.status != "FINISHED"
+        stop_group(proc.pid, timeout=5)
+    assert took < 10, f"Ctrl-C took {took:.1f} s"
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: interrupted: the Ray job was aborted"), err[-3000:]
+    assert "Traceback" not in err
+    run = _mlflow(stack).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert _flow_run_state(stack, run.data.tags["prefect.flow_run_id"]) == "CANCELLED"
+    assert _state(stack, name)["keys"] == [] and _state(stack, name)["versions"] == []  # nothing published
+    deadline = time.monotonic() + 10
+    while _alive_train_workers(ray_cluster) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _alive_train_workers(ray_cluster) == []  # the job's actors went with it
+    assert _lease_holder(stack, run_id) is None  # released on the way out
     logged_before = _steps(stack, run_id)
     assert logged_before and logged_before[0] == 1
 
@@ -135,15 +187,27 @@ def test_killed_run_is_resumed_from_its_s3_checkpoint(stack: Stack, ray_cluster:
     assert mismatch.returncode == 2
     assert "was run with epochs='3'" in mismatch.stderr.strip().splitlines()[-1]
 
-    done = subprocess.run([*args, "--resume-run-id", run_id], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    first = subprocess.Popen([*args, "--resume-run-id", run_id], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _lease_holder(stack, run_id) is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _lease_holder(stack, run_id) is not None
+        second = subprocess.run([*args, "--resume-run-id", run_id], env=env, capture_output=True, text=True,
+                                timeout=300, check=False)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert f"MLflow run {run_id} is already being trained by flow run" in second.stderr.splitlines()[-1]
+        out, err = first.communicate(timeout=600)
+    finally:
+        stop_group(first.pid, timeout=5)
+    assert first.returncode == 0, out[-4000:] + err[-4000:]
     assert _steps(stack, run_id) == [1, 2, 3]
-    assert "1/3" not in _epoch_lines(done.stdout), done.stdout[-3000:]  # epoch 1 was not trained again
+    assert "1/3" not in _epoch_lines(out), out[-3000:]  # epoch 1 was not trained again
     run = _mlflow(stack).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
     assert run.data.tags["model_s3_uri"].endswith(f"/{name}/{run_id}/")
-
+    assert len(_state(stack, name)["versions"]) == 1  # the refused resume wrote nothing
 
 
 def _state(stack: Stack, name: str) -> dict[str, Any]:

@@ -191,9 +191,10 @@ def test_every_task_and_flow_has_a_timeout() -> None:
     import importlib
     import pkgutil
 
+    from prefect import Flow, Task
+
     import flows
     import tasks
-    from prefect import Flow, Task
 
     found: dict[str, float | None] = {}
     for package in (tasks, flows):
