@@ -253,8 +253,14 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any], verbose: boo
         except (KeyboardInterrupt, CancelledRun):  # the flow ended its runs KILLED/CANCELLED, Ray aborted
             live.progress.stop()
             interrupt()
-            fail("interrupted: the Ray job was aborted, the MLflow run is KILLED and the Prefect flow run "
-                 "CANCELLED; nothing was published", code=INTERRUPTED_EXIT)
+            err.print(Text.assemble(("error:", "bold red"), " interrupted: the Ray job was aborted, the MLflow run "
+                                    "is KILLED and the Prefect flow run CANCELLED; nothing was published"),
+                      highlight=False, soft_wrap=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # exit now: this driver's end is what aborts its Ray job (Ray kills the job's actors), and the
+            # threads still blocked in Ray calls must not hold the process open
+            os._exit(INTERRUPTED_EXIT)
         except (HeadbenchError, ValueError) as exc:
             live.progress.stop()
             fail(first_line(exc))

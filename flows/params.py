@@ -29,6 +29,9 @@ PromotionMetric = Literal["test_accuracy", "test_macro_f1"]
 PlacementStrategy = Literal[PLACEMENT_STRATEGIES]  # type: ignore[valid-type]
 Augment = Literal[tuple(AUGMENTATIONS)]  # type: ignore[valid-type]
 Tune = Literal["none", "lr"]
+# The class-list syntax, in the JSON schema the Prefect server enforces (409 before a flow run exists); the
+# validator below gives the CLI its friendlier message, and checks what a pattern cannot (5-2, the range).
+CLASSES_PATTERN = r"^\s*(all|\d{1,12}(\s*-\s*\d{1,12})?(\s*,\s*\d{1,12}(\s*-\s*\d{1,12})?)*)?\s*$"
 BUILTIN_CLASSES = {"fashion-mnist": len(FASHION_MNIST_CLASSES)}
 
 
@@ -40,7 +43,8 @@ class TrainingParams(BaseModel):
     dataset: str = Field("fashion-mnist", description="built-in 'fashion-mnist', a local ImageFolder "
                          "directory, or s3://bucket/prefix holding an ImageFolder tree")
     classes: str | None = Field(None, description="class subset, e.g. '0-4' or '0,2,7' (labels are re-indexed "
-                                "0..k-1, names kept); empty = all classes", examples=["0-4"])
+                                "0..k-1, names kept); empty = all classes", examples=["0-4"],
+                                json_schema_extra={"pattern": CLASSES_PATTERN})
     limit: int | None = Field(None, ge=10, description="training pool size (train + val), stratified; "
                               "empty = all")
     test_limit: int | None = Field(None, ge=2, description="test set size, stratified; empty = all")

@@ -2,8 +2,8 @@
 which Prefect's engine raises as ``TerminationSignal``).
 
 One process-wide flag, ``INTERRUPTED``, set by ``interrupt()``, which also aborts this process's Ray job at
-once: ``ray.shutdown()`` disconnects the driver, and Ray kills every actor the job owns (Train's
-controller, and through it the worker group) on every node; a private local Ray is stopped whole. MLflow
+by ending
+this process (``os._exit`` once the runs are marked): Ray then kills every actor the job owns on every node. MLflow
 runs that end while the flag is set are KILLED, not FAILED (``infra.tracking.Tracker.lifecycle``), and the
 flows end their Prefect flow run CANCELLED.
 """
@@ -11,7 +11,6 @@ flows end their Prefect flow run CANCELLED.
 from __future__ import annotations
 
 import threading
-from contextlib import suppress
 
 INTERRUPTED = threading.Event()
 
@@ -22,11 +21,7 @@ def is_interrupt(exc: BaseException) -> bool:
 
 
 def interrupt() -> None:
-    """Set the flag and abort the Ray job of this process (idempotent; a few seconds at most)."""
+    """Set the flag (idempotent). The Ray job ends with this process: when the driver exits, Ray kills every
+    actor the job owns (Train's controller, and through it the worker group) on every node. Calling
+    ``ray.shutdown()`` here instead could crash the process while the fit thread is inside Ray's core."""
     INTERRUPTED.set()
-    import sys
-
-    ray = sys.modules.get("ray")  # never import Ray just to stop it
-    if ray is not None and ray.is_initialized():
-        with suppress(Exception):  # best effort: the process is ending anyway
-            ray.shutdown()

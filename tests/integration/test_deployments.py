@@ -123,7 +123,7 @@ def test_deploy_stores_schedule_pool_and_typed_schema(stack: Stack, deployed: di
 @pytest.mark.parametrize(("field", "value"), [
     ("arch", "resnet9"), ("strategy", "nope"), ("strategy", "conv1x1+warp"), ("epochs", 0), ("lr", -0.1),
     ("image_size", 8), ("batch_size", 1), ("promote", "sometimes"), ("min_margin", -0.5),
-    ("model_name", "../escape"), ("colour", "red"),
+    ("model_name", "../escape"), ("colour", "red"), ("classes", "[/]"), ("classes", "a,b"),
 ])
 def test_invalid_parameter_is_rejected_with_409(stack: Stack, deployed: dict[str, dict[str, Any]], field: str,
                                                 value: Any) -> None:
@@ -134,6 +134,28 @@ def test_invalid_parameter_is_rejected_with_409(stack: Stack, deployed: dict[str
     assert field in response.json()["detail"]
     with api(stack) as client:  # nothing was created
         assert client.post("/flow_runs/count", json={"flow_runs": {"tags": {"all_": [tag]}}}).json() == 0
+
+
+def test_schema_valid_but_wrong_values_fail_at_the_flow_runs_start_before_any_run_or_object(
+        stack: Stack, deployed: dict[str, dict[str, Any]]) -> None:
+    """A class range 5-2, or a batch that leaves a worker one sample, passes the schema (the server creates
+    the flow run) but fails in the flow's parameter validation, before an MLflow run exists (and so before
+anything can be published: every S3 object of a run lives under its run id)."""
+    deployment = deployed["retrain/scheduled"]
+    cases = {"start > end": GOOD | {"classes": "5-2"},
+             "leaves 1 sample(s) per worker": GOOD | {"batch_size": 2, "workers": 2, "limit": 300}}
+    created = {why: trigger(stack, deployment, params).raise_for_status().json()["id"] for why, params in
+               cases.items()}
+    for why, flow_run_id in created.items():
+        run = wait_final(stack, flow_run_id, timeout=180)
+        assert run["state"]["type"] == "FAILED", run["state"]
+        assert why in run["state"]["message"], run["state"]["message"]
+        took = (np.datetime64(run["end_time"].rstrip("Z")) - np.datetime64(run["start_time"].rstrip("Z")))
+        assert took / np.timedelta64(1, "s") < 5, took
+        mlflow = MlflowClient(stack.settings.mlflow_tracking_uri)
+        exp = mlflow.get_experiment_by_name(stack.settings.experiment)
+        assert exp is None or not mlflow.search_runs([exp.experiment_id],
+                                                     f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
 
 
 @pytest.mark.slow

@@ -118,16 +118,10 @@ def _alive_train_workers(cluster: RayCluster) -> list[Any]:
 
 
 def _flow_run_state(stack: Stack, flow_run_id: str) -> str:
-    import asyncio
+    import httpx
 
-    from prefect.client.orchestration import get_client
-
-    async def read() -> str:
-        async with get_client() as client:
-            return str((await client.read_flow_run(flow_run_id)).state_type.value)
-
-    os.environ["PREFECT_API_URL"] = stack.settings.prefect_api_url or ""
-    return asyncio.run(read())
+    with httpx.Client(base_url=f"{stack.stack.prefect_url}/api", timeout=30) as client:
+        return str(client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()["state"]["type"])
 
 
 def _lease_holder(stack: Stack, run_id: str) -> str | None:
