@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.settings import STANDARD_VARIABLES
+
 QUALITY_DOC = Path("docs/quality.md")
 GOAL_ACCURACY, GOAL_SECONDS, GOAL_GAP = 0.93, 15 * 60, 0.005
 PROBE_LOSS_RATIO = 1.2  # first fine-tune epoch's train loss <= 1.2 x the probe's last
@@ -342,8 +344,7 @@ def run_quality(recipe: Recipe, study: DemoStudy | None, home: Path | None, *, p
 
     figures = QualityFigures(machine=machine_facts(), recipe=recipe.params())
     with local_stack(home) as settings:
-        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                    "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
+        for key in STANDARD_VARIABLES:
             os.environ.pop(key, None)
         settings.export_env()  # before prefect is imported
         if plain:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.procs import cmdline, cpu_model, descendants, memory_kb
+from infra.settings import STANDARD_VARIABLES
 
 # ResNet-18 training at 224 px: ~1.82 GFLOP forward, x3 for forward + backward (He et al.; fvcore counts).
 RESNET18_TRAIN_GFLOP_224 = 5.5
@@ -333,8 +334,7 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
             log(f"[{i + 1}/{cfg.repeats}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
         return figures
     with local_stack(home) as settings:
-        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                    "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
+        for key in STANDARD_VARIABLES:
             os.environ.pop(key, None)  # the stack's values, not a leftover shell's
         settings.export_env()  # before prefect is imported
         data = bench_data(cfg, settings.cache_dir)

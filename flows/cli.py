@@ -108,7 +108,7 @@ def up(home: HomeOpt = None,
         fail(str(exc))
     console.print(f"stack up in {time.perf_counter() - started:.1f} s")
     say(f"  MLflow UI  : {stack.mlflow_url}")
-    say(f"  Prefect UI : {stack.prefect_url}")
+    say(f"  Prefect UI : {stack.prefect_url}  (log in with PREFECT_API_AUTH_STRING from the env file)")
     say(f"  S3 endpoint: {stack.s3_url}")
     if stack.backend == "postgres":
         from infra.stack import redact_url
@@ -144,6 +144,30 @@ def status(home: HomeOpt = None) -> None:
     console.print(table)
     if not all(r.healthy for r in rows):
         raise typer.Exit(3)
+
+
+@app.command()
+def gc(home: HomeOpt = None,
+       limit_gb: Annotated[float | None, typer.Option(help="the size to bring the cache within "
+                                                      "[default: HEADBENCH_CACHE_LIMIT_GB, 20]")] = None,
+       grace_s: Annotated[float, typer.Option(help="spare entries used within this many seconds "
+                                              "(a running flow may be reading them)")] = 600,
+       dry_run: Annotated[bool, typer.Option(help="list what would go, remove nothing")] = False) -> None:
+    """Remove the least recently used ImageFolder mirrors and weight copies from the local cache until it
+    fits the limit (each can be fetched again from S3; built-in datasets are kept)."""
+    from infra.cache import cache_entries, collect, human
+
+    for name, value in (("--limit-gb", limit_gb), ("--grace-s", grace_s)):
+        if value is not None and not value >= 0:  # NaN too
+            fail(f"{name}: Input should be greater than or equal to 0 (got {value:g})")
+    settings = _settings(home)
+    limit = settings.cache_limit_gb if limit_gb is None else limit_gb
+    before = sum(e.size for e in cache_entries(settings.cache_dir))
+    removed, left = collect(settings.cache_dir, int(limit * 1e9), grace_s=grace_s, dry_run=dry_run)
+    for entry in removed:
+        say(f"{'would remove' if dry_run else 'removed'} {entry.path} ({human(entry.size)})")
+    say(f"cache {settings.cache_dir}: {human(before)} -> {human(left)} (limit {limit:g} GB"
+        f"{', over it: the rest was used in the last ' + f'{grace_s:g} s' if left > limit * 1e9 else ''})")
 
 
 # ------------------------------------------------------------------------------------------- runs

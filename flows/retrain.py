@@ -32,7 +32,7 @@ from tasks.data import download_data
 from tasks.evaluate import evaluate_model, log_learning_curves
 from tasks.freshness import DATA_DIGEST_PARAM, Freshness, check_unchanged
 from tasks.promote import Decision, PromotionPolicy, promote_model
-from tasks.publish import build_manifest, publish_model
+from tasks.publish import build_manifest, prune_run_checkpoints, publish_model
 from tasks.train import train_model
 
 SKIPPED = "skipped"
@@ -227,6 +227,7 @@ def _retrain(params: RetrainParams) -> RetrainResult:
             run_id=tracker.run_id,
             hidden_dim=params.hidden_dim, dropout=params.dropout, channels=int(data.test.images.shape[1]))
         publication = publish_model(built.model, manifest, data.test.images, settings, tracker)
+        prune_run_checkpoints(tracker.run_id, settings)  # the run's key in Ray is its MLflow run id
 
         stage("promote")
         policy = PromotionPolicy(params.promote, params.promotion_metric, params.min_margin)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from infra.cache import touch
 from infra.errors import HeadbenchError
 from infra.s3 import S3Error, object_exists, s3_errors, split_uri
 from models.data import (
@@ -77,13 +78,13 @@ class RawDataset:
     file's sha256 and the row), so a split's digest says which examples it holds whatever the image size;
     ``files_digest`` covers every file or object read, the unreadable ones too."""
 
-    train_images: np.ndarray
+    train_images: np.ndarray | DecodedOnRead  # an ImageFolder's are decoded when indexed
     train_labels: np.ndarray
-    test_images: np.ndarray | None
+    test_images: np.ndarray | DecodedOnRead | None
     test_labels: np.ndarray | None
     class_names: list[str]
     source: str
-    skipped: int = 0  # corrupt images skipped while decoding
+    skipped: int = 0  # unreadable images skipped
     train_keys: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
     test_keys: np.ndarray | None = None
     files_digest: str = ""
@@ -206,12 +207,11 @@ def _row_keys(file_sha256: str, count: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- ImageFolder
 
 
-def _decode(data: bytes, size: int) -> tuple[np.ndarray | None, str]:
-    """Image bytes -> ((3, size, size) uint8, "") or (None, why it is unreadable).
-
-    The pixel count is read from the header and checked before anything is decoded: an image over PIL's
-    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 Mpx) is refused like a corrupt one, never
-    decoded in full (PIL itself only warns up to twice that)."""
+def _probe(data: bytes) -> str:
+    """Why these image bytes are unreadable ("" when readable), from the header and the file's structure,
+    without decoding a pixel: an unidentified format, a size over PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, 89 Mpx; PIL itself only warns up to twice that), or a broken or
+    truncated file (``verify``: PNG chunk checksums, the structure of the other formats)."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -223,16 +223,74 @@ def _decode(data: bytes, size: int) -> tuple[np.ndarray | None, str]:
                 width, height = img.size
                 limit = Image.MAX_IMAGE_PIXELS or 0
                 if limit and width * height > limit:
-                    return None, (f"{width}x{height} = {width * height / 1e6:.0f} Mpx is over the "
-                                  f"{limit / 1e6:.0f} Mpx limit on decoded images")
-                img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy(), ""
+                    return (f"{width}x{height} = {width * height / 1e6:.0f} Mpx is over the "
+                            f"{limit / 1e6:.0f} Mpx limit on decoded images")
+                img.verify()
+                return ""
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return None, f"over the decompression-bomb limit: {str(exc).splitlines()[0]}"
+        return f"over the decompression-bomb limit: {str(exc).splitlines()[0]}"
     except UnidentifiedImageError:
-        return None, "not an image PIL can identify"
-    except (OSError, ValueError, SyntaxError) as exc:
+        return "not an image PIL can identify"
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        return f"undecodable ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+
+def _decode(data: bytes, size: int) -> tuple[np.ndarray | None, str]:
+    """Image bytes -> ((3, size, size) uint8, "") or (None, why it is unreadable); the probe first, so an
+    image over the pixel limit is never decoded in full."""
+    from PIL import Image
+
+    why = _probe(data)
+    if why:
+        return None, why
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy(), ""
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         return None, f"undecodable ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+
+class DecodedOnRead:
+    """An ImageFolder's images, decoded when indexed: ``images[idx]`` (an index array) -> (len(idx), 3, S, S)
+    uint8. ``prepare`` indexes only what the class subset and ``--limit`` chose, so a limit of 100 on a
+    tree of 100 000 images decodes about 100 (each file was probed, not decoded, when the tree was read).
+    A file that passed the probe but whose pixels fail to decode (a JPEG with broken scan data) is refused
+    by name, never silently dropped: the splits were already drawn with it."""
+
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+        self._decoded: dict[int, np.ndarray] = {}
+        self.decodes = 0  # files decoded so far
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), 3, self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _one(self, i: int) -> np.ndarray:
+        if i not in self._decoded:
+            arr, why = _decode(self.paths[i].read_bytes(), self.size)
+            self.decodes += 1
+            if arr is None:
+                raise DatasetError(f"image {self.paths[i]} passed the header check but does not decode: {why}; "
+                                   "remove or replace it")
+            self._decoded[i] = arr
+        return self._decoded[i]
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        chosen = np.arange(len(self.paths))[idx]
+        if chosen.ndim == 0:
+            return self._one(int(chosen))
+        if len(chosen) == 0:
+            return np.empty((0, 3, self.size, self.size), dtype=np.uint8)
+        return np.stack([self._one(int(i)) for i in chosen])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[np.arange(len(self.paths))]
+        return out if dtype is None else out.astype(dtype)
 
 
 def inside(root: Path, rel: str, where: str) -> Path:
@@ -271,13 +329,14 @@ def _download_prefix(client: Any, uri: str, dest: Path, endpoint: str | None) ->
 
 @dataclass
 class Tree:
-    """One decoded ImageFolder tree: images, labels, class names, and what was read."""
+    """One ImageFolder tree, read and probed: its images (decoded when indexed), labels, class names, and
+    what was read."""
 
-    images: np.ndarray
+    images: DecodedOnRead
     labels: np.ndarray
     classes: list[str]
-    keys: np.ndarray  # sha256 of each decoded image's file
-    files: list[str]  # "<relative path>\t<sha256>" of every file read, undecodable ones included
+    keys: np.ndarray  # sha256 of each readable image's file
+    files: list[str]  # "<relative path>\t<sha256>" of every file read, unreadable ones included
     skipped: int
 
 
@@ -286,7 +345,7 @@ def _read_tree(root: Path, size: int, class_names: list[str] | None) -> Tree:
     if len(classes) < 2:
         raise DatasetError(f"ImageFolder {root} has {len(classes)} class folder(s); need >= 2 "
                            "(layout <class>/<image>)")
-    images, labels, keys, read, skipped = [], [], [], [], 0
+    paths, labels, keys, read, skipped = [], [], [], [], 0
     for label, name in enumerate(classes):
         folder = root / name
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
@@ -297,20 +356,20 @@ def _read_tree(root: Path, size: int, class_names: list[str] | None) -> Tree:
             data = path.read_bytes()
             sha = _sha256(data)
             read.append(f"{path.relative_to(root).as_posix()}\t{sha}")
-            arr, why = _decode(data, size)
-            if arr is None:
+            why = _probe(data)
+            if why:
                 skipped += 1
                 unreadable.append(f"{path.relative_to(root).as_posix()}: {why}")
                 log.warning("skipping unreadable image %s: %s", path, why)
                 continue
-            images.append(arr)
+            paths.append(path)
             labels.append(label)
             keys.append(sha)
         if len(unreadable) == len(files):  # a class with no example left would silently drop out of training
             raise DatasetError(f"class folder {name!r} in {root}: all {len(files)} image(s) are unreadable "
                                f"(first: {unreadable[0]}); refusing to train without that class")
-    return Tree(np.stack(images), np.asarray(labels, dtype=np.int64), classes, np.array(keys, dtype=object), read,
-                skipped)
+    return Tree(DecodedOnRead(paths, size), np.asarray(labels, dtype=np.int64), classes,
+                np.array(keys, dtype=object), read, skipped)
 
 
 def load_image_folder(uri: str, image_size: int, cache_dir: Path, s3: Any | None = None,
@@ -321,6 +380,7 @@ def load_image_folder(uri: str, image_size: int, cache_dir: Path, s3: Any | None
             raise DatasetError(f"dataset URI {uri} needs S3, but no S3 endpoint is configured")
         root = _download_prefix(s3, uri, cache_dir / "imagefolder" / hashlib.sha256(uri.encode()).hexdigest()[:16],
                                 endpoint)
+        touch(root)  # a use: the cache's size cap removes the least recently used mirrors first
     else:
         root = Path(uri.removeprefix("file://")).expanduser()
         if not root.is_dir():
@@ -406,22 +466,24 @@ def prepare(raw: RawDataset, spec: DataSpec) -> PreparedData:
         raise DatasetError(f"{exc} (dataset {spec.dataset})") from None
     pool_idx, pool_y = select_classes(raw.train_labels, classes)
     train_keys = _keys(raw.train_keys, len(raw.train_labels))
+    # Indices first, images last: an ImageFolder decodes only the examples indexed (DecodedOnRead)
     if raw.test_images is not None and raw.test_labels is not None:
         test_idx, test_y = select_classes(raw.test_labels, classes)
-        test_x = raw.test_images[test_idx]
-        test_keys = _keys(raw.test_keys, len(raw.test_labels))[test_idx]
+        test_source, test_keys = raw.test_images, _keys(raw.test_keys, len(raw.test_labels))[test_idx]
     else:  # no official test split: hold out a stratified, seeded part of the data
         keep, held = stratified_split(pool_y, spec.test_fraction, spec.seed + 1)
-        test_x, test_y, test_keys = raw.train_images[pool_idx[held]], pool_y[held], train_keys[pool_idx[held]]
+        test_source, test_idx, test_y = raw.train_images, pool_idx[held], pool_y[held]
+        test_keys = train_keys[test_idx]
         pool_idx, pool_y = pool_idx[keep], pool_y[keep]
     if spec.limit is not None:
         chosen = stratified_subset(pool_y, spec.limit, spec.seed)
         pool_idx, pool_y = pool_idx[chosen], pool_y[chosen]
     if spec.test_limit is not None:
         chosen = stratified_subset(test_y, spec.test_limit, spec.seed)
-        test_x, test_y, test_keys = test_x[chosen], test_y[chosen], test_keys[chosen]
+        test_idx, test_y, test_keys = test_idx[chosen], test_y[chosen], test_keys[chosen]
     train_i, val_i = stratified_split(pool_y, spec.val_fraction, spec.seed)
     pool_x, pool_keys = raw.train_images[pool_idx], train_keys[pool_idx]
+    test_x = test_source[test_idx]
     names = [raw.class_names[c] for c in classes]
 
     def digest(keys: np.ndarray, labels: np.ndarray) -> str:

@@ -27,7 +27,9 @@ from models.data import ArraySplit
 from models.loop import check_batch_split
 from models.schedules import plan
 
-__all__ = ["TrainConfig", "TrainOutcome", "TrainingError", "augmentation_note", "run_training"]
+__all__ = ["RAY_TRAIN_PREFIX", "TrainConfig", "TrainOutcome", "TrainingError", "augmentation_note", "run_training"]
+
+RAY_TRAIN_PREFIX = "ray"  # in the checkpoint bucket: ray/<run key>/checkpoint_*/ per Ray Train run
 
 
 class TrainingError(HeadbenchError):
@@ -105,7 +107,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
     if cfg.use_gpu:
         check_gpus(cfg.workers, node_gpus())
-    storage_path, storage_fs = ray_storage(settings, "ray")
+    storage_path, storage_fs = ray_storage(settings, RAY_TRAIN_PREFIX)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(cfg), "threads": cpus, "tracking_uri": tracking_uri,

@@ -362,6 +362,28 @@ def run_lease(settings: Settings, run_id: str, owner: str) -> RunLease:
     return RunLease(s3_client(settings), settings.checkpoint_bucket, run_id, owner, settings.s3_endpoint_url)
 
 
+def prune_checkpoints(client: Any, bucket: str, run_prefix: str, keep: int, endpoint: str | None) -> list[str]:
+    """Delete all but the newest ``keep`` ``checkpoint_*`` folders under one Ray Train run's prefix
+    (``ray/<run key>/``), newest by their objects' last write; Ray's own run state beside them stays.
+    Returns the folders deleted."""
+    prefix = run_prefix.rstrip("/") + "/"
+    folders: dict[str, list[str]] = {}
+    written: dict[str, Any] = {}
+    with s3_errors(endpoint, f"listing s3://{bucket}/{prefix}"):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                folder = obj["Key"][len(prefix):].split("/", 1)[0]
+                if folder.startswith("checkpoint_") and "/" in obj["Key"][len(prefix):]:
+                    folders.setdefault(folder, []).append(obj["Key"])
+                    written[folder] = max(written.get(folder, obj["LastModified"]), obj["LastModified"])
+    doomed = sorted(folders, key=lambda f: (written[f], f))[:max(0, len(folders) - keep)]
+    keys = [{"Key": key} for folder in doomed for key in folders[folder]]
+    with s3_errors(endpoint, f"pruning checkpoints under s3://{bucket}/{prefix}"):
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys a call
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys[start:start + 1000], "Quiet": True})
+    return doomed
+
+
 def fetch_model(client: Any, uri: str, dest: Path, endpoint: str | None) -> tuple[Path, dict[str, Any]]:
     """Download a published model (prefix or manifest URI) into ``dest`` and verify its sha256."""
     bucket, key = split_uri(uri)

@@ -16,6 +16,10 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".headbench")
+# Every variable ``standard_env`` may export: what a process clears before it points itself at one stack
+STANDARD_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING",
+                      "RAY_ADDRESS")
 
 
 class StackPorts(BaseSettings):
@@ -58,6 +62,9 @@ class Settings(BaseSettings):
     aws_secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
     aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION"))
     prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL")
+    prefect_api_auth_string: SecretStr | None = Field(
+        None, validation_alias="PREFECT_API_AUTH_STRING",
+        description="the Prefect server's basic-auth string (`headbench up` generates one per stack)")
     ray_address: str | None = Field(None, validation_alias="RAY_ADDRESS")
     ray_logs: bool = Field(False, validation_alias="HEADBENCH_RAY_LOGS",
                            description="forward Ray's worker and actor output to the driver (`--verbose`); off, "
@@ -71,11 +78,17 @@ class Settings(BaseSettings):
     data_bucket: str = Field("data", validation_alias="HEADBENCH_DATA_BUCKET")
     checkpoint_bucket: str = Field("checkpoints", validation_alias="HEADBENCH_CHECKPOINT_BUCKET")
     mlflow_bucket: str = Field("mlflow", validation_alias="HEADBENCH_MLFLOW_BUCKET")
+    keep_checkpoints: int = Field(1, ge=0, validation_alias="HEADBENCH_KEEP_CHECKPOINTS",
+                                  description="Ray Train checkpoints kept in S3 per run once its model is "
+                                  "published (0: none); during training Ray keeps the last 2")
     experiment: str = Field("headbench", validation_alias="HEADBENCH_EXPERIMENT")
     work_pool: str = Field("headbench", validation_alias="HEADBENCH_WORK_POOL",
                            description="Prefect process work pool the deployments use and the local worker polls")
     data_cache: Path | None = Field(None, validation_alias="HEADBENCH_DATA_CACHE",
                                     description="local dataset cache (default: $HEADBENCH_HOME/cache)")
+    cache_limit_gb: float = Field(20.0, ge=0, validation_alias="HEADBENCH_CACHE_LIMIT_GB",
+                                  description="size cap of the cache's ImageFolder mirrors and weight copies, "
+                                  "least recently used removed first after each download (`headbench gc`)")
 
     @cached_property
     def ports(self) -> StackPorts:
@@ -100,6 +113,8 @@ class Settings(BaseSettings):
                                       if self.aws_secret_access_key else None),
             "AWS_DEFAULT_REGION": self.aws_region,
             "PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_API_AUTH_STRING": (self.prefect_api_auth_string.get_secret_value()
+                                        if self.prefect_api_auth_string else None),
             "RAY_ADDRESS": self.ray_address,
         }
         return {k: v for k, v in values.items() if v}

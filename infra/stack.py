@@ -118,6 +118,7 @@ class LocalStack:
         self.ports = ports or (StackPorts(**saved["ports"]) if saved else settings.ports)
         self.access_key = saved.get("access_key") if saved else None
         self.secret_key = saved.get("secret_key") if saved else None
+        self.prefect_auth = saved.get("prefect_auth") if saved else None  # the Prefect API's basic-auth string
         # sqlite (default, files under $HEADBENCH_HOME) or postgres: the choice sticks to the stack's state
         self.backend = backend or saved.get("backend", "sqlite")
         # argv is world-readable (ps): the URL, which may hold a password, can come from the environment
@@ -221,7 +222,7 @@ class LocalStack:
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": self.settings.aws_region,
             "PREFECT_API_URL": f"{self.prefect_url}/api",
-        }
+        } | ({"PREFECT_API_AUTH_STRING": self.prefect_auth} if self.prefect_auth else {})
 
     # ------------------------------------------------------------------ services
     def _s3_healthy(self) -> bool:
@@ -356,7 +357,14 @@ class LocalStack:
                         {"PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                          **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.prefect_store}
                             if self.backend == "postgres" else {}),
-                         "DO_NOT_TRACK": "1", "PREFECT_SERVER_API_HOST": HOST},
+                         "DO_NOT_TRACK": "1", "PREFECT_SERVER_API_HOST": HOST,
+                         # every API request but the health probe needs the auth string (a process work pool
+                         # runs whatever command a flow run carries); state changes need a CSRF token, and
+                         # only the UI's own origin may call the API from a browser
+                         **({"PREFECT_SERVER_API_AUTH_STRING": self.prefect_auth,
+                             "PREFECT_API_AUTH_STRING": self.prefect_auth} if self.prefect_auth else {}),
+                         "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+                         "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": self.prefect_url},
                         lambda: http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect"),
             *self.ray_services(),
             ServiceSpec("worker", worker, self.worker_env() if self.access_key else {},
@@ -400,6 +408,8 @@ class LocalStack:
         """Start what is not running (idempotent), wait for health, create buckets, write the env file."""
         if not self.access_key or not self.secret_key:
             self.access_key, self.secret_key = "hb" + secrets.token_hex(8), secrets.token_urlsafe(24)
+        if not self.prefect_auth:  # `user:password`, what the UI's login box takes
+            self.prefect_auth = f"headbench:{secrets.token_urlsafe(24)}"
         saved = self._read_state()
         if saved and (saved.get("ray_nodes", 0), saved.get("ray_cpus")) != (self.ray_nodes, self.ray_cpus_option):
             # another cluster shape: stop the old Ray nodes, and the worker whose runs train on them
@@ -407,8 +417,8 @@ class LocalStack:
             self._stop([s for s in previous.services() if s.name.startswith("ray-") or s.name == "worker"])
         self._write_private(self.state_file, json.dumps(
             {"ports": self.ports.all(), "access_key": self.access_key, "secret_key": self.secret_key,
-             "backend": self.backend, "database_url": self.database_url, "ray_nodes": self.ray_nodes,
-             "ray_cpus": self.ray_cpus_option}, indent=2))
+             "prefect_auth": self.prefect_auth, "backend": self.backend, "database_url": self.database_url,
+             "ray_nodes": self.ray_nodes, "ray_cpus": self.ray_cpus_option}, indent=2))
         if self.backend == "postgres":
             self._create_databases()
         for spec in self.services():
@@ -460,6 +470,10 @@ class LocalStack:
     def down(self, timeout: float = 20.0) -> list[str]:
         """Stop, in reverse start order, the process groups this stack started. Returns what was stopped."""
         return self._stop(self.services(), timeout)
+
+    def stop(self, names: list[str], timeout: float = 20.0) -> list[str]:
+        """What ``down`` does, to the named services only (``up`` starts them again)."""
+        return self._stop([s for s in self.services() if s.name in names], timeout)
 
     def _stop(self, specs: list[ServiceSpec], timeout: float = 20.0) -> list[str]:
         stopped = []

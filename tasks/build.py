@@ -9,12 +9,14 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from infra.cache import touch
 from infra.errors import retry_transient
 from infra.s3 import fetch_model, s3_client
 from infra.settings import Settings
 from infra.tracking import resolve_registered
 from models import HeadNet, build_model, trainable_parameters
 from tasks import TIMEOUT_S
+from tasks.data import trim_cache
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ def resolve_weights(weights: str, settings: Settings) -> str | None:
     if weights.startswith("s3://"):
         dest = settings.cache_dir / "weights" / weights.removeprefix("s3://").strip("/").replace("/", "__")
         path, _ = fetch_model(s3_client(settings), weights, dest, settings.s3_endpoint_url)
+        touch(dest)
+        trim_cache(settings)
         return str(path)
     return weights
 

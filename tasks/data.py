@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+import logging
 
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+
+from infra.cache import collect, human
 from infra.datasets import DataSpec, PreparedData, load_raw, prepare
 from infra.errors import retry_transient
 from infra.s3 import s3_client
@@ -19,4 +23,23 @@ def download_data(spec: DataSpec, settings: Settings) -> PreparedData:
     """Fetch and verify the dataset (mirrored to the S3 data bucket), then subset, split and resize it."""
     client = s3_client(settings) if settings.s3_endpoint_url else None
     raw = load_raw(spec, settings.cache_dir, client, settings.data_bucket, settings.s3_endpoint_url)
+    trim_cache(settings)
     return prepare(raw, spec)
+
+
+def trim_cache(settings: Settings) -> None:
+    """Keep the cache within ``HEADBENCH_CACHE_LIMIT_GB`` once something new is in it (entries in use stay)."""
+    removed, left = collect(settings.cache_dir, int(settings.cache_limit_gb * 1e9))
+    log = _logger()
+    for entry in removed:
+        log.info("cache over %.1f GB: removed %s (%s, least recently used)", settings.cache_limit_gb,
+                              entry.path, human(entry.size))
+    if removed:
+        log.info("cache now %s", human(left))
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:  # type: ignore[type-arg]
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow (e.g. `headbench predict`)
+        return logging.getLogger("headbench.cache")

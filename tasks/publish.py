@@ -1,5 +1,6 @@
 """Publish task: safetensors + manifest to S3 (manifest last), the same files as an MLflow pyfunc logged
-model, then a registered model version whose source is that logged model."""
+model, then a registered model version whose source is that logged model; once published, the run's Ray
+Train checkpoints are pruned to the newest ``HEADBENCH_KEEP_CHECKPOINTS``."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from infra.errors import retry_transient
 from infra.mlflow_models import fail_logged_model, finish_logged_model, input_example, start_logged_model
-from infra.s3 import ModelStore, s3_client
+from infra.ray_train import RAY_TRAIN_PREFIX
+from infra.s3 import ModelStore, S3Error, prune_checkpoints, s3_client
 from infra.settings import Settings
 from infra.tracking import Tracker, register_version
 from models import HeadNet
@@ -96,3 +98,18 @@ def publish_model(model: nn.Module, manifest: dict[str, Any], example_images: np
               "test_accuracy": f"{manifest['metrics'].get('test_accuracy', float('nan')):.6f}"},
         description=f"{manifest['arch']} {manifest['strategy']} on {manifest['data'].get('dataset')}")
     return Publication(published.uri, name, version, sha256, logged.uri)
+
+
+@task(name="prune-checkpoints", timeout_seconds=TIMEOUT_S["prune-checkpoints"], cache_policy=NO_CACHE)
+def prune_run_checkpoints(run_key: str, settings: Settings) -> list[str]:
+    """After a successful publish: delete all but the newest ``settings.keep_checkpoints`` of the run's
+    checkpoints in S3. The model is already safe, so a failure here is a warning, not a failed run."""
+    try:
+        removed = prune_checkpoints(s3_client(settings), settings.checkpoint_bucket, f"{RAY_TRAIN_PREFIX}/{run_key}",
+                                    settings.keep_checkpoints, settings.s3_endpoint_url)
+    except S3Error as exc:
+        get_run_logger().warning("checkpoints of run %s not pruned: %s", run_key, exc)
+        return []
+    get_run_logger().info("pruned %d checkpoint(s) of run %s, kept the newest %d", len(removed), run_key,
+                          settings.keep_checkpoints)
+    return removed

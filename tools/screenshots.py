@@ -1,5 +1,6 @@
 """Pictures for people (`make screenshots`): run a tiny comparison on the local stack, open the MLflow run
-comparison and the Prefect flow-run page in headless Chromium, check that the strategy names and the test
+comparison and the Prefect flow-run page in headless Chromium (logged in to the Prefect UI with the stack's
+auth string, as a person types it into the login box), check that the strategy names and the test
 accuracy are visible, and save PNGs under docs/img/. Then do what a person does in the dashboard: open
 `retrain/scheduled` -> Custom run, change a field of the typed form, Submit, and wait until the process
 worker has run it to COMPLETED (a champion in the registry, a link artifact to MLflow); the MLflow page of
@@ -58,7 +59,9 @@ def main() -> int:
     deployment_url = deploy_small(settings)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        log_in_to_prefect(context, settings)
+        page = context.new_page()
         for name, url, expected in pages:
             page.goto(url, wait_until="domcontentloaded", timeout=60_000)
             try:  # single-page apps render after loading: wait until every expected word is on screen
@@ -70,6 +73,17 @@ def main() -> int:
         failures += custom_run_through_the_dashboard(page, settings, deployment_url)
         browser.close()
     return 1 if failures else 0
+
+
+def log_in_to_prefect(context: Any, settings: Any) -> None:
+    """What the dashboard's login box does with the auth string a person types: keep it, base64-encoded,
+    in the page's localStorage (`prefect-password`), from where the UI sends it on every API call."""
+    import base64
+
+    secret = settings.prefect_api_auth_string
+    if secret:
+        token = base64.b64encode(secret.get_secret_value().encode()).decode()
+        context.add_init_script(f"window.localStorage.setItem('prefect-password', {json.dumps(token)});")
 
 
 def deploy_small(settings: Any) -> str:
@@ -84,11 +98,12 @@ def deploy_small(settings: Any) -> str:
 
 def custom_run_through_the_dashboard(page: Any, settings: Any, deployment_url: str) -> list[tuple[str, list[str]]]:
     """Run -> Custom run in the UI with epochs changed to 2; wait for the worker; check the outcome."""
-    import httpx
     from mlflow.tracking import MlflowClient
 
-    api = settings.prefect_api_url
-    before = {r["id"] for r in httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30).json()}
+    from infra.prefect_api import prefect_http
+
+    api = prefect_http(settings)
+    before = {r["id"] for r in api.post("/flow_runs/filter", json={"limit": 200}).json()}
     page.goto(f"{deployment_url}/run", wait_until="domcontentloaded", timeout=60_000)
     label = page.get_by_text("Epochs (Optional)", exact=True)
     label.wait_for(timeout=45_000)
@@ -98,7 +113,7 @@ def custom_run_through_the_dashboard(page: Any, settings: Any, deployment_url: s
     page.get_by_role("button", name="Submit").click()
     deadline, run = time.monotonic() + 600, None
     while time.monotonic() < deadline:
-        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30).json()
+        runs = api.post("/flow_runs/filter", json={"limit": 200}).json()
         new = [r for r in runs if r["id"] not in before and not r["auto_scheduled"]]
         if new and new[0]["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"):
             run = new[0]

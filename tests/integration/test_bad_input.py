@@ -44,7 +44,7 @@ def test_bad_input_fails_in_one_line_and_publishes_nothing(stack: Stack, tmp_pat
         "malformed-s3-uri": (["--dataset", "s3://"], "not an S3 URI: 's3://'; expected s3://bucket/prefix"),
         "empty-class": (["--dataset", str(tree)], "class folder 'dog' in"),
         "classes-out-of-range": (["--dataset", str(tmp_path / "tree"), "--classes", "0-3"], None),
-        "workers-over-cpus": (["--workers", "64", "--classes", "0-1", "--limit", "40", "--batch-size", "32",
+        "workers-over-cpus": (["--workers", "64", "--classes", "0-1", "--limit", "128", "--batch-size", "128",
                                "--image-size", "32"], "workers=64 x 1 CPU need 64 CPUs but the Ray cluster has"),
         # the stack's cluster has two nodes: no placement group of three workers on three nodes can ever exist
         "strict-spread-over-nodes": (["--workers", "3", "--cpus-per-worker", "1", "--placement-strategy",

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
+from infra.prefect_api import prefect_http
 from infra.ray_cluster import RayCluster
 from tests.integration.conftest import Stack
 
@@ -75,9 +75,9 @@ def test_parent_children_artifacts_and_prefect(stack: Stack, compare_run: tuple[
     assert sorted(row["strategy"] for row in table["rows"]) == sorted(STRATEGIES)
     assert all(row["runs"] == 2 for row in table["rows"])
 
-    api = stack.settings.prefect_api_url
-    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": [
-        "head-comparison", "head-comparison-mlflow"]}}}, timeout=10).json()
+    with prefect_http(stack.settings) as api:
+        artifacts = api.post("/artifacts/filter", json={"artifacts": {"key": {"any_": [
+            "head-comparison", "head-comparison-mlflow"]}}}).json()
     kinds = {a["key"]: a["type"] for a in artifacts}
     assert kinds["head-comparison"] == "table"
     assert kinds["head-comparison-mlflow"] in ("link", "markdown")  # Prefect 3 stores links as markdown

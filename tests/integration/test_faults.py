@@ -118,9 +118,9 @@ def _alive_train_workers(cluster: RayCluster) -> list[Any]:
 
 
 def _flow_run_state(stack: Stack, flow_run_id: str) -> str:
-    import httpx
+    from infra.prefect_api import prefect_http
 
-    with httpx.Client(base_url=f"{stack.stack.prefect_url}/api", timeout=30) as client:
+    with prefect_http(stack.settings) as client:
         return str(client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()["state"]["type"])
 
 

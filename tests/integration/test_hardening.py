@@ -1,6 +1,6 @@
 """Hardening against the real stack: the registered-model creation race, champions whose objects are
 missing or corrupt, run leases, S3 credentials kept out of what Ray pickles, and the private state directory
-of a running stack. docs/reliability.md has a row for each."""
+of a running stack, the Prefect API's authentication. docs/reliability.md has a row for each."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import stat
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.s3 import RunBusyError, RunLease, ray_storage, s3_client
+from infra.prefect_api import auth_header, prefect_http
+from infra.s3 import RunBusyError, RunLease, prune_checkpoints, ray_storage, s3_client
 from infra.tracking import register_version
 from models.data import ArraySplit
 from tasks.promote import PROMOTED, PromotionPolicy, decide, score_champion
@@ -128,3 +130,57 @@ def test_the_running_stacks_state_directory_is_private(stack: Stack) -> None:
              and stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert loose == [], loose[:20]
     assert stat.S_IMODE((home / "env").stat().st_mode) == 0o600
+
+
+def test_the_prefect_api_needs_the_stacks_auth_string_and_a_csrf_token(stack: Stack) -> None:
+    """Without the auth string every API call but the health probe is refused (401); with it, a state
+    change still needs a CSRF token (403 without); a browser on another origin gets no CORS grant; and the
+    UI itself is served and asks for the login."""
+    api = f"{stack.stack.prefect_url}/api"
+    secret = stack.settings.prefect_api_auth_string
+    assert secret and secret.get_secret_value() == stack.stack.prefect_auth
+    assert f"PREFECT_API_AUTH_STRING={stack.stack.prefect_auth}" in stack.stack.env_file.read_text()
+    assert httpx.get(f"{api}/health", timeout=10).status_code == 200  # probes stay open
+    assert httpx.get(f"{api}/work_pools/{stack.settings.work_pool}", timeout=10).status_code == 401
+    assert httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, timeout=10).status_code == 401
+    wrong = auth_header("headbench:not-the-string")
+    assert httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, headers=wrong, timeout=10).status_code == 401
+    right = auth_header(secret.get_secret_value())
+    assert httpx.get(f"{api}/work_pools/{stack.settings.work_pool}", headers=right, timeout=10).status_code == 200
+    no_csrf = httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, headers=right, timeout=10)
+    assert no_csrf.status_code == 403 and "CSRF" in no_csrf.text
+    with prefect_http(stack.settings) as client:
+        assert client.post("/flow_runs/filter", json={"limit": 1}).status_code == 200
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    evil = httpx.options(f"{api}/flow_runs/filter", headers={"Origin": "http://evil.example", **preflight},
+                         timeout=10)
+    assert "access-control-allow-origin" not in evil.headers
+    ours = httpx.options(f"{api}/flow_runs/filter", headers={"Origin": stack.stack.prefect_url, **preflight},
+                         timeout=10)
+    assert ours.headers.get("access-control-allow-origin") == stack.stack.prefect_url
+    assert httpx.get(stack.stack.prefect_url, timeout=10).status_code == 200  # the dashboard's page
+    ui = httpx.get(f"{stack.stack.prefect_url}/ui-settings", timeout=10).json()
+    assert ui["auth"] == "BASIC" and ui["csrfEnabled"] is True
+
+
+def test_checkpoint_pruning_keeps_the_newest_folders_and_rays_run_state(stack: Stack) -> None:
+    client, bucket = s3_client(stack.settings), stack.settings.checkpoint_bucket
+    run = f"ray/prune-{secrets.token_hex(4)}"
+    names = ["checkpoint_2026-12-01_10-00-00.000001", "checkpoint_2026-12-01_10-00-05.000001",
+             "checkpoint_2026-12-01_10-00-09.000001"]
+    for name in names:  # written in this order: LastModified grows (1 s resolution: a pause between)
+        for file in ("model.safetensors", "train_state.pt"):
+            client.put_object(Bucket=bucket, Key=f"{run}/{name}/{file}", Body=b"x")
+        time.sleep(1.1)
+    client.put_object(Bucket=bucket, Key=f"{run}/checkpoint_manager_snapshot.json", Body=b"{}")
+
+    def left() -> list[str]:
+        return sorted(o["Key"][len(run) + 1:] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{run}/")
+                      .get("Contents", []))
+
+    assert prune_checkpoints(client, bucket, run, 2, None) == names[:1]
+    assert left() == ["checkpoint_manager_snapshot.json"] + [f"{n}/{f}" for n in names[1:]
+                                                             for f in ("model.safetensors", "train_state.pt")]
+    assert prune_checkpoints(client, bucket, run, 2, None) == []
+    assert prune_checkpoints(client, bucket, run, 0, None) == names[1:]
+    assert left() == ["checkpoint_manager_snapshot.json"]

@@ -8,14 +8,16 @@ import json
 import re
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.datasets import DataSpec, load_raw, prepare
+from infra.prefect_api import prefect_http
 from infra.published import load_published
 from infra.ray_cluster import RayCluster
+from infra.ray_worker import TRAIN_STATE
 from infra.s3 import s3_client, split_uri
+from models.weights import WEIGHTS_FILE
 from tasks.evaluate import evaluate_split
 from tests.integration.conftest import E2E_EPOCHS as EPOCHS
 from tests.integration.conftest import Stack, train_worker_nodes
@@ -93,13 +95,13 @@ def test_prefect_server_recorded_the_flow_run(stack: Stack, e2e_run: dict[str, s
     uri = stack.settings.mlflow_tracking_uri
     assert uri and stack.settings.prefect_api_url
     flow_run_id = MlflowClient(uri).get_run(e2e_run["run_id"]).data.tags["prefect.flow_run_id"]
-    response = httpx.get(f"{stack.settings.prefect_api_url}/flow_runs/{flow_run_id}", timeout=10)
+    with prefect_http(stack.settings) as api:
+        response = api.get(f"/flow_runs/{flow_run_id}")
+        tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
     assert response.status_code == 200
     body = response.json()
     assert body["state_type"] == "COMPLETED"
     assert body["name"] == "fashion-mnist-resnet18-replace-fc-seed3"
-    tasks = httpx.post(f"{stack.settings.prefect_api_url}/task_runs/filter",
-                       json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=10).json()
     names = {t["name"].rsplit("-", 1)[0] for t in tasks}
     assert {"download-data", "build-model", "train", "evaluate", "publish"} <= names
     assert all(t["state_type"] == "COMPLETED" for t in tasks)
@@ -117,3 +119,17 @@ def test_training_ran_on_both_nodes_of_the_ray_cluster(stack: Stack, ray_cluster
     checkpoints = s3_client(stack.settings).list_objects_v2(Bucket=stack.settings.checkpoint_bucket,
                                                             Prefix=f"ray/{e2e_run['run_id']}/")
     assert any(o["Key"].endswith("model.safetensors") for o in checkpoints.get("Contents", []))
+
+
+def test_a_published_runs_checkpoints_are_pruned_to_the_newest(stack: Stack, e2e_run: dict[str, str]) -> None:
+    """E2E_EPOCHS checkpoints were written (Ray keeps 2 while training); once the model is published, the
+    newest one alone stays (HEADBENCH_KEEP_CHECKPOINTS=1), whole, beside Ray's own run state."""
+    assert EPOCHS >= 2
+    listed = s3_client(stack.settings).list_objects_v2(Bucket=stack.settings.checkpoint_bucket,
+                                                       Prefix=f"ray/{e2e_run['run_id']}/")
+    keys = [o["Key"].split("/", 2)[2] for o in listed.get("Contents", [])]
+    folders = {k.split("/", 1)[0] for k in keys if k.startswith("checkpoint_") and "/" in k}
+    assert len(folders) == 1, sorted(keys)
+    [kept] = folders
+    assert {f"{kept}/{WEIGHTS_FILE}", f"{kept}/{TRAIN_STATE}"} <= set(keys)
+    assert any(not k.startswith("checkpoint_") for k in keys)  # Ray's run state (the snapshot) is kept

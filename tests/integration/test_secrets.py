@@ -7,9 +7,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import httpx
 from mlflow.tracking import MlflowClient
 
+from infra.prefect_api import prefect_http
 from tests.integration.conftest import Stack
 
 TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".csv", ".log")
@@ -23,8 +23,8 @@ def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> list[str]:
 
 
 def test_no_secret_in_mlflow_prefect_or_logs(stack: Stack, e2e_run: dict[str, str]) -> None:
-    secrets = [s for s in (stack.stack.access_key, stack.stack.secret_key) if s]
-    assert len(secrets) == 2
+    secrets = [s for s in (stack.stack.access_key, stack.stack.secret_key, stack.stack.prefect_auth) if s]
+    assert len(secrets) == 3
     haystacks: list[tuple[str, str]] = [("cli output", e2e_run["stdout"])]
 
     client = MlflowClient(stack.settings.mlflow_tracking_uri)
@@ -42,17 +42,17 @@ def test_no_secret_in_mlflow_prefect_or_logs(stack: Stack, e2e_run: dict[str, st
         for version in client.search_model_versions(f"name = '{model.name}'"):
             haystacks.append((f"model {model.name} v{version.version}", repr(version.tags) + str(version.description)))
 
-    api = f"{stack.stack.prefect_url}/api"
-    flow_runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30).json()
-    assert flow_runs
-    haystacks += [(f"flow run {r['id']} parameters", repr(r["parameters"])) for r in flow_runs]
-    offset = 0
-    while True:
-        logs = httpx.post(f"{api}/logs/filter", json={"limit": 200, "offset": offset}, timeout=30).json()
-        haystacks += [(f"prefect log {log['id']}", log["message"]) for log in logs]
-        if len(logs) < 200:
-            break
-        offset += 200
+    with prefect_http(stack.settings) as api:
+        flow_runs = api.post("/flow_runs/filter", json={"limit": 200}).json()
+        assert flow_runs
+        haystacks += [(f"flow run {r['id']} parameters", repr(r["parameters"])) for r in flow_runs]
+        offset = 0
+        while True:
+            logs = api.post("/logs/filter", json={"limit": 200, "offset": offset}).json()
+            haystacks += [(f"prefect log {log['id']}", log["message"]) for log in logs]
+            if len(logs) < 200:
+                break
+            offset += 200
     for log_file in (stack.home / "logs").glob("*.log"):
         haystacks.append((str(log_file), log_file.read_text(errors="replace")))
 

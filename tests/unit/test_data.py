@@ -181,3 +181,32 @@ def test_digests_name_the_files_read_and_the_examples_of_each_split(tmp_path: Pa
     Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(tmp_path / "d" / "dog" / "new.png")
     grown = load_image_folder(spec.dataset, 32, tmp_path / "cache")
     assert len(grown.train_labels) == 23 and grown.files_digest != first.files_digest
+
+
+def test_an_image_folders_limit_applies_before_decoding(tmp_path: Path) -> None:
+    """--limit 20 (and --test-limit 10) on 300 images decode those 30, not all 300, and pick the same
+    examples as decoding everything first would."""
+    _write_tree(tmp_path / "t", {"cat": 100, "dog": 100, "eel": 100})
+    raw = load_image_folder(str(tmp_path / "t"), 32, tmp_path / "cache")
+    assert raw.train_images.decodes == 0  # the tree was read and probed, not decoded
+    spec = DataSpec(dataset=str(tmp_path / "t"), classes="0-1", limit=20, test_limit=10, image_size=32, seed=4)
+    data = prepare(raw, spec)
+    assert len(data.train) + len(data.val) == 20 and len(data.test) == 10
+    assert raw.train_images.decodes == 30
+    eager = RawDataset(np.asarray(raw.train_images), raw.train_labels, None, None, raw.class_names, source="eager",
+                       train_keys=raw.train_keys)
+    same = prepare(eager, spec)
+    assert data.digests == same.digests
+    for split in ("train", "val", "test"):
+        assert np.array_equal(data.split(split).images, same.split(split).images)
+
+
+def test_an_image_that_probes_clean_but_does_not_decode_is_named(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "t", {"cat": 4, "dog": 4})
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "t" / "dog" / "bad.jpg")
+    data = (tmp_path / "t" / "dog" / "bad.jpg").read_bytes()
+    start = data.index(b"\xff\xda")  # the scan: JPEG's verify() stops at its header
+    (tmp_path / "t" / "dog" / "bad.jpg").write_bytes(data[:start + 20])
+    raw = load_image_folder(str(tmp_path / "t"), 32, tmp_path / "cache")
+    with pytest.raises(DatasetError, match=r"image .*bad\.jpg passed the header check but does not decode"):
+        prepare(raw, DataSpec(dataset=str(tmp_path / "t"), image_size=32, test_fraction=0.25))

@@ -30,7 +30,8 @@ def _settings_variables() -> set[str]:
 SETTINGS_VARS = _settings_variables()  # every variable headbench reads, plus (below) the servers' own
 SERVER_VARS = {"MLFLOW_BACKEND_STORE_URI", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_SERVER_ANALYTICS_ENABLED",
                "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY",
-               "NCCL_DEBUG"}
+               "NCCL_DEBUG", "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED",
+               "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"}
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:
@@ -58,6 +59,10 @@ def test_compose_variables_ports_and_commands_agree_with_the_code() -> None:
     assert env["HEADBENCH_WORK_POOL"] == pool and env["RAY_ADDRESS"].endswith(":6379")
     assert env["MLFLOW_TRACKING_URI"].endswith(":5000") and env["PREFECT_API_URL"].endswith(":4200/api")
     assert "--port=6379" in services["ray-head"]["command"]
+    # the Prefect server is locked down as `headbench up` locks down its own
+    server = _env(services["prefect-server"])
+    assert server["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    assert server["PREFECT_SERVER_API_AUTH_STRING"] == env["PREFECT_API_AUTH_STRING"]
     assert "--address=ray-head:6379" in services["ray-worker"]["command"]
     init = (ROOT / "infra/docker/postgres-init.sql").read_text()
     assert "headbench_mlflow" in _env(services["mlflow"])["MLFLOW_BACKEND_STORE_URI"] and "headbench_mlflow" in init

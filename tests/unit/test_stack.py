@@ -90,3 +90,20 @@ def test_postgres_databases_are_one_per_server_and_the_url_stays_off_argv(tmp_pa
     assert stack.prefect_store == "postgresql+asyncpg://hb:secret@127.0.0.1:5432/hbtest_prefect"
     stack.access_key, stack.secret_key = "k", "s"
     assert not any("secret" in " ".join(spec.argv) for spec in stack.services())
+
+
+def test_the_prefect_server_gets_an_auth_string_csrf_and_its_own_origin_only(tmp_path: Path) -> None:
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, free_ports
+
+    stack = LocalStack(load_settings(tmp_path), free_ports())
+    stack.access_key, stack.secret_key, stack.prefect_auth = "k", "s", "headbench:t0ken"
+    [server] = [s for s in stack.services() if s.name == "prefect"]
+    assert server.env["PREFECT_SERVER_API_AUTH_STRING"] == "headbench:t0ken"
+    assert server.env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    assert server.env["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] == stack.prefect_url
+    assert "headbench:t0ken" not in " ".join(server.argv)  # argv is world-readable
+    assert stack.standard_env()["PREFECT_API_AUTH_STRING"] == "headbench:t0ken"  # the env file, clients
+    assert stack.worker_env()["PREFECT_API_AUTH_STRING"] == "headbench:t0ken"  # the worker, its flow runs
+    settings = load_settings(tmp_path).model_copy(update={"prefect_api_auth_string": None})
+    assert "PREFECT_API_AUTH_STRING" not in settings.standard_env()
