@@ -43,7 +43,7 @@ def stage(name: str) -> None:
 
 
 def cancel_on_interrupt(body: Callable[[P], R], params: P) -> R | State:
-    """Run a flow's body; on Ctrl-C or SIGTERM (``headbench down``, a Prefect cancellation) abort the Ray job,
+    """Run a flow's body; on Ctrl-C, or a SIGTERM that Prefect raises in the flow's thread, abort the Ray job,
     let the MLflow runs end KILLED, and end the flow run CANCELLED (a flow that returns a state ends in it)
     instead of Prefect's CRASHED."""
     from prefect.states import Cancelled

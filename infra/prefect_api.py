@@ -28,11 +28,13 @@ def prefect_http(settings: Settings, **kwargs: Any) -> httpx.Client:
         raise ValueError("PREFECT_API_URL is not set; run `headbench up` or export it")
     auth = settings.prefect_api_auth_string.get_secret_value() if settings.prefect_api_auth_string else None
     kwargs.setdefault("timeout", 30)
-    client = httpx.Client(base_url=settings.prefect_api_url, headers=auth_header(auth), **kwargs)
+    headers = auth_header(auth)
     client_id = uuid.uuid4().hex
-    issued = client.get("/csrf-token", params={"client": client_id})
+    # a request of its own: the client returned must still be unopened (callers use it as a context manager)
+    issued = httpx.get(f"{settings.prefect_api_url.rstrip('/')}/csrf-token", params={"client": client_id},
+                       headers=headers, timeout=kwargs["timeout"])
     if issued.status_code == 200:  # 422 "CSRF protection is disabled": nothing to send
-        client.headers.update({"Prefect-Csrf-Token": issued.json()["token"], "Prefect-Csrf-Client": client_id})
+        headers |= {"Prefect-Csrf-Token": issued.json()["token"], "Prefect-Csrf-Client": client_id}
     elif issued.status_code != 422:
         issued.raise_for_status()
-    return client
+    return httpx.Client(base_url=settings.prefect_api_url, headers=headers, **kwargs)

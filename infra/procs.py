@@ -24,9 +24,30 @@ BIN = Path(sys.executable).parent  # console scripts of this venv: weed, mlflow,
 WORKER_PORTS = 64  # Ray worker processes per node listen in a range of this width
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (127.0.0.1)."""
+# Picked ports sit below Linux's ephemeral range (32768-60999): there, between the pick and the server's
+# bind, any outgoing connection or any server that binds port 0 may take the port first.
+PICK_RANGE = (20000, 32767)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (127.0.0.1), outside the ephemeral range where it can."""
+    import random
+
+    low, high = PICK_RANGE
+    for _ in range(200):
+        port = random.randint(low, high)
+        if _bindable(port):
+            return port
+    with socket.socket() as s:  # a crowded range: any free port
         s.bind((HOST, 0))
         return s.getsockname()[1]
 
@@ -38,15 +59,7 @@ def free_port_range(width: int = WORKER_PORTS, taken: set[int] | None = None) ->
         start = free_port()
         if start + width >= 65000 or taken & set(range(start, start + width)):
             continue
-        ok = True
-        for port in range(start, start + width):
-            with socket.socket() as s:
-                try:
-                    s.bind((HOST, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+        if all(_bindable(port) for port in range(start, start + width)):
             return start
     raise HeadbenchError("no range of free ports found for Ray workers")
 

@@ -471,10 +471,6 @@ class LocalStack:
         """Stop, in reverse start order, the process groups this stack started. Returns what was stopped."""
         return self._stop(self.services(), timeout)
 
-    def stop(self, names: list[str], timeout: float = 20.0) -> list[str]:
-        """What ``down`` does, to the named services only (``up`` starts them again)."""
-        return self._stop([s for s in self.services() if s.name in names], timeout)
-
     def _stop(self, specs: list[ServiceSpec], timeout: float = 20.0) -> list[str]:
         stopped = []
         for spec in reversed(specs):

@@ -142,9 +142,10 @@ def test_the_prefect_api_needs_the_stacks_auth_string_and_a_csrf_token(stack: St
     assert f"PREFECT_API_AUTH_STRING={stack.stack.prefect_auth}" in stack.stack.env_file.read_text()
     assert httpx.get(f"{api}/health", timeout=10).status_code == 200  # probes stay open
     assert httpx.get(f"{api}/work_pools/{stack.settings.work_pool}", timeout=10).status_code == 401
-    assert httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, timeout=10).status_code == 401
+    assert httpx.get(f"{api}/csrf-token", params={"client": "x"}, timeout=10).status_code == 401  # no token
+    assert httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, timeout=10).status_code == 403  # so no POST
     wrong = auth_header("headbench:not-the-string")
-    assert httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, headers=wrong, timeout=10).status_code == 401
+    assert httpx.get(f"{api}/work_pools/{stack.settings.work_pool}", headers=wrong, timeout=10).status_code == 401
     right = auth_header(secret.get_secret_value())
     assert httpx.get(f"{api}/work_pools/{stack.settings.work_pool}", headers=right, timeout=10).status_code == 200
     no_csrf = httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, headers=right, timeout=10)
@@ -160,7 +161,7 @@ def test_the_prefect_api_needs_the_stacks_auth_string_and_a_csrf_token(stack: St
     assert ours.headers.get("access-control-allow-origin") == stack.stack.prefect_url
     assert httpx.get(stack.stack.prefect_url, timeout=10).status_code == 200  # the dashboard's page
     ui = httpx.get(f"{stack.stack.prefect_url}/ui-settings", timeout=10).json()
-    assert ui["auth"] == "BASIC" and ui["csrfEnabled"] is True
+    assert ui["auth"] == "BASIC" and ui["csrf_enabled"] is True
 
 
 def test_checkpoint_pruning_keeps_the_newest_folders_and_rays_run_state(stack: Stack) -> None:
@@ -179,8 +180,8 @@ def test_checkpoint_pruning_keeps_the_newest_folders_and_rays_run_state(stack: S
                       .get("Contents", []))
 
     assert prune_checkpoints(client, bucket, run, 2, None) == names[:1]
-    assert left() == ["checkpoint_manager_snapshot.json"] + [f"{n}/{f}" for n in names[1:]
-                                                             for f in ("model.safetensors", "train_state.pt")]
+    assert left() == sorted(["checkpoint_manager_snapshot.json"] + [f"{n}/{f}" for n in names[1:]
+                                                                    for f in ("model.safetensors", "train_state.pt")])
     assert prune_checkpoints(client, bucket, run, 2, None) == []
     assert prune_checkpoints(client, bucket, run, 0, None) == names[1:]
     assert left() == ["checkpoint_manager_snapshot.json"]
