@@ -232,23 +232,24 @@ def _probe(data: bytes) -> str:
     except UnidentifiedImageError:
         return "not an image PIL can identify"
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        return f"undecodable ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return _undecodable(exc)
+
+
+def _undecodable(exc: BaseException) -> str:
+    return f"undecodable ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
 def _decode(data: bytes, size: int) -> tuple[np.ndarray | None, str]:
-    """Image bytes -> ((3, size, size) uint8, "") or (None, why it is unreadable); the probe first, so an
-    image over the pixel limit is never decoded in full."""
+    """Probed image bytes -> ((3, size, size) uint8, "") or (None, why its pixels do not decode). The
+    probe (the pixel limit included) ran when the tree was read; this decodes and resizes only."""
     from PIL import Image
 
-    why = _probe(data)
-    if why:
-        return None, why
     try:
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy(), ""
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        return None, f"undecodable ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return None, _undecodable(exc)
 
 
 class DecodedOnRead:
