@@ -56,6 +56,8 @@ def cancel_on_interrupt(body: Callable[[P], R], params: P) -> R | State:
         if not is_interrupt(exc):
             raise
         interrupt()
-        what = "SIGTERM" if exc.__class__.__name__ == "TerminationSignal" else "Ctrl-C"
+        # SIGTERM reaches the body as Prefect's TerminationSignal, or as SystemExit where Ray's driver handler
+        # ran instead (`headbench down`, a cancellation from the dashboard)
+        what = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
         return Cancelled(message=f"interrupted ({what}): the Ray job was aborted, the MLflow run is KILLED, "
                                  "nothing was published")

@@ -1,9 +1,9 @@
 """Interruption of a run: Ctrl-C on the CLI (SIGINT), `headbench down` or a Prefect cancellation (SIGTERM,
 which Prefect's engine raises as ``TerminationSignal``).
 
-One process-wide flag, ``INTERRUPTED``, set by ``interrupt()``, which also aborts this process's Ray job at
-by ending
-this process (``os._exit`` once the runs are marked): Ray then kills every actor the job owns on every node. MLflow
+One process-wide flag, ``INTERRUPTED``, set by ``interrupt()``. The Ray job is aborted by ending this process
+(``os._exit`` once the runs are marked, or the flow-run process's normal exit): Ray then kills every actor the
+job owns on every node. MLflow
 runs that end while the flag is set are KILLED, not FAILED (``infra.tracking.Tracker.lifecycle``), and the
 flows end their Prefect flow run CANCELLED.
 """

@@ -7,6 +7,7 @@ pid stops exactly that tree and nothing else on the machine (never ``pkill -f``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import signal
@@ -163,11 +164,39 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def stop_group(pid: int, timeout: float = 20.0, leader_first: bool = False) -> None:
+def child_groups(pid: int) -> list[int]:
+    """The process groups that descendants of ``pid`` lead in groups of their own (not ``pid``'s)."""
+    groups = []
+    for proc in descendants(pid):
+        try:
+            if os.getpgid(proc.pid) == proc.pid:
+                groups.append(proc.pid)
+        except OSError:
+            continue
+    return groups
+
+
+def stop_group(pid: int, timeout: float = 20.0, leader_first: bool = False,
+               child_groups_first: bool = False) -> None:
     """SIGTERM the process group led by ``pid`` (started with start_new_session), SIGKILL after timeout.
 
     ``leader_first``: SIGTERM only the leader and give it the timeout to shut its children down in order
-    (a Ray node drains through its GCS, which a group-wide signal would kill first), then the group."""
+    (a Ray node drains through its GCS, which a group-wide signal would kill first), then the group.
+    ``child_groups_first``: first stop, each as a group with the same timeout, the children that lead groups
+    of their own: Prefect's process worker starts every flow run in a new session, and SIGKILLs them when it
+    is itself interrupted, so a flow run gets its SIGTERM (and its clean-up) only from us."""
+    if child_groups_first:
+        children = child_groups(pid)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(group_members(child) for child in children):
+            time.sleep(0.2)
+        for child in children:
+            if group_members(child):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     if leader_first:
         try:

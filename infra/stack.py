@@ -55,6 +55,7 @@ class ServiceSpec:
     url: str  # what a person opens (UI or endpoint)
     marker: str  # a word of the command line, to tell our process from a recycled pid
     leader_first: bool = False  # stop: SIGTERM the leader alone first (a Ray node drains through its GCS)
+    child_groups_first: bool = False  # stop: first the children in groups of their own (a worker's flow runs)
 
 
 @dataclass(frozen=True)
@@ -343,8 +344,9 @@ class LocalStack:
         ]  # the backend store URI goes by environment: it may hold a password, argv is world-readable
         prefect = [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(p.prefect),
                    "--analytics-off"]
-        # `--type process` creates the pool if it is missing; flow runs are subprocesses in the worker's
-        # process group, so `down` (worker first) stops them too.
+        # `--type process` creates the pool if it is missing. Each flow run is a child of the worker in a
+        # session of its own, which `down` (worker first) SIGTERMs before the worker: an interrupted worker
+        # SIGKILLs its flow runs, which would leave their MLflow and Prefect runs RUNNING.
         worker = [str(BIN / "prefect"), "worker", "start", "--pool", self.settings.work_pool, "--type", "process",
                   "--name", f"headbench-{p.prefect}", "--with-healthcheck"]
         return [
@@ -369,7 +371,8 @@ class LocalStack:
             *self.ray_services(),
             ServiceSpec("worker", worker, self.worker_env() if self.access_key else {},
                         lambda: http_ok(f"http://{HOST}:{p.prefect_worker}/health"),
-                        f"{self.prefect_url}/work-pools/work-pool/{self.settings.work_pool}", "worker"),
+                        f"{self.prefect_url}/work-pools/work-pool/{self.settings.work_pool}", "worker",
+                        child_groups_first=True),
         ]
 
     def _pid(self, name: str) -> int | None:
@@ -476,7 +479,8 @@ class LocalStack:
         for spec in reversed(specs):
             pid = self._pid(spec.name)
             if pid is not None and pid_alive(pid, spec.marker):
-                stop_group(pid, timeout, leader_first=spec.leader_first)
+                stop_group(pid, timeout, leader_first=spec.leader_first,
+                           child_groups_first=spec.child_groups_first)
                 stopped.append(spec.name)
             self.pid_file(spec.name).unlink(missing_ok=True)
         return stopped

@@ -234,6 +234,60 @@ def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster:
     assert sum(line.split(": ", 1)[1].startswith("Trouser ") for line in lines) >= 3, done.stdout
 
 
+@pytest.mark.slow
+def test_down_with_a_flow_run_in_flight_cancels_it_and_publishes_nothing(
+        stack: Stack, deployed: dict[str, dict[str, Any]], ray_cluster: RayCluster) -> None:
+    """`headbench down`'s first step (SIGTERM to the worker) while the worker runs a deployed retrain in epoch
+    2 ends the flow run within 10 s: its Ray job aborted, the MLflow run KILLED, the Prefect flow run
+    CANCELLED, nothing published, no flow-run process left. The servers stay up so that the end states can
+    be read; `up` then starts the worker again for the tests after this one."""
+    import psutil
+    from ray.util.state import list_actors
+
+    name = "down-in-flight"
+    params = GOOD | {"epochs": 3, "limit": 600, "model_name": name, "skip_if_unchanged": False}
+    response = trigger(stack, deployed["retrain/scheduled"], params, {"env": {"RAY_ADDRESS": ray_cluster.address}})
+    assert response.status_code == 201, response.text
+    flow_run_id = response.json()["id"]
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    deadline, runs = time.monotonic() + 300, []
+    while time.monotonic() < deadline and not (runs and any(
+            m.step == 1 for m in client.get_metric_history(runs[0].info.run_id, "train_loss"))):
+        exp = client.get_experiment_by_name(stack.settings.experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'") if exp else []
+        time.sleep(0.5)
+    assert runs, f"flow run {flow_run_id} never logged epoch 1; see {stack.home}/logs/worker.log"
+    worker_pid = stack.stack._pid("worker")
+    assert worker_pid is not None
+    flow_procs = [p for p in psutil.Process(worker_pid).children(recursive=True)
+                  if "prefect.engine" in " ".join(p.cmdline())]
+    assert flow_procs, "the worker runs no flow-run process"
+    started = time.monotonic()
+    try:
+        [worker] = [s for s in stack.stack.services() if s.name == "worker"]
+        assert stack.stack._stop([worker]) == ["worker"]
+        _, alive = psutil.wait_procs(flow_procs, timeout=max(0.1, 10 - (time.monotonic() - started)))
+        took = time.monotonic() - started
+        assert not alive and took < 10, f"the flow-run process outlived down's worker step ({took:.1f} s)"
+        run = client.get_run(runs[0].info.run_id)
+        assert run.info.status == "KILLED"
+        with api(stack) as prefect:
+            state = prefect.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()["state"]
+        assert state["type"] == "CANCELLED", state
+        assert client.search_model_versions(f"name = '{name}'") == []
+        keys = s3_client(stack.settings).list_objects_v2(Bucket=stack.settings.model_bucket, Prefix=f"{name}/")
+        assert keys.get("KeyCount", 0) == 0
+        deadline = time.monotonic() + 10
+        actors: list[Any] = [None]
+        while actors and time.monotonic() < deadline:
+            actors = list_actors(address=ray_cluster.dashboard_url, limit=100, raise_on_missing_output=False,
+                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            time.sleep(0.5)
+        assert actors == []
+    finally:
+        stack.stack.up(timeout=120)
+
+
 def test_prefect_yaml_deploys_the_same_deployments(stack: Stack, deployed: dict[str, dict[str, Any]]) -> None:
     """`prefect deploy --all` with the repo's prefect.yaml (last in this module: it resets the schedule)."""
     env = stack.cli_env(PREFECT_API_URL=f"{stack.stack.prefect_url}/api", PWD=str(PROJECT_ROOT),

@@ -81,3 +81,37 @@ def test_listening_sockets_of_a_process_and_port_taken() -> None:
         stop_group(server.pid, timeout=5)
         server.wait(timeout=5)
     assert not alive(server.pid) and cmdline(server.pid) == ""
+
+
+# like Prefect's process worker: a leader that runs its child in a session of its own and SIGKILLs it when it
+# is itself terminated; the child cleans up (writes a file) on SIGTERM
+CLEANER = ("import signal, sys, time\n"
+           "def done(*_):\n    open(sys.argv[1], 'w').write('cleaned'); sys.exit(0)\n"
+           "signal.signal(signal.SIGTERM, done); print('ready', flush=True); time.sleep(600)")
+SUPERVISOR = f"""
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", {CLEANER!r}, sys.argv[1]], stdout=sys.stdout,
+                         start_new_session=True)
+def hard(*_):
+    child.kill(); child.wait(); sys.exit(0)
+signal.signal(signal.SIGTERM, hard)
+time.sleep(600)
+"""
+
+
+def test_stop_group_gives_children_in_their_own_sessions_their_sigterm_first(tmp_path) -> None:
+    for first, expected in ((False, False), (True, True)):
+        marker = tmp_path / f"cleaned-{first}"
+        leader = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(marker)], stdout=subprocess.PIPE,
+                                  text=True, start_new_session=True)
+        try:
+            assert leader.stdout is not None and leader.stdout.readline().strip() == "ready"
+            [child] = descendants(leader.pid)
+            assert group_members(leader.pid) == [leader.pid]  # the child is not in the leader's group
+            stop_group(leader.pid, timeout=5, child_groups_first=first)
+            leader.wait(timeout=5)
+            _wait(lambda pid=child.pid: not alive(pid))
+            assert marker.exists() is expected
+        finally:
+            if leader.poll() is None:
+                leader.kill()
