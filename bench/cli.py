@@ -22,6 +22,10 @@ def speed(ctx: typer.Context,
           gpu: Annotated[bool, typer.Option(help="one GPU, 224 px, bf16 autocast, channels_last")] = False,
           compile: Annotated[bool, typer.Option(help="also time B1 with torch.compile")] = False,
           b1_only: Annotated[bool, typer.Option(help="only the plain PyTorch figure (no stack, no Ray)")] = False,
+          b2_only: Annotated[bool, typer.Option(help="B1 and B2 alone (no loader, probe or DDP rows): to measure "
+                                                     "a knob given with --env")] = False,
+          env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE set before the stack and Ray start, e.g. "
+                                                            "RAY_worker_niceness=15 (repeatable)")] = None,
           repeats: Annotated[int | None, typer.Option(min=1, max=20, help="runs per figure (median)")] = None,
           workers: Annotated[int | None, typer.Option(min=1, max=64, help="Ray Train workers of B2")] = None,
           image_size: Annotated[int | None, typer.Option(min=16, max=512, help="image side in pixels")] = None,
@@ -34,8 +38,25 @@ def speed(ctx: typer.Context,
         return
     from bench.run import main
 
-    raise typer.Exit(main(tiny=tiny, gpu=gpu, compile=compile, b1_only=b1_only, repeats=repeats, workers=workers,
-                          image_size=image_size, home=home, json_path=json))
+    pairs = []
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item[:80]!r}: expected KEY=VALUE", param_hint="--env")
+        pairs.append((key.strip(), value))
+    raise typer.Exit(main(tiny=tiny, gpu=gpu, compile=compile, b1_only=b1_only, b2_only=b2_only, env=tuple(pairs),
+                          repeats=repeats, workers=workers, image_size=image_size, home=home, json_path=json))
+
+
+@app.command("ddp-options")
+def ddp_options(repeats: Annotated[int, typer.Option(min=1, max=20, help="runs per option set")] = 3,
+                home: HomeOpt = None,
+                json: Annotated[Path, typer.Option(help="where to write the rates")] = Path("bench/ddp.json"),
+                ) -> None:
+    """Torch DDP (2 processes x 1 thread, gloo) under each DistributedDataParallel option set, interleaved."""
+    from bench.run import ddp_options_main
+
+    raise typer.Exit(ddp_options_main(repeats, home, json))
 
 
 @app.command()

@@ -17,6 +17,7 @@ check that a tiny setting emits every figure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.ddp import b1_ddp
 from infra.procs import cmdline, cpu_model, descendants, memory_kb
 from infra.settings import STANDARD_VARIABLES
 
@@ -55,6 +57,8 @@ class BenchConfig:
     gpu: bool = False
     compile: bool = False  # also time B1 with torch.compile
     b1_only: bool = False  # no stack, no Ray: the plain PyTorch figure alone (e.g. a bare GPU machine)
+    b2_only: bool = False  # B1 and B2 only (no loader, probe or DDP rows): a knob's effect, measured faster
+    env: tuple[tuple[str, str], ...] = ()  # set before the stack and Ray start, e.g. RAY_worker_niceness=15
 
     @classmethod
     def tiny(cls) -> BenchConfig:
@@ -77,6 +81,9 @@ class Figures:
     b1_compiled_img_s: list[float] = field(default_factory=list)
     b2_img_s: list[float] = field(default_factory=list)
     b2_ddp_img_s: list[float] = field(default_factory=list)  # ddp_workers x 1 CPU
+    b1_ddp_img_s: list[float] = field(default_factory=list)  # torch DDP, ddp_workers processes x 1 thread
+    startup_s: dict[str, list[float]] = field(default_factory=dict)  # segment -> warm runs (STARTUP_SEGMENTS)
+    service_cores: dict[str, list[float]] = field(default_factory=dict)  # group -> cores during B2's steady epochs
     start_to_first_step_s: list[float] = field(default_factory=list)  # warm runs (Ray already up)
     cold_start_to_first_step_s: float | None = None  # the first run, which also starts Ray
     last_step_to_published_s: list[float] = field(default_factory=list)
@@ -94,6 +101,11 @@ class Figures:
             "b1_plain_pytorch_img_s": b1, "b2_headbench_img_s": b2, "b2_over_b1": b2 / b1 if b1 else None,
             "b2_ddp_img_s": med(self.b2_ddp_img_s),
             "b2_ddp_over_b1": med(self.b2_ddp_img_s) / b1 if b1 and self.b2_ddp_img_s else None,
+            "b1_ddp_img_s": med(self.b1_ddp_img_s),
+            "ray_ddp_over_torch_ddp": (med(self.b2_ddp_img_s) / med(self.b1_ddp_img_s)
+                                       if self.b2_ddp_img_s and self.b1_ddp_img_s else None),
+            "startup_breakdown_s": {k: med(v) for k, v in self.startup_s.items()},
+            "service_cores": {k: med(v) for k, v in sorted(self.service_cores.items(), key=lambda kv: -med(kv[1]))},
             "flow_start_to_first_step_s": med(self.start_to_first_step_s),
             "cold_flow_start_to_first_step_s": self.cold_start_to_first_step_s,
             "last_step_to_published_s": med(self.last_step_to_published_s),
@@ -269,12 +281,34 @@ def probe_times(cfg: BenchConfig, train: Any) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------- B2
 
 
+# The start-up of a run, in order: each segment ends at its mark (flow stages, ``infra.timeline`` marks on the
+# driver, and the worker's own clock from the first epoch's row)
+STARTUP_SEGMENTS = (
+    ("data task", "build"), ("build task", "train"), ("MLflow run, params, datasets", "ray-connect"),
+    ("connect to Ray", "ray-connected"), ("placement check, trainer, ray.put", "fit-called"),
+    ("Train controller + worker process spawned", "worker_created_at"),
+    ("worker imports, process group", "worker_entered_at"),
+    ("worker: data from the object store, model, MLflow client", "worker_ready_at"),
+    ("first optimizer step", "first_step_at"),
+)
+
+
+@dataclass
+class B2Run:
+    img_s: float  # steady: median over epochs 2..
+    to_first_step_s: float
+    to_published_s: float  # last optimizer step -> model published and registered
+    startup: dict[str, float]  # segment -> seconds (STARTUP_SEGMENTS)
+    steady_window: tuple[float, float]  # wall clock of the steady epochs (service CPU is measured there)
+
+
 def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int | None = None,
-                cpus_per_worker: int | None = None) -> tuple[float, float, float]:
-    """One `retrain` flow run in this process: (steady img/s, flow start -> first step, last step -> published)."""
+                cpus_per_worker: int | None = None) -> B2Run:
+    """One `retrain` flow run in this process, with its start-up breakdown."""
     from flows import retrain as retrain_module
     from flows.params import RetrainParams
     from flows.stages import listening
+    from infra.timeline import recording
 
     params = RetrainParams(
         limit=int(cfg.train_images / 0.9) + 10, test_limit=200, image_size=cfg.image_size, arch=cfg.arch,
@@ -284,17 +318,98 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
         promote="never")
     marks: dict[str, float] = {}
 
-    def mark(stage: str) -> None:
-        marks.setdefault(stage, time.time())
+    def mark(name: str, at: float | None = None) -> None:
+        marks.setdefault(name, at or time.time())
 
-    with listening(mark):
+    with listening(mark), recording(mark):
         started = time.time()
         result = retrain_module.retrain(params)
     history = result.history
     steady = [row["images_per_second"] for row in history[1:]] or [history[0]["images_per_second"]]
+    first = history[0]
+    marks.update({k: first[k] for k in ("worker_created_at", "worker_entered_at", "worker_ready_at",
+                                        "first_step_at") if k in first})
+    startup, previous = {}, started
+    for label, key in STARTUP_SEGMENTS:
+        if key in marks:
+            startup[label] = marks[key] - previous
+            previous = marks[key]
+    window = (history[1]["last_step_at"] - history[1]["epoch_seconds"] if len(history) > 1 else first["first_step_at"],
+              history[-1]["last_step_at"])
     # "promote" is announced right after the publish task returned: the model is in S3 and registered
-    return (statistics.median(steady), history[0]["first_step_at"] - started,
-            marks["promote"] - history[-1]["last_step_at"])
+    return B2Run(statistics.median(steady), first["first_step_at"] - started,
+                 marks["promote"] - history[-1]["last_step_at"], startup, window)
+
+
+# ------------------------------------------------------------------------------------------- service CPU
+
+
+SERVICE_GROUPS = (  # process -> group, by the first matching word of its command line
+    ("ray::RayTrainWorker", "Ray Train worker (training)"), ("ray::TrainController", "Ray Train controller"),
+    ("ray::", "Ray Train helper actors"), ("gcs_server", "Ray GCS"), ("raylet", "Ray raylet"),
+    ("dashboard/agent.py", "Ray dashboard agent"), ("runtime_env/agent", "Ray runtime-env agent"),
+    ("dashboard", "Ray dashboard"), ("log_monitor", "Ray log monitor"), ("weed", "SeaweedFS S3"),
+    ("mlflow", "MLflow server"), ("prefect worker", "Prefect worker"), ("prefect", "Prefect server"),
+)
+
+
+def service_group(command: str) -> str:
+    return next((group for word, group in SERVICE_GROUPS if word in command), "other")
+
+
+class ServiceCpu:
+    """CPU time of every process of the stack and of this process tree, sampled twice a second, so that
+    what each service took during a window (B2's steady epochs) can be read afterwards, in cores."""
+
+    def __init__(self, stack_home: Path) -> None:
+        self.stack_home = stack_home
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _pids(self) -> set[int]:
+        from infra.procs import group_members
+
+        pids = {os.getpid()} | {p.pid for p in descendants(os.getpid())}
+        for pid_file in (self.stack_home / "pids").glob("*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                pids |= set(group_members(int(pid_file.read_text().strip())))
+        return pids
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.5):
+            now, sample = time.time(), {}
+            for pid in self._pids():
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(pid)
+                    times = proc.cpu_times()
+                    group = "driver (the flow, this process)" if pid == os.getpid() else \
+                        service_group(" ".join(proc.cmdline()))
+                    sample[pid] = (group, times.user + times.system)
+            self.samples.append((now, sample))
+
+    def cores(self, window: tuple[float, float]) -> dict[str, float]:
+        """Cores each group used on average within ``window`` (processes that lived through it)."""
+        inside = [s for s in self.samples if window[0] <= s[0] <= window[1]]
+        if len(inside) < 2:
+            return {}
+        (t0, first), (t1, last) = inside[0], inside[-1]
+        used: dict[str, float] = {}
+        for pid, (group, cpu) in last.items():
+            if pid in first:
+                used[group] = used.get(group, 0.0) + (cpu - first[pid][1]) / (t1 - t0)
+        return used
+
+    @contextmanager
+    def sampling(self) -> Iterator[ServiceCpu]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join()
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -326,6 +441,7 @@ def local_stack(home: Path | None) -> Iterator[Any]:
 
 
 def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] = print) -> Figures:
+    os.environ.update(dict(cfg.env))  # a knob under test: before the stack, Ray or any worker starts
     figures = Figures(machine=machine_facts(cfg), config=asdict(cfg))
     if cfg.b1_only:  # no stack, no Ray
         data = bench_data(cfg, (home or Path(".headbench")) / "cache")
@@ -340,6 +456,10 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
         data = bench_data(cfg, settings.cache_dir)
         log(f"data: {len(data.train)} training images at {cfg.image_size} px; machine {figures.machine}")
         for i in range(cfg.repeats):
+            if cfg.b2_only:
+                figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
+                log(f"[{i + 1}/{cfg.repeats}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
+                continue
             figures.loader_img_s.append(loader_rate(cfg, data.train))
             figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
             log(f"[{i + 1}/{cfg.repeats}] loader {figures.loader_img_s[-1]:.0f} img/s, "
@@ -348,27 +468,34 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
             for i in range(cfg.repeats):
                 figures.b1_compiled_img_s.append(b1_plain(cfg, data.train, data.val, compiled=True))
                 log(f"[{i + 1}/{cfg.repeats}] B1 torch.compile {figures.b1_compiled_img_s[-1]:.1f} img/s")
-        for i in range(cfg.repeats):
+        for i in range(0 if cfg.b2_only else cfg.repeats):
             cached, uncached = probe_times(cfg, data.train)
             figures.probe_cached_s.append(cached)
             figures.probe_uncached_s.append(uncached)
             log(f"[{i + 1}/{cfg.repeats}] linear probe x{cfg.probe_epochs} epochs: cached {cached:.1f} s, "
                 f"uncached {uncached:.1f} s")
-        with WorkerMemory().sampling() as memory:
+        with WorkerMemory().sampling() as memory, ServiceCpu(settings.home).sampling() as cpu:
             for i in range(cfg.repeats + 1):  # the first run also starts Ray: reported apart, as "cold"
-                img_s, to_first, to_published = b2_pipeline(cfg, settings, model_name="bench")
+                b2 = b2_pipeline(cfg, settings, model_name="bench")
                 if i == 0:
-                    figures.cold_start_to_first_step_s = to_first
+                    figures.cold_start_to_first_step_s = b2.to_first_step_s
                 else:
-                    figures.b2_img_s.append(img_s)
-                    figures.start_to_first_step_s.append(to_first)
-                    figures.last_step_to_published_s.append(to_published)
-                log(f"[{'cold' if i == 0 else i}] B2 headbench {img_s:.1f} img/s, flow start -> first step "
-                    f"{to_first:.1f} s, last step -> published {to_published:.1f} s")
-            for i in range(cfg.repeats if cfg.ddp_workers else 0):
-                img_s, _, _ = b2_pipeline(cfg, settings, "bench", workers=cfg.ddp_workers, cpus_per_worker=1)
-                figures.b2_ddp_img_s.append(img_s)
-                log(f"[{i + 1}/{cfg.repeats}] B2 headbench, {cfg.ddp_workers} DDP workers x 1 CPU: {img_s:.1f} img/s")
+                    figures.b2_img_s.append(b2.img_s)
+                    figures.start_to_first_step_s.append(b2.to_first_step_s)
+                    figures.last_step_to_published_s.append(b2.to_published_s)
+                    for label, seconds in b2.startup.items():
+                        figures.startup_s.setdefault(label, []).append(seconds)
+                    for group, cores in cpu.cores(b2.steady_window).items():
+                        figures.service_cores.setdefault(group, []).append(cores)
+                log(f"[{'cold' if i == 0 else i}] B2 headbench {b2.img_s:.1f} img/s, flow start -> first step "
+                    f"{b2.to_first_step_s:.1f} s, last step -> published {b2.to_published_s:.1f} s")
+            for i in range(cfg.repeats if cfg.ddp_workers and not cfg.b2_only else 0):
+                b2 = b2_pipeline(cfg, settings, "bench", workers=cfg.ddp_workers, cpus_per_worker=1)
+                figures.b2_ddp_img_s.append(b2.img_s)
+                figures.b1_ddp_img_s.append(b1_ddp(cfg.arch, cfg.batch_size, cfg.epochs, data.train, data.val,
+                                                   world=cfg.ddp_workers))
+                log(f"[{i + 1}/{cfg.repeats}] {cfg.ddp_workers} DDP workers x 1 CPU: Ray Train {b2.img_s:.1f} img/s, "
+                    f"torch DDP {figures.b1_ddp_img_s[-1]:.1f} img/s")
         figures.worker_peak_rss_mb = [kb / 1024 for kb in memory.peak_rss_kb.values()]
         figures.worker_peak_uss_mb = [kb / 1024 for kb in memory.peak_uss_kb.values()]
         figures.driver_peak_rss_mb = memory_kb(os.getpid())[0] / 1024
@@ -388,16 +515,19 @@ def table(figures: Figures) -> str:
         ("B2 / B1", fmt(s["b2_over_b1"], "", 3), "goal >= 0.95"),
         (f"B2 with {c['ddp_workers']} DDP workers x 1 CPU", fmt(s["b2_ddp_img_s"], " img/s"),
          f"{fmt(s['b2_ddp_over_b1'], '', 3)} of B1 (gradient all-reduce on the same cores)"),
+        (f"B1-DDP: torch DDP, {c['ddp_workers']} processes x 1 thread, gloo", fmt(s["b1_ddp_img_s"], " img/s"),
+         "the same loop, batch and data"),
+        ("Ray Train DDP / torch DDP", fmt(s["ray_ddp_over_torch_ddp"], "", 3), "goal >= 0.95"),
         ("flow start -> first optimizer step", fmt(s["flow_start_to_first_step_s"], " s"),
-         f"goal <= 10 s (cold, starting Ray: {fmt(s['cold_flow_start_to_first_step_s'], ' s')})"),
+         f"goal <= 6 s (cold, starting Ray: {fmt(s['cold_flow_start_to_first_step_s'], ' s')})"),
         ("last step -> model published", fmt(s["last_step_to_published_s"], " s"), "goal <= 10 s"),
         (f"linear probe x{c['probe_epochs']} epochs, cached / uncached",
          f"{fmt(s['probe_cached_s'], ' s')} / {fmt(s['probe_uncached_s'], ' s')}",
          f"speed-up {fmt(s['probe_speedup'], 'x')} (goal >= 5x)"),
         ("data loader alone", fmt(s["loader_img_s"], " img/s", 0),
          f"{fmt(s['loader_over_training'], 'x')} training (goal >= 5x)"),
-        ("peak memory per Ray worker", f"{fmt(s['worker_peak_rss_mb'], ' MB', 0)} RSS",
-         f"{fmt(s['worker_peak_uss_mb'], ' MB', 0)} USS (goal RSS <= 1024 MB)"),
+        ("peak memory per Ray worker", f"{fmt(s['worker_peak_uss_mb'], ' MB', 0)} USS",
+         f"goal USS <= 1000 MB; {fmt(s['worker_peak_rss_mb'], ' MB', 0)} RSS (shared libraries included)"),
         ("peak memory of the driver", fmt(s["driver_peak_rss_mb"], " MB", 0), "RSS"),
     ]
     if "b1_compiled_img_s" in s:
@@ -406,6 +536,10 @@ def table(figures: Figures) -> str:
         if key in s:
             rows.append((f"{key.split('_')[0].upper()} share of the bf16 FLOP limit", fmt(100 * s[key], " %"),
                          f"{RESNET18_TRAIN_GFLOP_224} GFLOP/img at 224 px"))
+    rows += [(f"  start-up: {label}", fmt(seconds, " s", 2), "") for label, seconds in
+             s["startup_breakdown_s"].items()]
+    rows += [(f"  B2 steady epochs: {group}", fmt(cores, " cores", 2), "") for group, cores in
+             s["service_cores"].items()]
     width = max(len(r[0]) for r in rows)
     head = (f"headbench bench: {c['arch']} {c['image_size']} px, batch {c['batch_size']}, {c['train_images']} "
             f"images/epoch, median of {c['repeats']}; {m.get('cores')} cores ({m.get('cpu')}), torch "
@@ -415,12 +549,13 @@ def table(figures: Figures) -> str:
 
 
 def main(*, tiny: bool = False, gpu: bool = False, compile: bool = False, b1_only: bool = False,
-         repeats: int | None = None, workers: int | None = None, image_size: int | None = None,
+         b2_only: bool = False, env: tuple[tuple[str, str], ...] = (), repeats: int | None = None,
+         workers: int | None = None, image_size: int | None = None,
          home: Path | None = None, json_path: Path = Path("bench/results.json")) -> int:
     """`headbench bench`: run, print the table, write the figures as JSON."""
     cfg = BenchConfig.tiny() if tiny else BenchConfig.gpu_default() if gpu else BenchConfig()
     overrides = {"repeats": repeats, "workers": workers, "image_size": image_size, "compile": compile or None,
-                 "b1_only": b1_only or None}
+                 "b1_only": b1_only or None, "b2_only": b2_only or None, "env": env or None}
     cfg = BenchConfig(**(asdict(cfg) | {k: v for k, v in overrides.items() if v is not None}))
     started = time.perf_counter()
     figures = run(cfg, home or (Path(os.environ["HEADBENCH_HOME"]) if "HEADBENCH_HOME" in os.environ else None))
@@ -429,4 +564,20 @@ def main(*, tiny: bool = False, gpu: bool = False, compile: bool = False, b1_onl
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2))
     print(f"figures: {json_path} (bench took {result['seconds']:.0f} s)")
+    return 0
+
+
+def ddp_options_main(repeats: int, home: Path | None, json_path: Path) -> int:
+    """`headbench bench ddp-options`: torch DDP 2 x 1 under each DDP option set, interleaved."""
+    from bench.ddp import compare_options
+
+    cfg = BenchConfig()
+    data = bench_data(cfg, (home or Path(".headbench")) / "cache")
+    rates = compare_options(cfg.arch, cfg.batch_size, cfg.epochs, data.train, data.val, repeats)
+    base = statistics.median(rates["default"])
+    for name, values in rates.items():
+        print(f"{name:<28} {statistics.median(values):7.1f} img/s  {statistics.median(values) / base:.3f} of default  "
+              f"(runs: {', '.join(f'{v:.1f}' for v in values)})")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(rates, indent=2))
     return 0

@@ -35,10 +35,23 @@ if TYPE_CHECKING:
 # Ray maps 127.0.0.1 to the machine's routable address unless told this is a single-host setup; this is
 # Ray's own switch for that (named for desktop OSes), and keeps every Ray socket on the loopback interface.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+# Training, read by each raylet when it starts and by Train's controller (docs/performance.md has what each
+# cost): Ray starts worker processes at nice 15 so they yield to its daemons, but a training worker is what
+# the machine is for; at nice 15 every service on a small box preempted it. The controller polls its
+# workers every 2 s by default, so a run waited up to that long to see its workers start and end.
+TRAINING_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
+# Only where the cluster is this machine: Train's preemption watcher (an actor that polls Ray's node drain
+# state every 5 s, for spot instances) has no preemption to watch for, and its process boots beside the
+# training worker.
+LOCAL_TRAINING_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # Node launchers: no SIGTERM drain. It exists so Ray Serve can quiesce proxies; headbench runs no Serve, and
 # a drain would hold `down` for 30 s on a head that hosts Train's helper actors.
-NODE_ENV = LOOPBACK_ENV | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+NODE_ENV = LOOPBACK_ENV | TRAINING_ENV | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 NODE_RESOURCE = "headbench_node_{}"  # one unit on node i (0 = head)
+# The stack's driver node: no CPUs, so no training worker lands there; the processes that start runs on this
+# host (`headbench run`, the Prefect worker's flow runs) attach to it, and Train's controller, which Ray
+# puts on the driver's node, runs there too (what a Prefect worker container is on a real cluster).
+DRIVER_RESOURCE = "headbench_driver"
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 
 
@@ -61,11 +74,11 @@ class PortPicker:
         return start, start + WORKER_PORTS - 1
 
 
-def _node_flags(index: int, cpus: int, ports: PortPicker) -> list[str]:
+def _node_flags(resource: str, cpus: int, ports: PortPicker) -> list[str]:
     """Flags every node takes: its IP, CPUs, marker resource and every port it listens on."""
     low, high = ports.worker_range()
     return [f"--node-ip-address={HOST}", f"--num-cpus={cpus}", "--num-gpus=0",
-            f"--resources={json.dumps({NODE_RESOURCE.format(index): 1})}",
+            f"--resources={json.dumps({resource: 1})}",
             f"--node-manager-port={ports.port()}", f"--object-manager-port={ports.port()}",
             f"--dashboard-agent-listen-port={ports.port()}", f"--dashboard-agent-grpc-port={ports.port()}",
             f"--runtime-env-agent-port={ports.port()}", f"--metrics-export-port={ports.port()}",
@@ -77,17 +90,25 @@ def head_argv(gcs: int, dashboard: int, cpus: int, temp_dir: Path, ports: PortPi
     ports.taken |= {gcs, dashboard}
     return [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--include-dashboard=true",
             f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={ports.port()}", f"--temp-dir={temp_dir}", *_node_flags(0, cpus, ports)]
+            f"--ray-client-server-port={ports.port()}", f"--temp-dir={temp_dir}",
+            *_node_flags(NODE_RESOURCE.format(0), cpus, ports)]
 
 
 def node_argv(address: str, index: int, cpus: int, ports: PortPicker) -> list[str]:
     """``ray start --address`` for worker node ``index`` (>= 1) of the cluster whose GCS is ``address``."""
     return [sys.executable, "-m", "infra.ray_cluster", "start", f"--address={address}",
-            *_node_flags(index, cpus, ports)]
+            *_node_flags(NODE_RESOURCE.format(index), cpus, ports)]
 
 
-def alive_nodes(dashboard_url: str, timeout: float = 3.0) -> dict[int, str]:
-    """{node index: node id} of the ALIVE nodes carrying a ``headbench_node_<i>`` resource, read from the
+def driver_node_argv(address: str, temp_dir: Path, ports: PortPicker) -> list[str]:
+    """``ray start --address --num-cpus=0`` for the driver node, with a temp dir of its own: a driver picks its
+    local node by temp dir when several share the host (``init_ray``, ``HEADBENCH_RAY_TEMP_DIR``)."""
+    return [sys.executable, "-m", "infra.ray_cluster", "start", f"--address={address}", f"--temp-dir={temp_dir}",
+            *_node_flags(DRIVER_RESOURCE, 0, ports)]
+
+
+def alive_node_resources(dashboard_url: str, timeout: float = 3.0) -> dict[str, str]:
+    """{marker resource: node id} of the ALIVE nodes carrying a ``headbench_*`` resource, read from the
     dashboard's state API ({} while it does not answer)."""
     import urllib.error
     import urllib.request
@@ -98,14 +119,15 @@ def alive_nodes(dashboard_url: str, timeout: float = 3.0) -> dict[int, str]:
             rows = json.loads(resp.read())["data"]["result"]["result"]
     except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
         return {}
-    found, prefix = {}, NODE_RESOURCE.format("")
-    for row in rows:
-        if row.get("state") != "ALIVE":
-            continue
-        for name in row.get("resources_total", {}):
-            if name.startswith(prefix) and name[len(prefix):].isdigit():
-                found[int(name[len(prefix):])] = row["node_id"]
-    return found
+    return {name: row["node_id"] for row in rows if row.get("state") == "ALIVE"
+            for name in row.get("resources_total", {}) if name.startswith("headbench_")}
+
+
+def alive_nodes(dashboard_url: str, timeout: float = 3.0) -> dict[int, str]:
+    """{node index: node id} of the ALIVE nodes carrying a ``headbench_node_<i>`` resource."""
+    prefix = NODE_RESOURCE.format("")
+    return {int(name[len(prefix):]): node for name, node in alive_node_resources(dashboard_url, timeout).items()
+            if name.startswith(prefix) and name[len(prefix):].isdigit()}
 
 
 @dataclass(frozen=True)
@@ -120,6 +142,9 @@ class RayCluster:
     def node_ids(self) -> dict[int, str]:
         return alive_nodes(self.dashboard_url)
 
+    def driver_node_id(self) -> str | None:
+        return alive_node_resources(self.dashboard_url).get(DRIVER_RESOURCE)
+
 
 class PlacementError(HeadbenchError):
     """A resource request the Ray cluster can never hold (Ray itself would wait for it forever)."""
@@ -128,9 +153,10 @@ class PlacementError(HeadbenchError):
 def init_ray(settings: Settings) -> None:
     """Connect to ``RAY_ADDRESS`` when set, else start a private local instance bound to 127.0.0.1
     (never attach to a cluster by accident, never listen on other interfaces)."""
-    if not settings.ray_address or settings.ray_address.split(":")[0] in ("127.0.0.1", "localhost"):
-        for key, value in LOOPBACK_ENV.items():  # read by ray at import time: set before importing it
-            os.environ.setdefault(key, value)
+    local = not settings.ray_address or settings.ray_address.split(":")[0] in ("127.0.0.1", "localhost")
+    # read by ray at import time, by a private Ray's raylet and by Train's controller: set before all three
+    for key, value in (LOOPBACK_ENV | LOCAL_TRAINING_ENV | TRAINING_ENV if local else TRAINING_ENV).items():
+        os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
@@ -138,7 +164,10 @@ def init_ray(settings: Settings) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     settings.export_env()  # a private Ray's workers inherit this environment: their S3 credentials included
     if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=settings.ray_logs, logging_level="WARNING")
+        # several nodes on this host (the stack's cluster): attach to the one whose temp dir is named, the
+        # driver node; otherwise Ray picks the head
+        ray.init(address=settings.ray_address, log_to_driver=settings.ray_logs, logging_level="WARNING",
+                 _temp_dir=str(settings.ray_temp_dir) if settings.ray_temp_dir else None)
     else:
         # The dashboard process serves Ray's state API, which Train V2's placement-group cleaner (and the
         # fault-injection tests) query; it binds 127.0.0.1 only.
@@ -153,10 +182,11 @@ def cluster_node_cpus(settings: Settings) -> list[int]:
 
 
 def node_cpus() -> list[int]:
-    """CPUs of each alive node of the cluster this process is connected to."""
+    """CPUs of each alive node of the cluster this process is connected to that has any (a 0-CPU driver
+    node never holds a training worker)."""
     import ray
 
-    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return [cpus for n in ray.nodes() if n.get("Alive") and (cpus := int(n["Resources"].get("CPU", 0)))]
 
 
 def node_gpus() -> list[int]:

@@ -22,6 +22,7 @@ from infra.ray_cluster import check_gpus, check_placement, cluster_node_cpus, ev
 from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
 from infra.s3 import ray_storage
 from infra.settings import Settings
+from infra.timeline import mark
 from models import parse_strategy
 from models.data import ArraySplit
 from models.loop import check_batch_split
@@ -98,7 +99,9 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
         check_batch_split(cfg.batch_size, cfg.workers, len(train))
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
+    mark("ray-connect")
     nodes = cluster_node_cpus(settings)  # starts or joins Ray before anything imports it
+    mark("ray-connected")
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -119,6 +122,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
+    mark("fit-called")
     try:
         result = fit_interruptibly(trainer)
     except Exception as exc:

@@ -11,6 +11,7 @@ checkpoints (the shape of Ray's Fashion-MNIST Train example).
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ from typing import Any
 import torch
 
 from models import build_model, parse_strategy
-from models.loop import NOT_METRICS, EpochEnd, FitConfig, FitHooks, FitState, fit
+from models.loop import DDP_OPTIONS, NOT_METRICS, EpochEnd, FitConfig, FitHooks, FitState, fit
 from models.weights import WEIGHTS_FILE, headbench_keys, save_state_dict
 
 TRAIN_STATE = "train_state.pt"
 BEST_WEIGHTS_FILE = "best.safetensors"
+STARTUP_KEYS = {"worker_created_at", "worker_entered_at", "worker_ready_at"}  # wall clock, in the first row
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ def _epoch_line(row: dict[str, float], epochs: int, phase: str) -> str:
 def log_epochs(tracker: Any, rows: list[dict[str, float]]) -> None:
     """Per-epoch metrics to MLflow, step = epoch (rank 0)."""
     for row in rows:
-        tracker.log_metrics({k: v for k, v in row.items() if k not in NOT_METRICS}, step=int(row["epoch"]))
+        tracker.log_metrics({k: v for k, v in row.items() if k not in NOT_METRICS | STARTUP_KEYS},
+                            step=int(row["epoch"]))
 
 
 def save_checkpoint(end: EpochEnd, directory: Path) -> None:
@@ -98,6 +101,8 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], FitState]
 
 def train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: ``fit`` with Ray's rank, DDP, reports and per-epoch checkpoints."""
+    entered_at = time.time()
+    import psutil
     import ray
     import ray.train
     import ray.train.torch
@@ -139,7 +144,15 @@ def train_worker(config: dict[str, Any]) -> None:
     lines = [_epoch_line(row, cfg.epochs, f"phase {int(row.get('phase', 1))}") for row in resume.history] if resume \
         else []
 
+    # when this worker process started, entered this function and was ready to train: the bench's start-up
+    # breakdown reads them from the first epoch's row (not MLflow metrics)
+    startup = {"worker_created_at": psutil.Process().create_time(), "worker_entered_at": entered_at,
+               "worker_ready_at": time.time()}
+
     def on_epoch(end: EpochEnd) -> None:
+        if startup:
+            end.row.update(startup)
+            startup.clear()
         if tracker is None:
             ray.train.report(end.row, checkpoint=None)
             return
@@ -157,7 +170,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     hooks = FitHooks(
         rank=rank, world=world, device=device, on_epoch=on_epoch, resume=resume,
-        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False,
+                                                           parallel_strategy_kwargs=DDP_OPTIONS),
         wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
         autocast_dtype=torch.bfloat16 if on_gpu else None, channels_last=on_gpu, pin_memory=on_gpu)
     fit(model, cfg.fit_config(world), train_split, val_split, hooks)

@@ -19,7 +19,7 @@ DEFAULT_HOME = Path(".headbench")
 # Every variable ``standard_env`` may export: what a process clears before it points itself at one stack
 STANDARD_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING",
-                      "RAY_ADDRESS")
+                      "RAY_ADDRESS", "HEADBENCH_RAY_TEMP_DIR")
 
 
 class StackPorts(BaseSettings):
@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         None, validation_alias="PREFECT_API_AUTH_STRING",
         description="the Prefect server's basic-auth string (`headbench up` generates one per stack)")
     ray_address: str | None = Field(None, validation_alias="RAY_ADDRESS")
+    ray_temp_dir: Path | None = Field(None, validation_alias="HEADBENCH_RAY_TEMP_DIR",
+                                      description="with RAY_ADDRESS: attach to the node on this host started with "
+                                      "this --temp-dir (the stack's 0-CPU driver node) when several share it")
     ray_logs: bool = Field(False, validation_alias="HEADBENCH_RAY_LOGS",
                            description="forward Ray's worker and actor output to the driver (`--verbose`); off, "
                            "progress comes from MLflow and the logs stay in MLflow, Prefect and Ray's log files")
@@ -86,6 +89,13 @@ class Settings(BaseSettings):
                            description="Prefect process work pool the deployments use and the local worker polls")
     data_cache: Path | None = Field(None, validation_alias="HEADBENCH_DATA_CACHE",
                                     description="local dataset cache (default: $HEADBENCH_HOME/cache)")
+    dataset_mirror: str | None = Field(None, validation_alias="HEADBENCH_DATASET_MIRROR",
+                                       description="base URL that replaces the upstream hosts of named datasets: "
+                                       "their files are fetched from <mirror>/<dataset>/<file> (an offline site's "
+                                       "own copy)")
+    archive_member_limit_mb: float = Field(2048.0, gt=0, validation_alias="HEADBENCH_ARCHIVE_MEMBER_LIMIT_MB",
+                                           description="largest file a dataset archive may hold, MB (a larger "
+                                           "member is refused by name)")
     cache_limit_gb: float = Field(20.0, ge=0, validation_alias="HEADBENCH_CACHE_LIMIT_GB",
                                   description="size cap of the cache's ImageFolder mirrors and weight copies, "
                                   "least recently used removed first after each download (`headbench gc`)")
@@ -116,6 +126,7 @@ class Settings(BaseSettings):
             "PREFECT_API_AUTH_STRING": (self.prefect_api_auth_string.get_secret_value()
                                         if self.prefect_api_auth_string else None),
             "RAY_ADDRESS": self.ray_address,
+            "HEADBENCH_RAY_TEMP_DIR": str(self.ray_temp_dir) if self.ray_temp_dir else None,
         }
         return {k: v for k, v in values.items() if v}
 

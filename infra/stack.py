@@ -28,7 +28,17 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from infra.errors import HeadbenchError
 from infra.procs import BIN, HOST, free_port, pid_alive, port_taken, stop_group
-from infra.ray_cluster import NODE_ENV, PortPicker, RayCluster, alive_nodes, head_argv, node_argv
+from infra.ray_cluster import (
+    DRIVER_RESOURCE,
+    NODE_ENV,
+    PortPicker,
+    RayCluster,
+    alive_node_resources,
+    alive_nodes,
+    driver_node_argv,
+    head_argv,
+    node_argv,
+)
 from infra.settings import Settings, StackPorts
 
 __all__ = ["HOST", "LocalStack", "StackError", "free_port", "free_ports", "http_ok", "parse_node_cpus",
@@ -138,8 +148,10 @@ class LocalStack:
             raise StackError(f"--ray-nodes {self.ray_nodes} is out of range; allowed: 0 (a private Ray per run) "
                              f"to {MAX_RAY_NODES}")
         # one CPU count per node, or None: the machine's CPUs shared evenly
-        self.ray_cpus_option = parse_node_cpus(ray_cpus if ray_cpus is not None else saved.get("ray_cpus"),
-                                               self.ray_nodes)
+        # the saved per-node counts belong to the saved cluster shape: another --ray-nodes starts from even shares
+        same_shape = ray_nodes is None or ray_nodes == saved.get("ray_nodes", 0)
+        self.ray_cpus_option = parse_node_cpus(ray_cpus if ray_cpus is not None else
+                                               saved.get("ray_cpus") if same_shape else None, self.ray_nodes)
         even = max(1, (os.cpu_count() or 1) // max(1, self.ray_nodes))
         self.ray_node_cpus = self.ray_cpus_option or [even] * max(1, self.ray_nodes)
 
@@ -215,7 +227,9 @@ class LocalStack:
     def standard_env(self) -> dict[str, str]:
         """What the env file exports: the standard variable of each tool, pointing at this stack."""
         assert self.access_key and self.secret_key
-        return ({"RAY_ADDRESS": self.ray_address} if self.ray_address else {}) | {
+        ray = {"RAY_ADDRESS": self.ray_address, "HEADBENCH_RAY_TEMP_DIR": str(self.ray_temp_dirs[1])} \
+            if self.ray_address else {}
+        return ray | {
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
             "AWS_ENDPOINT_URL_S3": self.s3_url,
@@ -298,16 +312,23 @@ class LocalStack:
             env["RAY_ADDRESS"] = foreign  # a Ray cluster named when the stack came up is where runs train
         return env
 
+    @property
+    def ray_temp_dirs(self) -> tuple[Path, Path]:
+        """Temp dirs of the cluster's nodes and of its driver node. Ray's unix sockets live under them, and a
+        socket path must stay under 108 bytes."""
+        base = self.home / "ray"
+        if len(str(base)) > 44:
+            base = Path(tempfile.gettempdir()) / f"hbray-{self.ports.ray_gcs}"
+        return base, base.with_name(base.name + "-d")
+
     def ray_services(self) -> list[ServiceSpec]:
-        """The Ray head and its worker nodes (``infra.ray_cluster``), every port picked clear of the stack's."""
+        """The Ray head, its worker nodes and the 0-CPU driver node (``infra.ray_cluster``), every port picked
+        clear of the stack's."""
         if not self.ray_nodes:
             return []
         picker = PortPicker(set(self.ports.all().values()))
         dashboard = self.ray_dashboard_url
-        # Ray's unix sockets live under its temp dir, and a socket path must stay under 108 bytes
-        temp_dir = self.home / "ray"
-        if len(str(temp_dir)) > 48:
-            temp_dir = Path(tempfile.gettempdir()) / f"hbray-{self.ports.ray_gcs}"
+        temp_dir, driver_temp_dir = self.ray_temp_dirs
         # S3 credentials reach Ray's workers through their environment, inherited from the node: Ray's
         # checkpoint filesystem is pickled without them (infra.s3.ray_storage)
         env = NODE_ENV | {"AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or "",
@@ -322,6 +343,9 @@ class LocalStack:
                                      dict(env), functools.partial(lambda i: i in alive_nodes(dashboard),
                                                                            index),
                                      dashboard, "infra.ray_cluster", leader_first=True))
+        specs.append(ServiceSpec("ray-driver", driver_node_argv(self.ray_gcs_address, driver_temp_dir, picker),
+                                 dict(env), lambda: DRIVER_RESOURCE in alive_node_resources(dashboard), dashboard,
+                                 "infra.ray_cluster", leader_first=True))
         return specs
 
     def services(self) -> list[ServiceSpec]:

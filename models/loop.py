@@ -353,6 +353,12 @@ class FitResult:
     stopped_early: bool
 
 
+# DistributedDataParallel options of every data-parallel runner (Ray Train's workers, the bench's torch DDP
+# baseline). gradient_as_bucket_view: gradients are views into the all-reduce buckets, not a second copy of
+# every gradient (a model's worth of memory less per worker); no option changed the speed beyond the noise
+# on CPU (`headbench bench ddp-options`, docs/performance.md).
+DDP_OPTIONS: dict[str, Any] = {"gradient_as_bucket_view": True}
+
 PROBE_BN_BATCHES = 20  # batches that estimate target BN statistics before a frozen phase (at least)
 NOT_METRICS = {"epoch", "first_step_at", "last_step_at"}  # history columns that are not MLflow metrics
 

@@ -90,13 +90,22 @@ def ray_cluster(stack: Stack) -> RayCluster:
     return cluster
 
 
-def train_worker_nodes(cluster: RayCluster, tracking_uri: str, run_id: str) -> set[str]:
-    """Node ids of the RayTrainWorker actors of one MLflow run's training, from Ray's state API: the run's
-    `ray.job_id` tag names the driver's job, whose actors Ray keeps listing after they exit."""
+def train_actor_nodes(cluster: RayCluster, tracking_uri: str, run_id: str) -> dict[str, set[str]]:
+    """{actor class: node ids} of the Ray Train actors of one MLflow run's training (RayTrainWorker,
+    TrainController...), from Ray's state API: the run's `ray.job_id` tag names the driver's job, whose actors
+    Ray keeps listing after they exit."""
     from mlflow.tracking import MlflowClient
     from ray.util.state import list_actors
 
     job_id = MlflowClient(tracking_uri).get_run(run_id).data.tags["ray.job_id"]
     actors = list_actors(address=cluster.dashboard_url, limit=1000, detail=True, raise_on_missing_output=False,
-                         filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)])
-    return {a.node_id for a in actors}
+                         filters=[("job_id", "=", job_id)])
+    nodes: dict[str, set[str]] = {}
+    for actor in actors:
+        nodes.setdefault(actor.class_name, set()).add(actor.node_id)
+    return nodes
+
+
+def train_worker_nodes(cluster: RayCluster, tracking_uri: str, run_id: str) -> set[str]:
+    """Node ids of the RayTrainWorker actors of one MLflow run's training."""
+    return train_actor_nodes(cluster, tracking_uri, run_id).get("RayTrainWorker", set())

@@ -19,12 +19,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from flows.deploy import PROJECT_ROOT
-from infra.datasets import load_fashion_mnist
+from infra.catalogue import load_fashion_mnist
 from infra.prefect_api import prefect_http
 from infra.ray_cluster import RayCluster
 from infra.s3 import s3_client, split_uri
 from models.strategies import all_strategies
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, train_actor_nodes
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -194,6 +194,11 @@ def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster:
     assert pointer["prefect.flow_run_id"] == first["id"]
     champion_score = float(tags["challenger_score"])
     assert champion_score > 0.6, "the good run should be clearly better than chance (1/3)"
+    # the worker's flow run attached to the stack's 0-CPU driver node (what a worker container that ran
+    # `ray start --num-cpus=0` is): Train's controller ran there, the training workers on the CPU nodes
+    nodes = train_actor_nodes(ray_cluster, stack.settings.mlflow_tracking_uri, run.info.run_id)
+    assert nodes["TrainController"] == {ray_cluster.driver_node_id()}
+    assert nodes["RayTrainWorker"] and nodes["RayTrainWorker"] <= set(ray_cluster.node_ids().values())
 
     with api(stack) as client:
         artifacts = client.post("/artifacts/filter", json={

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from infra.procs import LOOPBACK_IPS, group_members, listening
 from infra.ray_cluster import RayCluster
-from tests.integration.conftest import Stack, train_worker_nodes
+from tests.integration.conftest import Stack, train_actor_nodes
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 
@@ -19,7 +19,7 @@ HEADBENCH = str(Path(sys.executable).parent / "headbench")
 def test_two_raylets_with_their_own_node_ids_all_on_loopback(ray_cluster: RayCluster) -> None:
     nodes = ray_cluster.node_ids()
     assert sorted(nodes) == [0, 1] and len(set(nodes.values())) == 2
-    assert len(ray_cluster.launcher_pids) == 2
+    assert len(ray_cluster.launcher_pids) == 3  # head, worker node, driver node
     for pid in ray_cluster.launcher_pids:  # each node launcher leads the process group of its node
         addresses = listening(group_members(pid))
         assert addresses, pid
@@ -35,5 +35,7 @@ def test_pack_keeps_both_workers_on_the_node_that_holds_them(stack: Stack, ray_c
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_id = re.search(r"MLflow run : \S+/runs/(\w+)", done.stdout)
     assert run_id and stack.settings.mlflow_tracking_uri
-    nodes = train_worker_nodes(ray_cluster, stack.settings.mlflow_tracking_uri, run_id.group(1))
-    assert nodes == {ray_cluster.node_ids()[0]}  # only the 2-CPU head can hold both 1-CPU bundles
+    nodes = train_actor_nodes(ray_cluster, stack.settings.mlflow_tracking_uri, run_id.group(1))
+    assert nodes["RayTrainWorker"] == {ray_cluster.node_ids()[0]}  # only the 2-CPU head holds both 1-CPU bundles
+    # the CLI's driver attached to the 0-CPU driver node, so Train's controller ran there and no worker did
+    assert nodes["TrainController"] == {ray_cluster.driver_node_id()}

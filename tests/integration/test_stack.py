@@ -22,7 +22,7 @@ def _listening(pid_group: int) -> list[tuple[str, int]]:
 
 
 SERVICES = {"s3": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "worker", "ray-head": "--head",
-            "ray-node-1": "infra.ray_cluster"}  # service -> a word of its command line
+            "ray-node-1": "infra.ray_cluster", "ray-driver": "infra.ray_cluster"}  # service -> a word of its argv
 
 
 def test_up_status_down_lifecycle(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
         assert f"MLflow UI  : http://127.0.0.1:{env['HEADBENCH_PORT_MLFLOW']}" in first.stdout
         assert f"Prefect UI : http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}" in first.stdout
         again = cli("up")  # remembers --ray-nodes
-        assert again.returncode == 0 and again.stdout.count("already running") == 6, again.stdout
+        assert again.returncode == 0 and again.stdout.count("already running") == 7, again.stdout
         nodes = alive_nodes(f"http://127.0.0.1:{dashboard}")
         assert sorted(nodes) == [0, 1] and len(set(nodes.values())) == 2  # two raylets, two node ids
 
@@ -52,10 +52,10 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
         assert exported["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{env['HEADBENCH_PORT_S3']}"
         assert exported["PREFECT_API_URL"] == f"http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}/api"
         assert {"MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= exported.keys()
-        assert exported["RAY_ADDRESS"] == f"127.0.0.1:{gcs}"
+        assert exported["RAY_ADDRESS"] == f"127.0.0.1:{gcs}" and exported["HEADBENCH_RAY_TEMP_DIR"]
 
         status = cli("status")
-        assert status.returncode == 0 and status.stdout.count("healthy") == 6, status.stdout
+        assert status.returncode == 0 and status.stdout.count("healthy") == 7, status.stdout
 
         pids = {name: int((tmp_path / "pids" / f"{name}.pid").read_text()) for name in SERVICES}
         for name, pid in pids.items():
@@ -64,10 +64,11 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
             assert all(ip in LOOPBACK_IPS for ip, _ in addresses), (name, addresses)
     finally:
         down = cli("down")
-    # the worker first, then Ray's worker node before the head that holds its GCS
-    assert down.returncode == 0 and "stopped: worker, ray-node-1, ray-head, prefect, mlflow, s3" in down.stdout
+    # the worker first, then Ray's driver and worker nodes before the head that holds its GCS
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped: worker, ray-driver, ray-node-1, ray-head, prefect, mlflow, s3" in down.stdout
     for name, pid in pids.items():
         assert not pid_alive(pid, SERVICES[name]), name
         assert _listening(pid) == []
     after = cli("status")
-    assert after.returncode == 3 and after.stdout.count("stopped") == 6
+    assert after.returncode == 3 and after.stdout.count("stopped") == 7

@@ -53,6 +53,12 @@ def test_compose_variables_ports_and_commands_agree_with_the_code() -> None:
     assert published["prefect-server"] == defaults.prefect
     worker = services["prefect-worker"]["command"]
     pool = Settings.model_fields["work_pool"].default
+    # the worker container is a 0-CPU Ray node: its flow runs' drivers find a local raylet (a Ray 2.60 driver
+    # given host:port needs one); the script joins, then runs the worker
+    assert worker[0] == "infra/docker/as-ray-node.sh" and (ROOT / worker[0]).stat().st_mode & 0o111
+    script = (ROOT / worker[0]).read_text()
+    assert 'ray start --address="$RAY_ADDRESS" --num-cpus=0 --num-gpus=0' in script and 'exec "$@"' in script
+    worker = worker[1:]
     assert worker[:3] == ["prefect", "worker", "start"] and worker[worker.index("--pool") + 1] == pool
     assert worker[worker.index("--type") + 1] == "process"
     env = _env(services["prefect-worker"])
@@ -101,4 +107,6 @@ def test_kubernetes_manifests_agree_with_the_code() -> None:
     assert config["data"]["RAY_ADDRESS"].startswith(f"{RAY_CLUSTER['metadata']['name']}-head-svc")
     job = WORK_POOL["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert {next(iter(ref.values()))["name"] for ref in job["envFrom"]} == refs
+    # a flow-run pod joins the cluster as a 0-CPU node, then runs the flow command Prefect gives it
+    assert job["command"] == ["/opt/headbench/infra/docker/as-ray-node.sh"] and job["args"] == "{{ command }}"
     assert set(WORK_POOL["variables"]["properties"]) >= {"image", "env", "namespace", "command"}

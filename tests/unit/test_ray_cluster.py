@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from infra.ray_cluster import (
+    DRIVER_RESOURCE,
     NODE_RESOURCE,
     PlacementError,
     PortPicker,
     check_placement,
+    driver_node_argv,
     even_share,
     head_argv,
     node_argv,
@@ -42,6 +44,8 @@ def test_nodes_get_distinct_ports_marker_resources_and_loopback() -> None:
     picker = PortPicker()
     head = head_argv(41000, 41001, 2, Path("hbray"), picker)
     nodes = [node_argv("127.0.0.1:41000", i, 1, picker) for i in (1, 2)]
+    driver = driver_node_argv("127.0.0.1:41000", Path("hbray-d"), picker)
+    nodes.append(driver)
     ports: list[int] = []
     for argv in (head, *nodes):
         flags = dict(a.removeprefix("--").split("=", 1) for a in argv if a.startswith("--") and "=" in a)
@@ -52,6 +56,7 @@ def test_nodes_get_distinct_ports_marker_resources_and_loopback() -> None:
     assert len(ports) == len(set(ports))  # no two nodes (or worker ranges) share a port
     assert NODE_RESOURCE.format(0) in " ".join(head) and NODE_RESOURCE.format(2) in " ".join(nodes[1])
     assert "--head" in head and all("--address=127.0.0.1:41000" in n for n in nodes)
+    assert {"--num-cpus=0", "--temp-dir=hbray-d", f'--resources={{"{DRIVER_RESOURCE}": 1}}'} <= set(driver)
 
 
 @pytest.mark.parametrize("workers, nodes, share", [

@@ -37,8 +37,9 @@ def test_cpus_per_node_one_for_all_or_one_each_head_first(tmp_path: Path) -> Non
     for option, expected in (("2,1", [2, 1]), ("3", [3, 3]), ([1, 2], [1, 2])):
         stack = LocalStack(load_settings(tmp_path), free_ports(), ray_nodes=2, ray_cpus=option)
         assert stack.ray_node_cpus == expected
-        head, node = stack.ray_services()
+        head, node, driver = stack.ray_services()
         assert f"--num-cpus={expected[0]}" in head.argv and f"--num-cpus={expected[1]}" in node.argv
+        assert "--num-cpus=0" in driver.argv  # the driver node holds no training worker
 
 
 def test_cluster_shape_defaults_to_an_even_share_and_exports_ray_address(tmp_path: Path) -> None:
@@ -47,13 +48,32 @@ def test_cluster_shape_defaults_to_an_even_share_and_exports_ray_address(tmp_pat
 
     stack = LocalStack(load_settings(tmp_path), free_ports(), ray_nodes=2)
     assert stack.ray_node_cpus == [max(1, (os.cpu_count() or 1) // 2)] * 2
-    assert [s.name for s in stack.services()][-3:] == ["ray-head", "ray-node-1", "worker"]
+    assert [s.name for s in stack.services()][-4:] == ["ray-head", "ray-node-1", "ray-driver", "worker"]
     plain = LocalStack(load_settings(tmp_path / "plain"), free_ports())
     for s in (stack, plain):
         s.access_key, s.secret_key = "k", "s"
     assert stack.standard_env()["RAY_ADDRESS"] == f"127.0.0.1:{stack.ports.ray_gcs}"
     assert stack.worker_env()["RAY_ADDRESS"] == stack.standard_env()["RAY_ADDRESS"]  # deployed runs use it
+    # drivers on this host attach to the 0-CPU driver node, which has a temp dir of its own
+    driver_dir = stack.standard_env()["HEADBENCH_RAY_TEMP_DIR"]
+    assert stack.worker_env()["HEADBENCH_RAY_TEMP_DIR"] == driver_dir
+    assert f"--temp-dir={driver_dir}" in stack.ray_services()[-1].argv
+    assert f"--temp-dir={stack.ray_temp_dirs[0]}" in stack.ray_services()[0].argv and \
+        stack.ray_temp_dirs[0] != Path(driver_dir)
     assert "RAY_ADDRESS" not in plain.worker_env() and "ray-head" not in [s.name for s in plain.services()]
+    assert "HEADBENCH_RAY_TEMP_DIR" not in plain.standard_env()
+
+
+def test_another_cluster_shape_forgets_the_saved_cpus_per_node(tmp_path: Path) -> None:
+    import json
+
+    from infra.settings import load_settings
+    from infra.stack import LocalStack
+
+    (tmp_path / "stack.json").write_text(json.dumps({"ports": {}, "ray_nodes": 2, "ray_cpus": [1, 1]}))
+    assert LocalStack(load_settings(tmp_path)).ray_node_cpus == [1, 1]  # the saved shape, as saved
+    assert LocalStack(load_settings(tmp_path), ray_nodes=0).ray_nodes == 0  # no longer refused for 1,1
+    assert len(LocalStack(load_settings(tmp_path), ray_nodes=3).ray_node_cpus) == 3
 
 
 def test_a_port_held_by_another_program_is_named_with_its_setting(tmp_path: Path) -> None:
