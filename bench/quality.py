@@ -94,7 +94,8 @@ def plain_run(recipe: Recipe, cache_dir: Path) -> tuple[float, float, list[dict[
     """The recipe as a plain script: data, ``build_model``, ``fit``, test. (accuracy, seconds, history)."""
     import torch
 
-    from infra.datasets import DataSpec, load_raw, prepare
+    from infra.datasets import DataSpec, prepare
+    from infra.sources import load_raw
     from models import build_model, parse_strategy
     from models.loop import FitConfig, fit
     from tasks.evaluate import evaluate_split
@@ -168,7 +169,8 @@ def source_bn_ablation(weights_path: str, study: DemoStudy, target: dict[str, An
     """LP-FT on the demo's transfer task in one process, with the probe on target vs source BN statistics."""
     import torch
 
-    from infra.datasets import DataSpec, load_raw, prepare
+    from infra.datasets import DataSpec, prepare
+    from infra.sources import load_raw
     from models import build_model
     from models.loop import FitConfig, fit
     from tasks.evaluate import evaluate_split

@@ -186,7 +186,8 @@ class WorkerMemory:
 
 def bench_data(cfg: BenchConfig, cache_dir: Path) -> Any:
     """Fashion-MNIST, all 10 classes, ``train_images`` for training (+10% val), resized once."""
-    from infra.datasets import DataSpec, load_raw, prepare
+    from infra.datasets import DataSpec, prepare
+    from infra.sources import load_raw
 
     spec = DataSpec(limit=int(cfg.train_images / 0.9) + 10, test_limit=200, image_size=cfg.image_size)
     return prepare(load_raw(spec, cache_dir), spec)

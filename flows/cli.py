@@ -328,7 +328,11 @@ def run_compare(settings: Settings, values: dict[str, Any], verbose: bool = Fals
 
 
 # Options shared by `run` and `compare` (typer needs them in each signature; the types live here once).
-Dataset = Annotated[str, typer.Option(help="'fashion-mnist', a local ImageFolder dir or s3://bucket/prefix")]
+Dataset = Annotated[str, typer.Option(help="a named dataset (`headbench datasets`), a local ImageFolder dir, "
+                                            "s3://bucket/prefix, or an http(s) URL of an ImageFolder archive "
+                                            "(.tar.gz, .tgz, .tar, .zip)")]
+DatasetSha256 = Annotated[str | None, typer.Option(help="sha256 the http(s) archive must have (64 hex digits); "
+                                                   "other content is refused and nothing is cached")]
 Classes = Annotated[str | None, typer.Option(help="class subset, e.g. 0-4 or 0,2,7 (default: all)")]
 Limit = Annotated[int | None, typer.Option(help="training pool size (train+val), stratified")]
 TestLimit = Annotated[int | None, typer.Option(help="test set size, stratified (default: all)")]
@@ -366,7 +370,8 @@ def _values(local: dict[str, Any]) -> dict[str, Any]:
 
 @app.command()
 def run(
-    dataset: Dataset = "fashion-mnist", classes: Classes = None, limit: Limit = None, test_limit: TestLimit = None,
+    dataset: Dataset = "fashion-mnist", dataset_sha256: DatasetSha256 = None, classes: Classes = None,
+    limit: Limit = None, test_limit: TestLimit = None,
     val_fraction: ValFraction = 0.1, image_size: ImageSize = 64, arch: Arch = "resnet18", weights: Weights = "none",
     strategy: Annotated[str, typer.Option(help="head strategy <shape>[:<pool>][+<schedule>] "
                                           "(see `headbench strategies`)")] = "mlp",
@@ -404,7 +409,8 @@ def compare(
     = "none",
     tune_trials: Annotated[int, typer.Option(help="--tune lr: LR values per strategy, log-spaced over 3 decades "
                                              "around --lr")] = 6,
-    dataset: Dataset = "fashion-mnist", classes: Classes = None, limit: Limit = None, test_limit: TestLimit = None,
+    dataset: Dataset = "fashion-mnist", dataset_sha256: DatasetSha256 = None, classes: Classes = None,
+    limit: Limit = None, test_limit: TestLimit = None,
     val_fraction: ValFraction = 0.1, image_size: ImageSize = 64, arch: Arch = "resnet18", weights: Weights = "none",
     epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
     warmup_epochs: WarmupEpochs = 0.0, augment: Augment = "flip", label_smoothing: LabelSmoothing = 0.0,
@@ -418,6 +424,24 @@ def compare(
     values = _values(dict(locals()))
     values["strategies"] = [s.strip() for s in strategies.split(",") if s.strip()] or None
     run_compare(_settings(home), values, verbose)
+
+
+@app.command()
+def datasets() -> None:
+    """List the named datasets: classes, channels, native size, split sizes and where they download from."""
+    from infra.catalogue import CATALOGUE
+
+    mirror = _settings(None).dataset_mirror
+    table = Table("dataset", "classes", "channels", "size", "train / test", "source")
+    for entry in CATALOGUE.values():
+        names = ", ".join(entry.classes[:4]) + (", ..." if len(entry.classes) > 4 else "")
+        table.add_row(Text(entry.name), Text(f"{len(entry.classes)}: {names}"),
+                      "gray" if entry.channels == 1 else "RGB", f"{entry.native_size} px",
+                      f"{entry.train_size:,} / {entry.test_size:,}", Text(entry.source_uri(mirror)))
+    console.print(table)
+    console.print(Text("Other sources: a local ImageFolder directory, s3://bucket/prefix, or an http(s) URL of an "
+                       "ImageFolder archive (--dataset-sha256 pins it). HEADBENCH_DATASET_MIRROR="
+                       + (mirror or "<base URL>") + " fetches named datasets from <mirror>/<dataset>/<file>."))
 
 
 @app.command()

@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra.datasets import FASHION_MNIST_CLASSES, DataSpec
+from infra.archives import archive_suffix
+from infra.catalogue import CATALOGUE
+from infra.datasets import DataSpec
 from infra.ray_cluster import PLACEMENT_STRATEGIES
 from infra.ray_worker import TrainConfig
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
@@ -32,7 +34,8 @@ Tune = Literal["none", "lr"]
 # The class-list syntax, in the JSON schema the Prefect server enforces (409 before a flow run exists); the
 # validator below gives the CLI its friendlier message, and checks what a pattern cannot (5-2, the range).
 CLASSES_PATTERN = r"^\s*(all|\d{1,12}(\s*-\s*\d{1,12})?(\s*,\s*\d{1,12}(\s*-\s*\d{1,12})?)*)?\s*$"
-BUILTIN_CLASSES = {"fashion-mnist": len(FASHION_MNIST_CLASSES)}
+NAMED_CLASSES = {name: len(entry.classes) for name, entry in CATALOGUE.items()}
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 
 
 class TrainingParams(BaseModel):
@@ -40,8 +43,12 @@ class TrainingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field("fashion-mnist", description="built-in 'fashion-mnist', a local ImageFolder "
-                         "directory, or s3://bucket/prefix holding an ImageFolder tree")
+    dataset: str = Field("fashion-mnist", description=f"a named dataset ({', '.join(CATALOGUE)}; `headbench "
+                         "datasets`), a local ImageFolder directory, s3://bucket/prefix holding an ImageFolder tree, "
+                         "or an http(s) URL of an ImageFolder archive (.tar.gz, .tgz, .tar, .zip)")
+    dataset_sha256: str | None = Field(None, pattern=SHA256_PATTERN, description="sha256 of the http(s) "
+                                       "archive (as `sha256sum` prints it): a download with other content is "
+                                       "refused; empty = take what the URL serves, and record its sha256")
     classes: str | None = Field(None, description="class subset, e.g. '0-4' or '0,2,7' (labels are re-indexed "
                                 "0..k-1, names kept); empty = all classes", examples=["0-4"],
                                 json_schema_extra={"pattern": CLASSES_PATTERN})
@@ -94,8 +101,15 @@ class TrainingParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingParams:
-        if self.classes and self.dataset in BUILTIN_CLASSES:
-            parse_classes(self.classes, BUILTIN_CLASSES[self.dataset])
+        if self.classes and self.dataset in NAMED_CLASSES:
+            parse_classes(self.classes, NAMED_CLASSES[self.dataset])
+        url = self.dataset.startswith(("http://", "https://"))
+        if self.dataset_sha256 and not url:
+            raise ValueError(f"dataset_sha256 pins an http(s) archive, but dataset {self.dataset[:80]!r} is not a "
+                             "URL; allowed: dataset_sha256 only with an http(s) dataset")
+        if url and archive_suffix(self.dataset.rsplit("/", 1)[-1]) is None:
+            raise ValueError(f"dataset URL {self.dataset[:120]!r} does not name an archive; allowed: a URL ending "
+                             "in .tar.gz, .tgz, .tar or .zip")
         check_batch_split(self.batch_size, self.workers)
         if self.limit is not None and self.limit < self.batch_size:
             raise ValueError(f"batch_size {self.batch_size} is larger than the training pool limit "
@@ -123,7 +137,8 @@ class TrainingParams(BaseModel):
                            placement_strategy=self.placement_strategy)
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(dataset=self.dataset, classes=self.classes, limit=self.limit, test_limit=self.test_limit,
+        return DataSpec(dataset=self.dataset, sha256=self.dataset_sha256.lower() if self.dataset_sha256 else None,
+                        classes=self.classes, limit=self.limit, test_limit=self.test_limit,
                         val_fraction=self.val_fraction, image_size=self.image_size, seed=self.seed)
 
 

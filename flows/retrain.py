@@ -200,6 +200,7 @@ def _retrain(params: RetrainParams) -> RetrainResult:
             "in_features": built.model.in_features, "trainable_params": built.trainable,
             "total_params": built.total, "weights_source": built.weights_source,
             "warm_start_version": warm_version or "none", DATA_DIGEST_PARAM: data.files_digest,
+            "data_source_uri": data.source, **({"archive_sha256": data.archive_sha256} if data.archive_sha256 else {}),
             **{f"{split}_data_sha256": digest for split, digest in data.digests.items()}}
         phases = describe_plan(built.model, spec.schedule, params.epochs, params.probe_epochs, params.lr)
         if not params.resume_run_id:  # a resumed run keeps the params it logged (MLflow params are immutable)
@@ -223,7 +224,7 @@ def _retrain(params: RetrainParams) -> RetrainResult:
         manifest = build_manifest(
             built.model, model_name=params.model_name, class_names=data.class_names,
             class_indices=data.class_indices, image_size=params.image_size,
-            data=asdict(params.data_spec()), lineage=lineage(data, params.dataset), metrics=metrics.as_dict(),
+            data=asdict(params.data_spec()), lineage=lineage(data), metrics=metrics.as_dict(),
             run_id=tracker.run_id,
             hidden_dim=params.hidden_dim, dropout=params.dropout, channels=int(data.test.images.shape[1]))
         publication = publish_model(built.model, manifest, data.test.images, settings, tracker)

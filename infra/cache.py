@@ -1,8 +1,9 @@
 """The local caches under ``$HEADBENCH_HOME/cache``, kept within a size cap (``HEADBENCH_CACHE_LIMIT_GB``).
 
-Two kinds of entry, each a folder that can always be fetched again: ``imagefolder/<hash>`` (the local
-mirror of an ``s3://`` ImageFolder prefix) and ``weights/<name>`` (a sha256-verified copy of published
-weights). Built-in datasets (``fashion-mnist/``) are not entries: offline, they may have no other source.
+Three kinds of entry, each a folder that can always be fetched again: ``imagefolder/<hash>`` (the local
+mirror of an ``s3://`` ImageFolder prefix), ``archives/<sha256>`` (an http(s) archive, extracted) and
+``weights/<name>`` (a sha256-verified copy of published weights). Named datasets (``fashion-mnist/``,
+``cifar10/``...) are not entries: offline, they may have no other source.
 
 Each use of an entry sets its folder's mtime (``touch``); the least recently used entries go first.
 An entry used within the grace period is never removed, so a run that is reading it keeps it; removal
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-ENTRY_KINDS = ("imagefolder", "weights")
+ENTRY_KINDS = ("imagefolder", "archives", "weights")
 GRACE_S = 600.0  # an entry used in the last 10 minutes may be in use by a running flow
 
 

@@ -11,36 +11,28 @@ run's params and the manifest.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import mlflow.data
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from infra.datasets import BUILTIN_DATASETS, FASHION_MNIST_URLS, SPLITS, PreparedData
+from infra.datasets import SPLITS, PreparedData
 from infra.tracking import Tracker
 
 CONTEXTS = {"train": "training", "val": "validation", "test": "test"}  # MLflow's context tag per split
 MLFLOW_DIGEST_CHARS = 32  # the tracking store's digest column holds 36
 
 
-def source_uri(dataset: str) -> str:
-    """Where a dataset comes from, as a URI: a built-in's upstream URL, an s3:// prefix, a file:// path."""
-    if dataset in BUILTIN_DATASETS:
-        return FASHION_MNIST_URLS[0]
-    if dataset.startswith(("s3://", "file://")):
-        return dataset
-    return Path(dataset).expanduser().resolve().as_uri()
-
-
 def dataset_name(dataset: str) -> str:
     return dataset.rstrip("/").rsplit("/", 1)[-1] or dataset
 
 
-def lineage(data: PreparedData, dataset: str) -> dict[str, Any]:
-    """What the manifest and the run's params record about the data."""
-    return {"source_uri": source_uri(dataset), "files_sha256": data.files_digest,
+def lineage(data: PreparedData) -> dict[str, Any]:
+    """What the manifest and the run's params record about the data: where it came from (and the archive's
+    sha256 for an http(s) source), a digest of every file read, and each split's digest and size."""
+    return {"source_uri": data.source, "files_sha256": data.files_digest,
+            **({"archive_sha256": data.archive_sha256} if data.archive_sha256 else {}),
             "split_sha256": dict(data.digests),
             "split_sizes": {name: len(data.split(name)) for name in SPLITS}}
 
@@ -51,13 +43,14 @@ def split_inputs(data: PreparedData, dataset: str) -> list[DatasetInput]:
     inputs = []
     for name in SPLITS:
         split = data.split(name)
-        numpy_ds = mlflow.data.from_numpy(split.images, targets=split.labels, source=source_uri(dataset),
+        numpy_ds = mlflow.data.from_numpy(split.images, targets=split.labels, source=data.source,
                                           name=f"{dataset_name(dataset)}-{name}",
                                           digest=data.digests[name][:MLFLOW_DIGEST_CHARS])
         config = numpy_ds.to_dict()
         profile = json.loads(config["profile"]) | {
             "split": name, "rows": sizes[name], "split_sizes": sizes, "sha256": data.digests[name],
-            "files_sha256": data.files_digest, "classes": data.class_names, "class_indices": data.class_indices}
+            "files_sha256": data.files_digest, "classes": data.class_names, "class_indices": data.class_indices,
+            **({"archive_sha256": data.archive_sha256} if data.archive_sha256 else {})}
         entity = Dataset(name=config["name"], digest=config["digest"], source_type=config["source_type"],
                          source=config["source"], schema=config.get("schema"), profile=json.dumps(profile))
         inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, CONTEXTS[name])]))

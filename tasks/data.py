@@ -9,10 +9,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from infra.cache import collect, human
-from infra.datasets import DataSpec, PreparedData, load_raw, prepare
+from infra.datasets import DataSpec, PreparedData, Sources, prepare
 from infra.errors import retry_transient
 from infra.s3 import s3_client
 from infra.settings import Settings
+from infra.sources import load_raw
 from tasks import TIMEOUT_S
 
 
@@ -22,7 +23,7 @@ from tasks import TIMEOUT_S
 def download_data(spec: DataSpec, settings: Settings) -> PreparedData:
     """Fetch and verify the dataset (mirrored to the S3 data bucket), then subset, split and resize it."""
     client = s3_client(settings) if settings.s3_endpoint_url else None
-    raw = load_raw(spec, settings.cache_dir, client, settings.data_bucket, settings.s3_endpoint_url)
+    raw = load_raw(spec, settings.cache_dir, Sources.from_settings(settings, client))
     trim_cache(settings)
     return prepare(raw, spec)
 

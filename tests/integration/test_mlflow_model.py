@@ -23,10 +23,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
 
-from infra.datasets import DataSpec, load_raw, prepare
+from infra.datasets import DataSpec, prepare
 from infra.procs import free_port, stop_group
 from infra.published import load_published
 from infra.s3 import fetch_model, s3_client
+from infra.sources import load_raw
 from models.data import normalize_batch
 from tests.integration.conftest import Stack, headbench_run
 

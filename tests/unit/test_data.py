@@ -11,16 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from infra.datasets import (
-    DEBIAN_DIR,
-    DatasetError,
-    DataSpec,
-    FashionMnistSources,
-    RawDataset,
-    load_fashion_mnist,
-    load_image_folder,
-    prepare,
-)
+from infra.catalogue import DEBIAN_FASHION_MNIST as DEBIAN_DIR
+from infra.catalogue import load_fashion_mnist
+from infra.datasets import DatasetError, DataSpec, RawDataset, Sources, prepare
+from infra.imagefolder import load_image_folder
 from models.data import (
     IMAGENET_MEAN,
     normalize_batch,
@@ -89,14 +83,14 @@ needs_debian = pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="dataset-fashi
 
 @needs_debian
 def test_fashion_mnist_from_debian_files_is_verified_and_cached(tmp_path: Path) -> None:
-    raw = load_fashion_mnist(tmp_path, FashionMnistSources(urls=(), local_dirs=(DEBIAN_DIR,)))
+    raw = load_fashion_mnist(tmp_path, Sources(download=False, local_dirs=(DEBIAN_DIR,)))
     assert raw.train_images.shape == (60000, 28, 28) and raw.test_images.shape == (10000, 28, 28)
     assert np.bincount(raw.train_labels).tolist() == [6000] * 10
     cached = sorted(p.name for p in (tmp_path / "fashion-mnist").iterdir())
     assert cached == ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte",
                       "train-labels-idx1-ubyte"]
     # second load comes from the cache alone: no source at all is needed
-    again = load_fashion_mnist(tmp_path, FashionMnistSources(urls=(), local_dirs=()))
+    again = load_fashion_mnist(tmp_path, Sources(download=False, local_dirs=()))
     assert np.array_equal(again.test_labels, raw.test_labels)
 
 
@@ -109,11 +103,11 @@ def test_fashion_mnist_checksum_mismatch_is_refused(tmp_path: Path) -> None:
     data[100] ^= 0xFF  # one flipped label byte
     labels.write_bytes(gzip.compress(bytes(data)))
     with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte.gz not available .* checksum mismatch"):
-        load_fashion_mnist(tmp_path / "cache", FashionMnistSources(urls=(), local_dirs=(source,)))
+        load_fashion_mnist(tmp_path / "cache", Sources(download=False, local_dirs=(source,)))
     truncated = source / "train-labels-idx1-ubyte.gz"
     truncated.write_bytes(truncated.read_bytes()[:100])
     with pytest.raises(DatasetError, match="not a valid gzip file"):
-        load_fashion_mnist(tmp_path / "cache2", FashionMnistSources(urls=(), local_dirs=(source,)))
+        load_fashion_mnist(tmp_path / "cache2", Sources(download=False, local_dirs=(source,)))
 
 
 def _write_tree(root: Path, counts: dict[str, int], corrupt: int = 0) -> None:
@@ -145,7 +139,7 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     _write_tree(tmp_path / "b", {"cat": 2, "dog": 2}, corrupt=2)
     with pytest.raises(DatasetError, match="2 of 6 images .* are corrupt"):
         load_image_folder(str(tmp_path / "b"), 32, tmp_path / "cache")
-    with pytest.raises(DatasetError, match="unknown dataset .*not a built-in"):
+    with pytest.raises(DatasetError, match="unknown dataset .*not a named dataset"):
         load_image_folder(str(tmp_path / "missing"), 32, tmp_path / "cache")
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infra.datasets import DatasetError, inside, load_image_folder
+from infra.datasets import DatasetError
+from infra.imagefolder import inside, load_image_folder
 from infra.ray_cluster import PlacementError, check_gpus
 from models.data import parse_classes
 from models.loop import check_batch_split

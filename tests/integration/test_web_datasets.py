@@ -1,0 +1,114 @@
+"""Datasets from the web against a real HTTP server (tests/http_server.py, on loopback) and the real stack: a
+retrain from an http archive end to end (its download cut short once and resumed), one-line failures for a
+wrong sha256, a traversal member and an unreachable host, and a named dataset through the mirror, mirrored on
+to the S3 data bucket."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from infra.catalogue import CATALOGUE, CatalogueFile, load_named
+from infra.datasets import Sources
+from infra.procs import free_port
+from infra.s3 import s3_client, split_uri
+from tests.dataset_files import cifar10_archive, image_folder_archive, md5, sha256
+from tests.http_server import serving
+from tests.integration.conftest import Stack, headbench_run
+
+HEADBENCH = str(Path(sys.executable).parent / "headbench")
+CLASSES = {"daisy": 40, "rose": 40, "tulip": 40}
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("www")
+    image_folder_archive(root / "flowers.tar.gz", CLASSES)
+    image_folder_archive(root / "evil.tar.gz", CLASSES, extra=[("../../escaped.png", b"x")])
+    cifar10_archive(root / "mirror" / "cifar10" / "cifar-10-python.tar.gz")
+    with serving(root) as (base, state):
+        yield base, state, root
+
+
+def _archive_trees(stack: Stack) -> set[str]:
+    folder = stack.settings.cache_dir / "archives"
+    return {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+
+
+def test_a_retrain_from_an_http_archive_end_to_end(stack: Stack, web) -> None:
+    base, state, root = web
+    pin = sha256(root / "flowers.tar.gz")
+    state.cut_once["/flowers.tar.gz"] = 20_000  # the first transfer breaks off; the download resumes it
+    url = f"{base}/flowers.tar.gz"
+    run = headbench_run(stack, "--dataset", url, "--dataset-sha256", pin, "--image-size", "32", "--epochs", "1",
+                        "--workers", "1", "--batch-size", "16", "--strategy", "replace-fc",
+                        "--model-name", "web-flowers", "--precise-bn-batches", "1")
+    asked = [(p, h.get("Range"), s) for p, h, s in state.requests if p == "/flowers.tar.gz"]
+    assert asked == [("/flowers.tar.gz", None, 200), ("/flowers.tar.gz", "bytes=20000-", 206)]
+
+    assert stack.settings.mlflow_tracking_uri
+    mlflow_run = MlflowClient(stack.settings.mlflow_tracking_uri).get_run(run["run_id"])
+    params = mlflow_run.data.params
+    assert params["data_source_uri"] == url and params["archive_sha256"] == pin and params["dataset_sha256"] == pin
+    assert params["class_names"] == "daisy,rose,tulip"
+    assert {int(params[f"{s}_size"]) for s in ("train", "val", "test")} and int(params["test_size"]) == 24
+    assert {json.loads(d.dataset.source)["url"] for d in mlflow_run.inputs.dataset_inputs} == {url}  # MLflow's
+    #                                                                                          HTTP source
+    client = s3_client(stack.settings)
+    bucket, prefix = split_uri(run["s3_uri"])
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
+    assert manifest["lineage"]["archive_sha256"] == pin and manifest["lineage"]["source_uri"] == url
+    assert manifest["lineage"]["split_sizes"]["test"] == 24
+    mirrored = client.list_objects_v2(Bucket=stack.settings.data_bucket, Prefix=f"archives/{pin}/")
+    assert [o["Key"] for o in mirrored.get("Contents", [])] == [f"archives/{pin}/flowers.tar.gz"]
+    assert pin[:32] in _archive_trees(stack)
+
+
+@pytest.mark.parametrize("case", ["wrong-sha256", "traversal-member", "unreachable-host"])
+def test_a_bad_web_dataset_fails_in_one_line_within_seconds_and_caches_nothing(stack: Stack, web, case: str) -> None:
+    base, _, root = web
+    args, expected = {
+        "wrong-sha256": (["--dataset", f"{base}/flowers.tar.gz", "--dataset-sha256", "0" * 64],
+                         f"is not the pinned content (sha256 {sha256(root / 'flowers.tar.gz')}, pinned {'0' * 64})"),
+        "traversal-member": (["--dataset", f"{base}/evil.tar.gz"],
+                             "member '../../escaped.png' has a '..' segment"),
+        "unreachable-host": (["--dataset", f"http://127.0.0.1:{free_port()}/flowers.tar.gz"], "is unreachable"),
+    }[case]
+    trees, started = _archive_trees(stack), time.monotonic()
+    done = subprocess.run([HEADBENCH, "run", "--model-name", f"web-{case}", "--epochs", "1", *args],
+                          capture_output=True, text=True, timeout=300, env=stack.cli_env(), check=False)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert elapsed < 60, elapsed  # the CLI's own start-up included; nothing is retried
+    assert _archive_trees(stack) == trees  # nothing extracted, nothing cached
+    assert not (root.parent / "escaped.png").exists()
+    assert stack.settings.mlflow_tracking_uri
+    assert not MlflowClient(stack.settings.mlflow_tracking_uri).search_registered_models(f"name = 'web-{case}'")
+
+
+def test_a_named_dataset_through_the_mirror_is_verified_and_mirrored_to_s3(stack: Stack, web,
+                                                                          tmp_path: Path) -> None:
+    base, state, root = web
+    archive = root / "mirror" / "cifar10" / "cifar-10-python.tar.gz"
+    # this archive is small and made by the test: its checksum stands in for the published one
+    entry = dataclasses.replace(CATALOGUE["cifar10"], files=(CatalogueFile(archive.name, md5(archive)),))
+    client = s3_client(stack.settings)
+    sources = Sources.from_settings(stack.settings.model_copy(update={"dataset_mirror": f"{base}/mirror"}), client)
+    raw = load_named(entry, tmp_path / "cache", sources)
+    assert raw.train_images.shape == (200, 3, 32, 32) and raw.class_names[:2] == ["airplane", "automobile"]
+    assert ("/mirror/cifar10/cifar-10-python.tar.gz", 200) in [(p, s) for p, _, s in state.requests]
+    key = f"cifar10/{archive.name}"
+    assert client.head_object(Bucket=stack.settings.data_bucket, Key=key)["ContentLength"] == archive.stat().st_size
+    # with the mirror down, another machine (an empty cache) still gets it, from the S3 data bucket
+    offline = dataclasses.replace(sources, mirror=f"http://127.0.0.1:{free_port()}", tried=[])
+    again = load_named(entry, tmp_path / "other-cache", offline)
+    assert again.files_digest == raw.files_digest and (again.train_labels == raw.train_labels).all()
