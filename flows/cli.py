@@ -258,6 +258,7 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any], verbose: boo
 
     from flows.console import LiveProgress
     from flows.stages import listening
+    from infra.download import watching
 
     console_without_tracebacks()
     if kind == "retrain":
@@ -272,7 +273,7 @@ def run_flow(settings: Settings, kind: str, values: dict[str, Any], verbose: boo
     signal.signal(signal.SIGINT, _interrupt_once)
     with LiveProgress(console, settings.mlflow_tracking_uri, settings.experiment) as live:
         try:
-            with listening(live.on_stage):
+            with listening(live.on_stage), watching(live.on_download):
                 return flow_fn(params)
         except (KeyboardInterrupt, CancelledRun):  # the flow ended its runs KILLED/CANCELLED, Ray aborted
             live.progress.stop()

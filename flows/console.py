@@ -13,11 +13,12 @@ import time
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from flows.stages import STAGES
+from infra.download import DownloadProgress, every
 from infra.progress import ProgressReader, RunProgress
 
 POLL_S = 1.5
@@ -36,13 +37,15 @@ class LiveProgress:
         self.interactive = console.is_terminal
         # markup off: labels and lines carry user text (strategy names, '[finetune]') that must print as it is
         self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(bar_width=16),
-                                 MofNCompleteColumn(), TextColumn("{task.fields[metrics]}", markup=False),
+                                 TextColumn("{task.fields[count]}"), TextColumn("{task.fields[metrics]}", markup=False),
                                  TimeRemainingColumn(compact=True),
                                  console=console, transient=False, disable=not self.interactive)
         self.stage_task: TaskID | None = None
         self.rows: dict[str, TaskID] = {}
         self.printed: dict[str, int] = {}  # epochs already printed per run (non-interactive)
         self.reader: ProgressReader | None = None
+        self.downloads: dict[str, TaskID] = {}  # URL -> its bar
+        self._download_lines = every(5.0, lambda line: self.console.print(line, highlight=False, markup=False))
         self.started = time.monotonic()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -50,7 +53,8 @@ class LiveProgress:
 
     def __enter__(self) -> LiveProgress:
         self.progress.start()
-        self.stage_task = self.progress.add_task(_short("starting"), total=len(STAGES) - 1, metrics="")
+        self.stage_task = self.progress.add_task(_short("starting"), total=len(STAGES) - 1, metrics="",
+                                                 count=f"0/{len(STAGES) - 1}")
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -64,7 +68,8 @@ class LiveProgress:
     def on_stage(self, name: str) -> None:
         """A flow listener (``flows.stages.listening``): called in the flow run's own context."""
         if self.stage_task is not None:
-            self.progress.update(self.stage_task, description=_short(f"stage: {name}"), completed=STAGES.index(name))
+            self.progress.update(self.stage_task, description=_short(f"stage: {name}"), completed=STAGES.index(name),
+                                 count=f"{STAGES.index(name)}/{len(STAGES) - 1}")
         if not self.interactive:
             self.console.print(f"[{time.monotonic() - self.started:6.1f} s] {name}", highlight=False, markup=False)
         if name in ("tune", "train") and self.reader is None and self.tracking_uri:
@@ -78,6 +83,20 @@ class LiveProgress:
                 self.printed = {run.run_id: run.epoch for run in self.reader.read()}
                 self._thread = threading.Thread(target=self._poll, name="headbench-progress", daemon=True)
                 self._thread.start()
+
+    def on_download(self, note: DownloadProgress) -> None:
+        """A download listener (``infra.download.watching``): a bar per file (bytes, rate, ETA) on a terminal,
+        a line every 5 s and at the end in a pipe."""
+        if not self.interactive:
+            self._download_lines(note)
+            return
+        name = _short("download " + note.url.rstrip("/").rsplit("/", 1)[-1])
+        percent = f"{100 * note.done / note.total:.0f}%" if note.total else f"{note.done / 1e6:.1f} MB"
+        metrics = note.line().split(": ", 1)[-1]
+        if note.url not in self.downloads:
+            self.downloads[note.url] = self.progress.add_task(name, total=note.total, metrics=metrics, count=percent)
+        self.progress.update(self.downloads[note.url], completed=note.done, total=note.total, metrics=metrics,
+                             count=percent)
 
     def _poll(self) -> None:
         while not self._done.wait(POLL_S):
@@ -98,10 +117,12 @@ class LiveProgress:
                    ("done" if run.finished else "starting"))
         if run.status in ("FAILED", "KILLED"):
             metrics = run.status.lower()
+        count = f"{run.epoch}/{run.epochs}" if run.epochs else str(run.epoch)
         if run.run_id not in self.rows:
             self.rows[run.run_id] = self.progress.add_task(_short(run.label), total=run.epochs or None,
-                                                           metrics=metrics)
-        self.progress.update(self.rows[run.run_id], completed=run.epoch, total=run.epochs or None, metrics=metrics)
+                                                           metrics=metrics, count=count)
+        self.progress.update(self.rows[run.run_id], completed=run.epoch, total=run.epochs or None, metrics=metrics,
+                             count=count)
         if not self.interactive and run.epoch > self.printed.get(run.run_id, 0) and self.reader is not None:
             prefix = f"{run.label}: " if many else ""
             for line in self.reader.epoch_lines(run.run_id, self.printed.get(run.run_id, 0)):

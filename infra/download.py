@@ -2,8 +2,8 @@
 Range request after an interruption (where the server allows it), checked against a pinned checksum, then
 moved into place atomically, so a reader sees a file whole or not at all.
 
-Progress goes to whoever listens in this context (``watching(fn)``: the CLI's live display) and, every few
-seconds, to the log (a flow run's Prefect log). A connection that cannot be opened (refused, unknown host,
+Progress goes to whoever listens in this context (``watching(fn)``): the CLI's live display, and the data
+task's Prefect log every few seconds (``every``). A connection that cannot be opened (refused, unknown host,
 HTTP 4xx) fails at once with one line; a transfer cut short is resumed here up to ``RESUMES`` times, and
 fails as transient (the task may retry it) only when it keeps breaking.
 """
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 CONNECT_TIMEOUT_S = 10.0  # also the longest wait for the next bytes of a transfer
 RESUMES = 3  # in-call Range resumes of a transfer that broke off
-LOG_EVERY_S = 5.0
 SCHEMES = ("http://", "https://")
 
 
@@ -73,6 +72,19 @@ def watching(listener: Listener) -> Iterator[None]:
         yield
     finally:
         _listeners.reset(token)
+
+
+def every(seconds: float, emit: Callable[[str], object]) -> Listener:
+    """A listener that emits a download's progress line at most every ``seconds``, and its last one."""
+    last: dict[str, float] = {}
+
+    def listen(note: DownloadProgress) -> None:
+        now = time.monotonic()
+        if note.finished or now - last.get(note.url, 0.0) >= seconds:
+            last[note.url] = now
+            emit(("downloaded " if note.finished else "downloading ") + note.line())
+
+    return listen
 
 
 @dataclass(frozen=True)
@@ -204,7 +216,7 @@ def download(url: str, dest: Path, *, sha256: str | None = None, md5: str | None
 def _stream(resp: http.client.HTTPResponse, part: Path, offset: int, total: int | None, url: str,
             started: float) -> None:
     listeners = _listeners.get()
-    last_log = last_note = time.monotonic()
+    last_note = time.monotonic()
     done, fresh = offset, 0
     with part.open("r+b" if offset else "wb") as fh:
         fh.seek(offset)
@@ -219,14 +231,10 @@ def _stream(resp: http.client.HTTPResponse, part: Path, offset: int, total: int 
                 note = DownloadProgress(url, done, total, fresh / max(1e-6, now - started))
                 for listener in listeners:
                     listener(note)
-            if now - last_log >= LOG_EVERY_S:
-                last_log = now
-                log.info("downloading %s", DownloadProgress(url, done, total, fresh / max(1e-6, now - started)).line())
     rate = fresh / max(1e-6, time.monotonic() - started)
     final = DownloadProgress(url, done, total, rate, finished=True)
     for listener in listeners:
         listener(final)
-    log.info("downloaded %s", final.line())
 
 
 def _verified(url: str, part: Path, meta: Path, dest: Path, sha256: str | None, md5: str | None,

@@ -10,6 +10,7 @@ from prefect.exceptions import MissingContextError
 
 from infra.cache import collect, human
 from infra.datasets import DataSpec, PreparedData, Sources, prepare
+from infra.download import every, watching
 from infra.errors import retry_transient
 from infra.s3 import s3_client
 from infra.settings import Settings
@@ -23,7 +24,8 @@ from tasks import TIMEOUT_S
 def download_data(spec: DataSpec, settings: Settings) -> PreparedData:
     """Fetch and verify the dataset (mirrored to the S3 data bucket), then subset, split and resize it."""
     client = s3_client(settings) if settings.s3_endpoint_url else None
-    raw = load_raw(spec, settings.cache_dir, Sources.from_settings(settings, client))
+    with watching(every(5.0, _logger().info)):  # downloads: a progress line every 5 s in the task's log
+        raw = load_raw(spec, settings.cache_dir, Sources.from_settings(settings, client))
     trim_cache(settings)
     return prepare(raw, spec)
 

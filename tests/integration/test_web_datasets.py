@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -50,6 +51,8 @@ def test_a_retrain_from_an_http_archive_end_to_end(stack: Stack, web) -> None:
     run = headbench_run(stack, "--dataset", url, "--dataset-sha256", pin, "--image-size", "32", "--epochs", "1",
                         "--workers", "1", "--batch-size", "16", "--strategy", "replace-fc",
                         "--model-name", "web-flowers", "--precise-bn-batches", "1")
+    # the console's progress line (a pipe: one line every 5 s and the last), MB, rate
+    assert re.search(r"downloaded flowers\.tar\.gz: [\d.]+ of [\d.]+ MB \(100%\), [\d.]+ MB/s", run["stdout"])
     asked = [(p, h.get("Range"), s) for p, h, s in state.requests if p == "/flowers.tar.gz"]
     assert asked == [("/flowers.tar.gz", None, 200), ("/flowers.tar.gz", "bytes=20000-", 206)]
 
