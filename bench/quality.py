@@ -61,6 +61,7 @@ class DemoStudy:
     strategies: tuple[str, ...] = ("replace-fc", "mlp", "replace-fc+linear-probe", "replace-fc+lp-ft",
                                    "mlp+linear-probe", "mlp+lp-ft", "fastai+gradual")
     seeds: int = 3
+    ablation_seeds: int | None = None  # seeds of the source-BN ablation (default: seeds)
     source: tuple[tuple[str, Any], ...] = ()  # overrides of the demo's source run (the tiny setting)
     target: tuple[tuple[str, Any], ...] = ()  # overrides of the demo's target comparison
 
@@ -183,7 +184,7 @@ def source_bn_ablation(weights_path: str, study: DemoStudy, target: dict[str, An
     for strategy in ("replace-fc+lp-ft", "mlp+lp-ft"):
         for mode in ("target", "source"):
             accuracies, ratios = [], []
-            for seed in range(study.seeds):
+            for seed in range(study.ablation_seeds or study.seeds):
                 model = build_model("resnet18", data.num_classes, strategy, weights_path, seed=seed)
                 cfg = FitConfig(schedule="lp-ft", epochs=target["epochs"], batch_size=target["batch_size"],
                                 lr=target["lr"], seed=seed, probe_bn_stats=mode)
@@ -393,7 +394,7 @@ def main(args: QualityArgs) -> int:
     recipe = Recipe(limit=600, test_limit=200, epochs=1, batch_size=32, lr=0.05) if args.tiny else Recipe()
     if args.epochs:
         recipe = Recipe(**(recipe.params() | {"epochs": args.epochs}))
-    tiny_study = DemoStudy(("replace-fc+linear-probe", "replace-fc+lp-ft"), 2,
+    tiny_study = DemoStudy(("replace-fc+linear-probe", "replace-fc+lp-ft"), 2, ablation_seeds=1,
                            source=(("limit", 300), ("test_limit", 60), ("epochs", 1), ("workers", 1)),
                            target=(("limit", 120), ("test_limit", 60)))
     study = None if args.no_demo else tiny_study if args.tiny else DemoStudy()

@@ -21,7 +21,7 @@ from flows.stages import STAGES
 from infra.download import DownloadProgress, every
 from infra.progress import ProgressReader, RunProgress
 
-POLL_S = 1.5
+POLL_S = 2.0  # each poll is a few MLflow queries; on a small machine the training shares the cores with them
 LABEL_WIDTH = 26  # "replace-fc+lp-ft seed 12" fits; the bar and metrics take the rest of 80 columns
 
 

@@ -116,7 +116,7 @@ class ProgressReader:
 
 
 @contextmanager
-def epoch_lines(tracking_uri: str, run_id: str, emit: Callable[[str], object], every_s: float = 3.0
+def epoch_lines(tracking_uri: str, run_id: str, emit: Callable[[str], object], every_s: float = 5.0
                 ) -> Iterator[None]:
     """While the block runs, ``emit`` one line per epoch the run logs to MLflow (to a Prefect logger, say),
     so the flow run's logs hold the training curve without Ray's worker output."""

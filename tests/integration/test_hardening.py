@@ -123,10 +123,11 @@ def test_ray_gets_no_s3_secret_in_what_it_pickles(stack: Stack) -> None:
 def test_the_running_stacks_state_directory_is_private(stack: Stack) -> None:
     home = stack.home
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
-    # Two servers set modes of their own, whatever the umask: Ray on its temp dir (sockets, session logs)
+    # Two servers set modes of their own, whatever the umask: Ray on its temp dirs (sockets, session logs)
     # and SeaweedFS on its volume-info files (*.vif, 0644); the 0700 home around them keeps other users out
+    ray_dirs = {d.name for d in stack.stack.ray_temp_dirs if d.parent == home}  # the nodes' and the driver node's
     loose = [str(p.relative_to(home)) for p in home.rglob("*")
-             if not p.is_symlink() and p.relative_to(home).parts[0] != "ray" and p.suffix != ".vif"
+             if not p.is_symlink() and p.relative_to(home).parts[0] not in ray_dirs and p.suffix != ".vif"
              and stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert loose == [], loose[:20]
     assert stat.S_IMODE((home / "env").stat().st_mode) == 0o600
