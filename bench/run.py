@@ -112,7 +112,7 @@ class Figures:
             "probe_cached_s": med(self.probe_cached_s), "probe_uncached_s": med(self.probe_uncached_s),
             "probe_speedup": (med(self.probe_uncached_s) / med(self.probe_cached_s)) if self.probe_cached_s else None,
             "loader_img_s": med(self.loader_img_s),
-            "loader_over_training": med(self.loader_img_s) / b1 if b1 else None,
+            "loader_over_training": med(self.loader_img_s) / b1 if b1 and self.loader_img_s else None,
             "worker_peak_rss_mb": max(self.worker_peak_rss_mb, default=None),
             "worker_peak_uss_mb": max(self.worker_peak_uss_mb, default=None),
             "driver_peak_rss_mb": self.driver_peak_rss_mb,
@@ -151,8 +151,13 @@ def machine_facts(cfg: BenchConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- memory
 
 
+# How often the samplers read /proc. Reading a worker's USS walks its memory map (smaps_rollup), and the
+# samplers run in the driver's process: once a second they cost B2 a few percent, so every 2 s.
+SAMPLE_S = 2.0
+
+
 class WorkerMemory:
-    """Samples this process tree's Ray Train workers (found by their process title) once a second:
+    """Samples this process tree's Ray Train workers (found by their process title) every SAMPLE_S:
     VmHWM is the kernel's own peak RSS; USS (Private_Clean + Private_Dirty) leaves out pages shared with
     other processes, e.g. the dataset in Ray's object store."""
 
@@ -163,7 +168,7 @@ class WorkerMemory:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(SAMPLE_S):
             for proc in descendants(os.getpid()):
                 if "TrainWorker" not in cmdline(proc.pid):
                     continue
@@ -359,7 +364,7 @@ def service_group(command: str) -> str:
 
 
 class ServiceCpu:
-    """CPU time of every process of the stack and of this process tree, sampled twice a second, so that
+    """CPU time of every process of the stack and of this process tree, sampled every SAMPLE_S, so that
     what each service took during a window (B2's steady epochs) can be read afterwards, in cores."""
 
     def __init__(self, stack_home: Path) -> None:
@@ -380,7 +385,7 @@ class ServiceCpu:
     def _loop(self) -> None:
         import psutil
 
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(SAMPLE_S):
             now, sample = time.time(), {}
             for pid in self._pids():
                 with contextlib.suppress(psutil.Error):
