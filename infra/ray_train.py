@@ -2,9 +2,9 @@
 cluster (joining or starting Ray, refusing a placement the cluster cannot hold, the trainer, the result).
 
 The loop each worker runs is ``infra.ray_worker.train_worker`` (``models.loop.fit`` inside); the Prefect
-task around this is ``tasks.train.train_model``. Rank 0 logs each epoch to MLflow by run id and writes a
-checkpoint (safetensors weights + optimizer state) that Ray persists to the S3 checkpoint bucket; a
-restarted worker group resumes from the latest one.
+task around this is ``tasks.train.train_model``. Rank 0 writes a checkpoint each epoch (safetensors weights +
+optimizer state) that Ray persists to the S3 checkpoint bucket, and a restarted worker group resumes from the
+latest one; Train's controller then logs the epoch to MLflow by run id (``infra.epoch_log``).
 """
 
 from __future__ import annotations
@@ -106,21 +106,25 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from infra.epoch_log import EpochLog, MlflowEpochs
+
     cpus = cfg.cpus_per_worker or even_share(cfg.workers, nodes)
     check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
     if cfg.use_gpu:
         check_gpus(cfg.workers, node_gpus())
     storage_path, storage_fs = ray_storage(settings, RAY_TRAIN_PREFIX)
+    epoch_log = EpochLog(tracking_uri, run_id, cfg.strategy, cfg.epochs, cfg.probe_epochs)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"train": asdict(cfg), "threads": cpus, "tracking_uri": tracking_uri,
-                           "run_id": run_id, "data_ref": ray.put((train, val)), "init_ref": ray.put(init_state)},
+        train_loop_config={"train": asdict(cfg), "threads": cpus, "data_ref": ray.put((train, val)),
+                           "init_ref": ray.put(init_state)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus},
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=run_key, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[MlflowEpochs(epoch_log)]),
     )
     mark("fit-called")
     try:
@@ -135,6 +139,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
         raise TrainingError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as ckpt_dir:
         last, state = load_checkpoint(Path(ckpt_dir))
+    epoch_log.sync(state.history)  # what the controller could not log (MLflow briefly unreachable), if any
     keep_best = cfg.early_stopping_patience is not None and state.best_weights is not None
     stopped = keep_best and state.epoch < cfg.epochs
     return TrainOutcome(state_dict=state.best_weights if keep_best else last,  # type: ignore[arg-type]

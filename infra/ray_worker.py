@@ -1,11 +1,12 @@
 """The Ray Train worker: what runs inside each of the N data-parallel worker processes.
 
 Kept apart from the driver (``infra/ray_train.py``) and the Prefect task (``tasks/train.py``) so a
-worker imports only torch, ray.train and ``models`` (rank 0 adds the MLflow client to log its epochs):
-every import here is resident memory in every worker. The loop itself is ``models.loop.fit``, the same
-function a plain script calls; Ray appears only in the hooks: rank and world size, ``prepare_model``
-(DDP), ``prepare_data_loader`` (device moves; ``fit`` brings its own seeded sampler), ``report`` and the
-checkpoints (the shape of Ray's Fashion-MNIST Train example).
+worker imports only torch, ray.train and ``models``: every import here is resident memory in every worker.
+MLflow's per-epoch logging happens in Train's controller (``infra/epoch_log.py``), from what rank 0
+reports. The loop itself is ``models.loop.fit``, the same function a plain script calls; Ray appears only in
+the hooks: rank and world size, ``prepare_model`` (DDP), ``prepare_data_loader`` (device moves; ``fit``
+brings its own seeded sampler), ``report`` and the checkpoints (the shape of Ray's Fashion-MNIST Train
+example).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 import torch
 
 from models import build_model, parse_strategy
-from models.loop import DDP_OPTIONS, NOT_METRICS, EpochEnd, FitConfig, FitHooks, FitState, fit
+from models.loop import DDP_OPTIONS, EpochEnd, FitConfig, FitHooks, FitState, fit
 from models.weights import WEIGHTS_FILE, headbench_keys, save_state_dict
 
 TRAIN_STATE = "train_state.pt"
 BEST_WEIGHTS_FILE = "best.safetensors"
 STARTUP_KEYS = {"worker_created_at", "worker_entered_at", "worker_ready_at"}  # wall clock, in the first row
+HISTORY_KEY = "history"  # rank 0's report: its epoch row plus the whole history under this key
 
 
 @dataclass(frozen=True)
@@ -65,18 +67,12 @@ class TrainConfig:
                          early_stopping_patience=self.early_stopping_patience, seed=self.seed)
 
 
-def _epoch_line(row: dict[str, float], epochs: int, phase: str) -> str:
+def epoch_line(row: dict[str, float], epochs: int, phase: str) -> str:
+    """One epoch of ``training/epochs.log``, as rank 0 also prints it to Ray's worker log."""
     return (f"epoch {int(row['epoch'])}/{epochs} [{phase}] train_loss={row['train_loss']:.4f} "
             f"train_acc={row['train_accuracy']:.4f} val_loss={row['val_loss']:.4f} "
             f"val_acc={row['val_accuracy']:.4f} {row['images_per_second']:.0f} img/s {row['epoch_seconds']:.1f} s"
-            + (f" (+{row['feature_seconds']:.1f} s computing features once)" if row["feature_seconds"] else ""))
-
-
-def log_epochs(tracker: Any, rows: list[dict[str, float]]) -> None:
-    """Per-epoch metrics to MLflow, step = epoch (rank 0)."""
-    for row in rows:
-        tracker.log_metrics({k: v for k, v in row.items() if k not in NOT_METRICS | STARTUP_KEYS},
-                            step=int(row["epoch"]))
+            + (f" (+{row['feature_seconds']:.1f} s computing features once)" if row.get("feature_seconds") else ""))
 
 
 def save_checkpoint(end: EpochEnd, directory: Path) -> None:
@@ -127,23 +123,6 @@ def train_worker(config: dict[str, Any]) -> None:
     model.to(device)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
-    tracker = None
-    if rank == 0:
-        from infra.tracking import Tracker  # MLflow client: rank 0 only
-
-        tracker = Tracker(config["tracking_uri"], config["run_id"])
-        # Epochs an earlier attempt of this run already logged. A restarted worker group resumes from the last
-        # checkpoint Ray registered, or from scratch when it died before Ray registered one: either way each
-        # epoch is logged once (a re-run epoch from the same seed repeats what was logged).
-        logged = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "train_loss")}
-        if resume is not None:  # resumed: log the checkpointed epochs the failed attempt did not get to log
-            log_epochs(tracker, [row for row in resume.history if int(row["epoch"]) not in logged])
-            logged |= {int(row["epoch"]) for row in resume.history}
-
-    # every epoch's line, kept in MLflow as training/epochs.log (a resumed attempt rewrites the earlier ones)
-    lines = [_epoch_line(row, cfg.epochs, f"phase {int(row.get('phase', 1))}") for row in resume.history] if resume \
-        else []
-
     # when this worker process started, entered this function and was ready to train: the bench's start-up
     # breakdown reads them from the first epoch's row (not MLflow metrics)
     startup = {"worker_created_at": psutil.Process().create_time(), "worker_entered_at": entered_at,
@@ -153,20 +132,15 @@ def train_worker(config: dict[str, Any]) -> None:
         if startup:
             end.row.update(startup)
             startup.clear()
-        if tracker is None:
+        if rank != 0:
             ray.train.report(end.row, checkpoint=None)
             return
-        lines.append(_epoch_line(end.row, cfg.epochs, end.phase.name))
-        print(lines[-1], flush=True)  # to Ray's worker log (and the driver with --verbose)
+        print(epoch_line(end.row, cfg.epochs, end.phase.name), flush=True)  # Ray's worker log (--verbose)
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(end, Path(tmp))
-            ray.train.report(end.row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        # logged only once the checkpoint holding this epoch is persisted: a crash in between loses the
-        # log line, which the resumed run backfills from the checkpoint's history (never a duplicate)
-        if int(end.row["epoch"]) not in logged:
-            log_epochs(tracker, [end.row])
-            logged.add(int(end.row["epoch"]))
-        tracker.log_text("\n".join(lines) + "\n", "training/epochs.log")
+            # the whole history: Train's controller logs to MLflow whatever epochs it does not have yet
+            ray.train.report(end.row | {HISTORY_KEY: end.state.history},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     hooks = FitHooks(
         rank=rank, world=world, device=device, on_epoch=on_epoch, resume=resume,
