@@ -294,7 +294,7 @@ STARTUP_SEGMENTS = (
     ("connect to Ray", "ray-connected"), ("placement check, trainer, ray.put", "fit-called"),
     ("Train controller + worker process spawned", "worker_created_at"),
     ("worker imports, process group", "worker_entered_at"),
-    ("worker: data from the object store, model, MLflow client", "worker_ready_at"),
+    ("worker: data from the object store, model (and a resume checkpoint)", "worker_ready_at"),
     ("first optimizer step", "first_step_at"),
 )
 
