@@ -1,8 +1,8 @@
 """The live progress display of `headbench run`, `compare` and `demo`: the flow's stage, then one bar per
 training run (the retrain run, or each running child of a comparison) with its loss, accuracy and ETA.
 
-Progress is read from MLflow (``infra.progress``), where rank 0 logs every epoch; none of Ray's worker
-output is needed on the terminal (`--verbose` forwards it). On a terminal the display redraws in place; in
+Progress is read from MLflow (``infra.progress``), where Train's controller logs every epoch; none of Ray's
+worker output is needed on the terminal (`--verbose` forwards it). On a terminal the display redraws in place; in
 a pipe or a log file it prints one line per stage and per epoch instead.
 """
 

@@ -45,8 +45,7 @@ class EpochLog:
         self._logged: set[int] = set()
 
     def phase_name(self, row: dict[str, float]) -> str:
-        index = int(row.get("phase", 1)) - 1
-        return self.phases[index] if 0 <= index < len(self.phases) else f"phase {index + 1}"
+        return self.phases[int(row["phase"]) - 1]  # the loop numbers its phases from 1
 
     def sync(self, history: Sequence[dict[str, float]]) -> int:
         """Log the rows MLflow lacks (each epoch once) and rewrite the epoch log; returns how many were new."""

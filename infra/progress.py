@@ -1,8 +1,8 @@
 """Training progress as MLflow has it: for one Prefect flow run, each MLflow run that trains (the retrain
 run, or every child of a comparison) with its latest epoch, the epoch budget and that epoch's metrics.
 
-Rank 0 logs every epoch to MLflow, so the driver's console reads progress from the same place the UI does,
-and none of Ray's worker output has to reach the terminal.
+Train's controller logs every epoch to MLflow (``infra.epoch_log``), so the driver's console reads progress
+from the same place the UI does, and none of Ray's worker output has to reach the terminal.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""MLflow helpers: one client per process, addressed by run id (safe to use from a Ray rank-0 worker).
+"""MLflow helpers: one client per process, addressed by run id (safe to use from Ray Train's controller).
 
 No fluent ``mlflow.start_run`` state: every call names its run, so nothing opens or ends runs behind
-our back, and a Ray worker can log to the driver's run.
+our back, and Ray Train's controller can log to the driver's run.
 """
 
 from __future__ import annotations
