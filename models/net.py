@@ -11,7 +11,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from models.heads import HeadConfig, build_head
@@ -58,6 +57,10 @@ def check_arch(arch: str) -> str:
 
 def _torchvision_resnet(arch: str, weights: str | None) -> nn.Module:
     """A torchvision ResNet, with ImageNet weights fetched through torchvision's own API and cache."""
+    # imported here, not at the top: torchvision's import pulls in torch._dynamo (seconds on a small CPU),
+    # and Train's controller, which unpickles the worker module but builds no model, has no use for it
+    import torchvision
+
     if weights is None:
         return torchvision.models.get_model(arch, weights=None)
     enum = torchvision.models.get_model_weights(arch)
