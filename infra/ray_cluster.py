@@ -44,9 +44,14 @@ TRAINING_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
 # state every 5 s, for spot instances) has no preemption to watch for, and its process boots beside the
 # training worker.
 LOCAL_TRAINING_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Every node this host starts: Ray's log monitor (one process per node) re-globs the node's log folder on
+# each 0.1 s pass while it tracks fewer than 1000 files, and every Train run adds a few worker logs, so its
+# CPU grows with each run (measured in docs/performance.md). Once a second finds a new worker's log soon
+# enough for `--verbose`.
+LOG_MONITOR_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "1", "LOG_NAME_UPDATE_INTERVAL_S": "1.0"}
 # Node launchers: no SIGTERM drain. It exists so Ray Serve can quiesce proxies; headbench runs no Serve, and
 # a drain would hold `down` for 30 s on a head that hosts Train's helper actors.
-NODE_ENV = LOOPBACK_ENV | TRAINING_ENV | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+NODE_ENV = LOOPBACK_ENV | TRAINING_ENV | LOG_MONITOR_ENV | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 NODE_RESOURCE = "headbench_node_{}"  # one unit on node i (0 = head)
 # The stack's driver node: no CPUs, so no training worker lands there; the processes that start runs on this
 # host (`headbench run`, the Prefect worker's flow runs) attach to it, and Train's controller, which Ray
@@ -155,7 +160,8 @@ def init_ray(settings: Settings) -> None:
     (never attach to a cluster by accident, never listen on other interfaces)."""
     local = not settings.ray_address or settings.ray_address.split(":")[0] in ("127.0.0.1", "localhost")
     # read by ray at import time, by a private Ray's raylet and by Train's controller: set before all three
-    for key, value in (LOOPBACK_ENV | LOCAL_TRAINING_ENV | TRAINING_ENV if local else TRAINING_ENV).items():
+    for key, value in (LOOPBACK_ENV | LOCAL_TRAINING_ENV | LOG_MONITOR_ENV | TRAINING_ENV if local
+                       else TRAINING_ENV).items():
         os.environ.setdefault(key, value)
     import ray
 
