@@ -66,6 +66,7 @@ class ServiceSpec:
     marker: str  # a word of the command line, to tell our process from a recycled pid
     leader_first: bool = False  # stop: SIGTERM the leader alone first (a Ray node drains through its GCS)
     child_groups_first: bool = False  # stop: first the children in groups of their own (a worker's flow runs)
+    after: tuple[str, ...] = ()  # start once these are healthy (a Ray node needs its head's GCS)
 
 
 @dataclass(frozen=True)
@@ -342,10 +343,10 @@ class LocalStack:
             specs.append(ServiceSpec(f"ray-node-{index}", argv,
                                      dict(env), functools.partial(lambda i: i in alive_nodes(dashboard),
                                                                            index),
-                                     dashboard, "infra.ray_cluster", leader_first=True))
+                                     dashboard, "infra.ray_cluster", leader_first=True, after=("ray-head",)))
         specs.append(ServiceSpec("ray-driver", driver_node_argv(self.ray_gcs_address, driver_temp_dir, picker),
                                  dict(env), lambda: DRIVER_RESOURCE in alive_node_resources(dashboard), dashboard,
-                                 "infra.ray_cluster", leader_first=True))
+                                 "infra.ray_cluster", leader_first=True, after=("ray-head",)))
         return specs
 
     def services(self) -> list[ServiceSpec]:
@@ -373,6 +374,7 @@ class LocalStack:
         # SIGKILLs its flow runs, which would leave their MLflow and Prefect runs RUNNING.
         worker = [str(BIN / "prefect"), "worker", "start", "--pool", self.settings.work_pool, "--type", "process",
                   "--name", f"headbench-{p.prefect}", "--with-healthcheck"]
+        ray = self.ray_services()
         return [
             ServiceSpec("s3", weed, keys, self._s3_healthy, self.s3_url, "weed"),
             ServiceSpec("mlflow", mlflow,
@@ -392,11 +394,12 @@ class LocalStack:
                          "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
                          "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": self.prefect_url},
                         lambda: http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect"),
-            *self.ray_services(),
+            *ray,
+            # last: a flow run it picks up finds the servers and the whole Ray cluster there
             ServiceSpec("worker", worker, self.worker_env() if self.access_key else {},
                         lambda: http_ok(f"http://{HOST}:{p.prefect_worker}/health"),
                         f"{self.prefect_url}/work-pools/work-pool/{self.settings.work_pool}", "worker",
-                        child_groups_first=True),
+                        child_groups_first=True, after=("s3", "mlflow", "prefect", *(r.name for r in ray))),
         ]
 
     def _pid(self, name: str) -> int | None:
@@ -418,18 +421,51 @@ class LocalStack:
         self._write_private(self.pid_file(spec.name), f"{proc.pid}\n")
         return proc
 
-    def _wait_healthy(self, spec: ServiceSpec, alive: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if spec.health():
-                return
-            if not alive():
-                tail = self.log_file(spec.name).read_text(errors="replace").strip().splitlines()[-1:]
-                raise StackError(f"{spec.name} exited during start-up; see {self.log_file(spec.name)}: "
-                                 f"{tail[0] if tail else ''}")
-            time.sleep(0.5)
-        raise StackError(f"{spec.name} not healthy at {spec.url} after {timeout:.0f} s; "
-                         f"see {self.log_file(spec.name)}")
+    def _start_all(self, specs: list[ServiceSpec], timeout: float,
+                   on_ready: Callable[[str, str, bool], None] | None) -> None:
+        """Start every service that is not running as soon as the ones it comes ``after`` are healthy, so
+        independent servers boot side by side (each is one mostly single-threaded process); report each in
+        list order. A service that exits or is not healthy ``timeout`` s after its start fails ``up``."""
+        ready: dict[str, bool] = {}  # name -> it was running already
+        waiting: dict[str, tuple[Callable[[], bool], float]] = {}  # started, not yet healthy: (alive, deadline)
+        reported = 0
+        while reported < len(specs):
+            for spec in specs:
+                if spec.name in ready or spec.name in waiting or not all(d in ready for d in spec.after):
+                    continue
+                pid = self._pid(spec.name)
+                if pid is not None and pid_alive(pid, spec.marker) and spec.health():
+                    ready[spec.name] = True
+                    continue
+                if pid is not None and pid_alive(pid, spec.marker):  # started earlier, still coming up
+                    alive = functools.partial(pid_alive, pid, spec.marker)
+                else:
+                    self._check_ports(spec.name)
+                    alive = functools.partial(lambda p: p.poll() is None, self._start(spec))
+                waiting[spec.name] = (alive, time.monotonic() + timeout)
+            for spec in specs:
+                if spec.name not in waiting:
+                    continue
+                alive, deadline = waiting[spec.name]
+                if spec.health():
+                    del waiting[spec.name]
+                    ready[spec.name] = False
+                elif not alive():
+                    tail = self.log_file(spec.name).read_text(errors="replace").strip().splitlines()[-1:]
+                    raise StackError(f"{spec.name} exited during start-up; see {self.log_file(spec.name)}: "
+                                     f"{tail[0] if tail else ''}")
+                elif time.monotonic() > deadline:
+                    raise StackError(f"{spec.name} not healthy at {spec.url} after {timeout:.0f} s; "
+                                     f"see {self.log_file(spec.name)}")
+            while reported < len(specs) and specs[reported].name in ready:
+                spec = specs[reported]
+                if spec.name == "s3":
+                    self._create_buckets()
+                if on_ready:
+                    on_ready(spec.name, spec.url, ready[spec.name])
+                reported += 1
+            if reported < len(specs):
+                time.sleep(0.5)
 
     def up(self, timeout: float = 180.0, on_ready: Callable[[str, str, bool], None] | None = None) -> None:
         """Start what is not running (idempotent), wait for health, create buckets, write the env file."""
@@ -448,21 +484,7 @@ class LocalStack:
              "ray_nodes": self.ray_nodes, "ray_cpus": self.ray_cpus_option}, indent=2))
         if self.backend == "postgres":
             self._create_databases()
-        for spec in self.services():
-            pid = self._pid(spec.name)
-            already = pid is not None and pid_alive(pid, spec.marker) and spec.health()
-            if not already:
-                if pid is not None and pid_alive(pid, spec.marker):  # started earlier, still coming up
-                    alive = functools.partial(pid_alive, pid, spec.marker)
-                else:
-                    self._check_ports(spec.name)
-                    proc = self._start(spec)
-                    alive = functools.partial(lambda p: p.poll() is None, proc)
-                self._wait_healthy(spec, alive, timeout)
-            if spec.name == "s3":
-                self._create_buckets()
-            if on_ready:
-                on_ready(spec.name, spec.url, already)
+        self._start_all(self.services(), timeout, on_ready)
         self._write_private(self.env_file, "".join(
             f"export {k}={shlex.quote(v)}\n" for k, v in self.standard_env().items()))
 

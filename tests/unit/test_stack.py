@@ -1,5 +1,5 @@
-"""infra/stack.py without starting anything: the cluster shape options, the env a stack exports, the port
-check, and credentials kept out of error messages."""
+"""infra/stack.py without its servers: the cluster shape options, the env a stack exports, the port check,
+credentials kept out of error messages, and the start order (with stand-in processes)."""
 
 from __future__ import annotations
 
@@ -127,3 +127,47 @@ def test_the_prefect_server_gets_an_auth_string_csrf_and_its_own_origin_only(tmp
     assert stack.worker_env()["PREFECT_API_AUTH_STRING"] == "headbench:t0ken"  # the worker, its flow runs
     settings = load_settings(tmp_path).model_copy(update={"prefect_api_auth_string": None})
     assert "PREFECT_API_AUTH_STRING" not in settings.standard_env()
+
+
+def test_services_start_side_by_side_after_what_they_need_and_are_reported_in_order(tmp_path: Path) -> None:
+    """Real processes: `a` and `b` need nothing and boot together (b is healthy first), `c` starts only once
+    `a` is healthy; `up` reports them a, b, c whatever order they became healthy in, and a second pass starts
+    nothing; a service that exits during start-up fails in one line naming its log."""
+    import sys
+    import time
+
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, ServiceSpec, StackError, free_ports
+
+    stack = LocalStack(load_settings(tmp_path), free_ports())
+    first_poll: dict[str, float] = {}
+    healthy_at: dict[str, float] = {}
+
+    def spec(name: str, boot_s: float, after: tuple[str, ...] = ()) -> ServiceSpec:
+        flag = tmp_path / f"{name}.up"  # the process writes it once it has "booted"; health reads it
+        code = f"import pathlib, time; time.sleep({boot_s}); pathlib.Path({str(flag)!r}).touch(); time.sleep(60)"
+
+        def healthy() -> bool:
+            now = time.monotonic()
+            first_poll.setdefault(name, now)
+            if flag.exists():
+                healthy_at.setdefault(name, now)
+            return flag.exists()
+        return ServiceSpec(name, [sys.executable, "-c", code], {}, healthy, f"test://{name}", "-c", after=after)
+
+    specs = [spec("a", 3.0), spec("b", 0.1), spec("c", 0.1, after=("a",))]
+    reported: list[str] = []
+    try:
+        stack._start_all(specs, timeout=60, on_ready=lambda name, url, already: reported.append(f"{name}:{already}"))
+        assert reported == ["a:False", "b:False", "c:False"]
+        assert healthy_at["b"] < healthy_at["a"]  # b booted while a was still booting
+        assert first_poll["c"] >= healthy_at["a"]  # c was started only once a was healthy
+        reported.clear()
+        stack._start_all(specs, timeout=60, on_ready=lambda name, url, already: reported.append(f"{name}:{already}"))
+        assert reported == ["a:True", "b:True", "c:True"]  # idempotent: nothing started twice
+    finally:
+        stack._stop(specs)
+    crash = ServiceSpec("crash", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"], {}, lambda: False,
+                        "test://crash", "-c")
+    with pytest.raises(StackError, match=r"crash exited during start-up; see .*crash\.log: boom"):
+        stack._start_all([crash], timeout=60, on_ready=None)
