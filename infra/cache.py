@@ -31,6 +31,13 @@ class CacheEntry:
     last_used: float  # epoch seconds: the folder's mtime, set on each use
 
 
+def writer_temp(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other writer uses: two runs filling the same cache entry at
+    once (two first runs on a fresh machine) each write their own file and ``os.replace`` it into place, so
+    neither renames the other's half-written file away."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def touch(entry: Path) -> None:
     """Record a use of ``entry`` (a cache folder)."""
     if entry.is_dir():

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100, KMNIST, MNIST, SVHN
 
+from infra.cache import writer_temp
 from infra.datasets import DatasetError, RawDataset, Sources, digest_lines, parse_idx, row_keys, sha256_hex
 from infra.download import DownloadError, download, file_digest
 
@@ -244,7 +245,7 @@ def _from_s3(entry: NamedDataset, f: CatalogueFile, dest: Path, src: Sources) ->
     with s3_errors(src.endpoint, f"reading s3://{src.bucket}/{key}"):
         if not object_exists(src.s3, src.bucket, key):
             return False
-        tmp = dest.with_name(dest.name + ".s3")
+        tmp = writer_temp(dest)
         src.s3.download_file(src.bucket, key, str(tmp))
     if file_digest(tmp, "md5") != f.md5:
         tmp.unlink(missing_ok=True)
@@ -359,7 +360,7 @@ def _fetch_fashion_file(f: CatalogueFile, cache: Path, src: Sources) -> bytes:
         if raw is None:
             continue
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
+        tmp = writer_temp(cached)
         tmp.write_bytes(raw)
         tmp.replace(cached)  # atomic: a reader never sees half a file
         if src.s3 is not None and src.bucket and not where.startswith("s3://"):

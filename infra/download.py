@@ -10,6 +10,7 @@ fails as transient (the task may retry it) only when it keeps breaking.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import json
@@ -157,10 +158,22 @@ def download(url: str, dest: Path, *, sha256: str | None = None, md5: str | None
 
     ``sha256`` / ``md5`` pin the content: a mismatch deletes the partial file and raises, and nothing is
     cached. ``conditional`` (what an earlier response said) makes the request conditional: a 304 returns a
-    ``Fetched`` with ``path=None`` and writes nothing."""
+    ``Fetched`` with ``path=None`` and writes nothing. One process at a time downloads into ``dest``'s
+    folder (an exclusive lock on the folder itself, so no lock file is left behind): two runs on a fresh
+    cache would otherwise append to one ``.part``."""
     if not url.startswith(SCHEMES):
         raise DownloadError(f"{_short(url)}: only http:// and https:// URLs are downloaded")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(dest.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # released on close, also when this process dies
+        return _download(url, dest, sha256=sha256, md5=md5, conditional=conditional)
+    finally:
+        os.close(folder)
+
+
+def _download(url: str, dest: Path, *, sha256: str | None, md5: str | None,
+              conditional: Validators | None) -> Fetched:
     part, meta = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
     started = time.monotonic()
     for attempt in range(RESUMES + 1):

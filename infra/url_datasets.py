@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from infra.archives import ArchiveError, archive_suffix, extract, tree_root
-from infra.cache import touch
+from infra.cache import touch, writer_temp
 from infra.datasets import DatasetError, Sources
 from infra.download import DownloadError, Validators, download, file_digest
 from infra.s3 import object_exists, s3_errors
@@ -78,7 +78,7 @@ def _read_record(archives: Path, url: str) -> UrlRecord | None:
 
 def _write_record(archives: Path, record: UrlRecord) -> None:
     path = _record_path(archives, record.url)
-    tmp = path.with_suffix(".tmp")
+    tmp = writer_temp(path)
     tmp.write_text(json.dumps(asdict(record)))
     os.replace(tmp, path)
 

@@ -113,3 +113,17 @@ def test_an_unreachable_host_or_a_missing_file_fails_at_once_in_one_line(served,
         download(f"{base}/nope.tar.gz", tmp_path / "y")
     with pytest.raises(DownloadError, match="only http"):
         download("ftp://example.org/x.tar", tmp_path / "z")
+
+
+def test_two_downloads_into_one_cache_entry_at_once_both_end_with_the_whole_file(served, tmp_path: Path) -> None:
+    """Two runs on a fresh cache fetch the same file together: the second waits for the first instead of
+    appending to its `.part`, and both end with the verified file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, state = served
+    state.cut_once["/data.tar.gz"] = 1_000_000  # the first attempt is cut short: a .part exists mid-way
+    dest = tmp_path / "cache" / "data.tar.gz"
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: download(f"{base}/data.tar.gz", dest, sha256=SHA), range(2)))
+    assert all(r.sha256 == SHA for r in results) and dest.read_bytes() == BLOB
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["data.tar.gz"]  # no part, no lock file left
