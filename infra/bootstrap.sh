@@ -25,9 +25,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "bootstrap: installing packages into $VENV (a few minutes the first time)"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# --no-compile: pip would byte-compile all ~22,000 .py files of the packages, one at a time (~100 s on
-# 2 cores); Python compiles the few thousand that are imported on first import and caches them
-"$VENV/bin/python" -m pip install -q --no-compile -e '.[dev]'
+# Byte-compiled at install (pip's default), not left to first import: where PYTHONDONTWRITEBYTECODE is set
+# (this machine sets it) nothing would ever cache the bytecode, and every process would recompile torch,
+# ray, mlflow and prefect from source on each start
+"$VENV/bin/python" -m pip install -q -e '.[dev]'
 rm -f "$VENV"/.headbench-installed-*
 touch "$stamp"
 echo "bootstrap: done"
