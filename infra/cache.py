@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -35,7 +36,9 @@ def writer_temp(path: Path) -> Path:
     """A temporary name beside ``path`` that no other writer uses: two runs filling the same cache entry at
     once (two first runs on a fresh machine) each write their own file and ``os.replace`` it into place, so
     neither renames the other's half-written file away."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
 
 
 def touch(entry: Path) -> None:

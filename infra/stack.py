@@ -430,19 +430,27 @@ class LocalStack:
         waiting: dict[str, tuple[Callable[[], bool], float]] = {}  # started, not yet healthy: (alive, deadline)
         reported = 0
         while reported < len(specs):
-            for spec in specs:
-                if spec.name in ready or spec.name in waiting or not all(d in ready for d in spec.after):
-                    continue
-                pid = self._pid(spec.name)
-                if pid is not None and pid_alive(pid, spec.marker) and spec.health():
-                    ready[spec.name] = True
-                    continue
-                if pid is not None and pid_alive(pid, spec.marker):  # started earlier, still coming up
-                    alive = functools.partial(pid_alive, pid, spec.marker)
-                else:
-                    self._check_ports(spec.name)
-                    alive = functools.partial(lambda p: p.poll() is None, self._start(spec))
-                waiting[spec.name] = (alive, time.monotonic() + timeout)
+            progressed = True
+            while progressed:  # until a pass starts nothing: one whose need turned healthy just now starts too
+                progressed = False
+                for spec in specs:
+                    if spec.name in ready or spec.name in waiting or not all(d in ready for d in spec.after):
+                        continue
+                    pid = self._pid(spec.name)
+                    if pid is not None and pid_alive(pid, spec.marker) and spec.health():
+                        ready[spec.name] = progressed = True
+                        continue
+                    if pid is not None and pid_alive(pid, spec.marker):  # started earlier, still coming up
+                        alive = functools.partial(pid_alive, pid, spec.marker)
+                    else:
+                        self._check_ports(spec.name)
+                        alive = functools.partial(lambda p: p.poll() is None, self._start(spec))
+                    waiting[spec.name] = (alive, time.monotonic() + timeout)
+                    progressed = True
+            if not waiting and not all(d in ready for s in specs if s.name not in ready for d in s.after):
+                blocked = [s.name for s in specs if s.name not in ready]
+                raise StackError(f"cannot start {', '.join(blocked)}: they wait for services that are not in the "
+                                 "stack")
             for spec in specs:
                 if spec.name not in waiting:
                     continue

@@ -171,3 +171,7 @@ def test_services_start_side_by_side_after_what_they_need_and_are_reported_in_or
                         "test://crash", "-c")
     with pytest.raises(StackError, match=r"crash exited during start-up; see .*crash\.log: boom"):
         stack._start_all([crash], timeout=60, on_ready=None)
+    orphan = ServiceSpec("orphan", [sys.executable, "-c", "pass"], {}, lambda: False, "test://orphan", "-c",
+                         after=("nowhere",))
+    with pytest.raises(StackError, match="cannot start orphan: they wait for services that are not in the stack"):
+        stack._start_all([orphan], timeout=60, on_ready=None)
