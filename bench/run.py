@@ -427,7 +427,9 @@ def local_stack(home: Path | None) -> Iterator[Any]:
 
     The benchmarks train on a private Ray this process starts, also when the stack has a cluster: the Ray
     workers are then this process's descendants (memory sampling) and share the cores with nothing else. An
-    empty RAY_ADDRESS outranks the stack's env file, for the flows this process runs too."""
+    empty RAY_ADDRESS outranks the stack's env file, for the flows this process runs too. HEADBENCH_HOME
+    names the chosen stack, so those flows (which load their settings themselves) read its env file, not
+    one of a stack that once ran in the current directory."""
     from infra.settings import load_settings
     from infra.stack import LocalStack, free_ports
 
@@ -435,12 +437,14 @@ def local_stack(home: Path | None) -> Iterator[Any]:
     if home is not None:
         settings = load_settings(home)
         if all(s.healthy for s in LocalStack(settings).status()):
+            os.environ["HEADBENCH_HOME"] = str(settings.home)
             yield settings
             return
     with tempfile.TemporaryDirectory(prefix="headbench-bench-") as tmp:
         stack = LocalStack(load_settings(Path(tmp)), free_ports())
         try:
             stack.up()
+            os.environ["HEADBENCH_HOME"] = tmp
             yield load_settings(Path(tmp))
         finally:
             stack.down()

@@ -127,7 +127,10 @@ class LocalStack:
         self.home = settings.home.resolve()
         self.settings = settings
         saved = self._read_state()
-        self.ports = ports or (StackPorts(**saved["ports"]) if saved else settings.ports)
+        # a saved stack keeps its ports, except one named by its HEADBENCH_PORT_* variable (what the busy-port
+        # error tells the user to set)
+        self.ports = ports or (StackPorts(**(saved["ports"] | settings.ports.model_dump(exclude_unset=True)))
+                               if saved else settings.ports)
         self.access_key = saved.get("access_key") if saved else None
         self.secret_key = saved.get("secret_key") if saved else None
         self.prefect_auth = saved.get("prefect_auth") if saved else None  # the Prefect API's basic-auth string

@@ -90,6 +90,22 @@ def test_a_port_held_by_another_program_is_named_with_its_setting(tmp_path: Path
             stack._check_ports("ray-head")
 
 
+
+def test_the_port_setting_the_busy_port_error_names_moves_that_port_of_a_saved_stack(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `up` failed on a busy port the stack is saved; the variable the error names must still apply."""
+    import json
+
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, free_ports
+
+    saved = free_ports()
+    (tmp_path / "stack.json").write_text(json.dumps({"ports": saved.all(), "ray_nodes": 2}))
+    monkeypatch.setenv("HEADBENCH_PORT_RAY_DASHBOARD", "18265")
+    ports = LocalStack(load_settings(tmp_path)).ports
+    assert ports.ray_dashboard == 18265
+    assert ports.all() | {"ray_dashboard": saved.ray_dashboard} == saved.all()  # every other port as saved
+
 @pytest.mark.parametrize("url, shown", [
     ("postgresql://hb:s3cr%40t@127.0.0.1:5432/headbench", "postgresql://hb:***@127.0.0.1:5432/headbench"),
     ("postgresql://hb@127.0.0.1/headbench", "postgresql://hb@127.0.0.1/headbench"),  # no password: unchanged
