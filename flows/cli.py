@@ -50,8 +50,23 @@ def say(line: str) -> None:
     console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
+def drain_prefect(timeout_s: float = 5.0) -> None:
+    """Deliver what Prefect still queues (events, API log lines) now. Its own drain runs at interpreter exit
+    and, when the queue is not yet empty (a loaded machine), logs 'Still processing items: N items
+    remaining...', which would land after the error line."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (EventsWorker, APILogWorker):
+        service.drain_all(timeout=timeout_s, at_exit=False)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    """The one-line error contract: ``error: <message>`` on stderr, exit ``code``; the message is user text."""
+    """The one-line error contract: ``error: <message>`` on stderr, exit ``code``, as the last line (Prefect's
+    queues are drained first); the message is user text."""
+    drain_prefect()
     err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 

@@ -124,3 +124,37 @@ def test_help_on_every_command() -> None:
     for command in ("up", "down", "status", "run", "compare", "demo", "strategies"):
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, command
+
+
+# A Prefect queue service whose items take a while (as events do when the API is slow on a loaded machine),
+# still holding items when the command fails.
+QUEUED_AT_FAILURE = """
+import asyncio
+import sys
+import typer
+from prefect._internal.concurrency.services import QueueService
+from flows.cli import console_without_tracebacks, fail
+
+class Slow(QueueService[int]):
+    async def _handle(self, item: int) -> None:
+        await asyncio.sleep(0.2)
+
+console_without_tracebacks()
+service = Slow.instance()
+for i in range(10):
+    service.send(i)
+try:
+    fail("boom")
+except typer.Exit as exc:  # what the typer app turns into the exit status
+    sys.exit(exc.exit_code)
+"""
+
+
+def test_the_error_line_stays_last_when_prefect_still_has_queued_items(tmp_path: Path) -> None:
+    """Prefect drains its queues at interpreter exit and logs 'Still processing items' while it does: the
+    CLI drains them before it prints the error, so that line comes first and the error stays the last."""
+    done = subprocess.run([sys.executable, "-c", QUEUED_AT_FAILURE], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=tmp_path, env=os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")})
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1] == "error: boom", done.stderr[-2000:]
