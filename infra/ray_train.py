@@ -9,6 +9,7 @@ latest one; Train's controller then logs the epoch to MLflow by run id (``infra.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,6 +93,25 @@ def fit_interruptibly(trainer: Any) -> Any:
     return outcome["result"]
 
 
+@functools.cache
+def trainer_class(base: type) -> type:
+    """``base`` (TorchTrainer) without Ray Data's per-run plumbing when no Ray Dataset is passed, as here (the
+    arrays travel through the object store): Train's datasets callback would start a DatasetManager actor
+    next to the controller, a process that imports Ray Data, and make every worker import Ray Data to
+    receive a DataContext, all before the first step. Nothing else changes: workers get no dataset shard
+    provider, which only ``ray.train.get_dataset_shard`` (never called here) would need."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class ArrayTrainer(base):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return ArrayTrainer
+
+
 def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                  *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
@@ -114,7 +134,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
         check_gpus(cfg.workers, node_gpus())
     storage_path, storage_fs = ray_storage(settings, RAY_TRAIN_PREFIX)
     epoch_log = EpochLog(tracking_uri, run_id, cfg.strategy, cfg.epochs, cfg.probe_epochs)
-    trainer = TorchTrainer(
+    trainer = trainer_class(TorchTrainer)(
         train_worker,
         train_loop_config={"train": asdict(cfg), "threads": cpus, "data_ref": ray.put((train, val)),
                            "init_ref": ray.put(init_state)},
