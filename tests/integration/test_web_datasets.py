@@ -74,25 +74,44 @@ def test_a_retrain_from_an_http_archive_end_to_end(stack: Stack, web) -> None:
     assert pin[:32] in _archive_trees(stack)
 
 
-@pytest.mark.parametrize("case", ["wrong-sha256", "traversal-member", "unreachable-host"])
-def test_a_bad_web_dataset_fails_in_one_line_within_seconds_and_caches_nothing(stack: Stack, web, case: str) -> None:
+BAD_CASES = ["wrong-sha256", "traversal-member", "unreachable-host"]
+
+
+@pytest.fixture(scope="module")
+def bad_web_runs(stack: Stack, web) -> dict[str, tuple[subprocess.CompletedProcess[str], str, float]]:
+    """Every bad case's `headbench run`, all at once (independent commands; the cache's archive trees are
+    read before the first starts and after the last ends): {case: (outcome, expected text, seconds)}."""
     base, _, root = web
-    args, expected = {
+    cases = {
         "wrong-sha256": (["--dataset", f"{base}/flowers.tar.gz", "--dataset-sha256", "0" * 64],
                          f"is not the pinned content (sha256 {sha256(root / 'flowers.tar.gz')}, pinned {'0' * 64})"),
         "traversal-member": (["--dataset", f"{base}/evil.tar.gz"],
                              "member '../../escaped.png' has a '..' segment"),
         "unreachable-host": (["--dataset", f"http://127.0.0.1:{free_port()}/flowers.tar.gz"], "is unreachable"),
-    }[case]
+    }
     trees, started = _archive_trees(stack), time.monotonic()
-    done = subprocess.run([HEADBENCH, "run", "--model-name", f"web-{case}", "--epochs", "1", *args],
-                          capture_output=True, text=True, timeout=300, env=stack.cli_env(), check=False)
-    elapsed = time.monotonic() - started
+    procs = {case: subprocess.Popen([HEADBENCH, "run", "--model-name", f"web-{case}", "--epochs", "1", *args],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stack.cli_env())
+             for case, (args, _) in cases.items()}
+    outcomes = {}
+    for case, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        # read after the earlier cases ended: an upper bound of this case's own time
+        outcomes[case] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err), cases[case][1],
+                          time.monotonic() - started)
+    assert _archive_trees(stack) == trees  # nothing extracted, nothing cached, by any case
+    return outcomes
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_a_bad_web_dataset_fails_in_one_line_within_seconds_and_caches_nothing(stack: Stack, web, bad_web_runs,
+                                                                              case: str) -> None:
+    _, _, root = web
+    done, expected, elapsed = bad_web_runs[case]
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert elapsed < 60, elapsed  # the CLI's own start-up included; nothing is retried
-    assert _archive_trees(stack) == trees  # nothing extracted, nothing cached
     assert not (root.parent / "escaped.png").exists()
     assert stack.settings.mlflow_tracking_uri
     assert not MlflowClient(stack.settings.mlflow_tracking_uri).search_registered_models(f"name = 'web-{case}'")
