@@ -18,7 +18,7 @@ test: bootstrap  ## ruff, the import-layer contract, then the whole suite: unit 
 test-unit: bootstrap  ## the unit tests alone: no servers, no Ray cluster
 	$(BIN)/python -m pytest tests/unit
 
-test-fast: bootstrap  ## the suite without the tests marked slow (fault injection, PostgreSQL, deployments, bench)
+test-fast: bootstrap  ## the suite without the tests marked slow (fault injection, deployments, bench)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: bootstrap  ## the pipeline benchmark: B1 plain PyTorch vs B2 headbench, overheads, memory (~8 min)

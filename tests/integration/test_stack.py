@@ -1,19 +1,33 @@
-"""`headbench up | status | down` as a user runs them: idempotent, loopback only, stops exactly what it started,
-with a two-node Ray cluster (`--ray-nodes 2`) among the services."""
+"""`headbench up | status | run | down` as a user runs them on a stack of their own: idempotent, loopback only,
+stops exactly what it started, with a two-node Ray cluster (`--ray-nodes 2`) among the services and MLflow's and
+Prefect's stores in PostgreSQL (127.0.0.1:5432, trust auth; SQLite, the default, is every other test's)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
-from infra.procs import LOOPBACK_IPS, free_port, group_members, listening, pid_alive
+import asyncpg
+
+from infra.procs import LOOPBACK_IPS, cmdline, free_port, group_members, listening, pid_alive
 from infra.ray_cluster import alive_nodes
 from infra.settings import StackPorts
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
+SERVER = "postgresql://postgres@127.0.0.1:5432"
+
+
+async def _sql(database: str, query: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(f"{SERVER}/{database}", timeout=10)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
 
 
 def _listening(pid_group: int) -> list[tuple[str, int]]:
@@ -25,17 +39,20 @@ SERVICES = {"s3": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "w
             "ray-node-1": "infra.ray_cluster", "ray-driver": "infra.ray_cluster"}  # service -> a word of its argv
 
 
-def test_up_status_down_lifecycle(tmp_path: Path) -> None:
+def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
+    name = f"hbtest_{secrets.token_hex(4)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "PREFECT_API"))}
     env |= {"HEADBENCH_HOME": str(tmp_path), "COLUMNS": "200"}
-    env |= {f"HEADBENCH_PORT_{name.upper()}": str(free_port()) for name in StackPorts.model_fields}
+    env |= {f"HEADBENCH_PORT_{port.upper()}": str(free_port()) for port in StackPorts.model_fields}
+    env["HEADBENCH_DATABASE_URL"] = f"{SERVER}/{name}"  # from the environment: never on a command line
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([HEADBENCH, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
 
     try:
-        first = cli("up", "--ray-nodes", "2", "--ray-cpus", "1,1")
+        first = cli("up", "--backend", "postgres", "--ray-nodes", "2", "--ray-cpus", "1,1")
         assert first.returncode == 0, first.stdout + first.stderr
+        assert f"stores     : PostgreSQL {SERVER}/{name}_mlflow, {SERVER}/{name}_prefect" in first.stdout
         gcs, dashboard = env["HEADBENCH_PORT_RAY_GCS"], env["HEADBENCH_PORT_RAY_DASHBOARD"]
         assert f"Ray cluster: RAY_ADDRESS=127.0.0.1:{gcs}, 2 node(s), CPUs 1,1" in first.stdout
         assert f"MLflow UI  : http://127.0.0.1:{env['HEADBENCH_PORT_MLFLOW']}" in first.stdout
@@ -58,17 +75,34 @@ def test_up_status_down_lifecycle(tmp_path: Path) -> None:
         assert status.returncode == 0 and status.stdout.count("healthy") == 7, status.stdout
 
         pids = {name: int((tmp_path / "pids" / f"{name}.pid").read_text()) for name in SERVICES}
-        for name, pid in pids.items():
+        for service, pid in pids.items():
             addresses = _listening(pid)
-            assert addresses, name
-            assert all(ip in LOOPBACK_IPS for ip, _ in addresses), (name, addresses)
+            assert addresses, service
+            assert all(ip in LOOPBACK_IPS for ip, _ in addresses), (service, addresses)
+            assert "postgresql" not in cmdline(pid)  # the database URL stays in the 0600 state file
+
+        # a retrain on this stack trains on its cluster and lands in both PostgreSQL databases, none in SQLite
+        run = cli("run", "--classes", "0-1", "--limit", "80", "--test-limit", "40", "--image-size", "32",
+                  "--epochs", "1", "--batch-size", "32", "--workers", "1", "--model-name", "pg-test")
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        run_id = run.stdout.split("MLflow run : ", 1)[1].split()[0].rsplit("/", 1)[-1]
+        runs = asyncio.run(_sql(f"{name}_mlflow", "SELECT status FROM runs WHERE run_uuid = $1", run_id))
+        assert [r["status"] for r in runs] == ["FINISHED"]
+        versions = asyncio.run(_sql(f"{name}_mlflow", "SELECT version FROM model_versions WHERE name = 'pg-test'"))
+        assert [r["version"] for r in versions] == [1]
+        flows = asyncio.run(_sql(f"{name}_prefect", "SELECT fr.state_type FROM flow_run fr JOIN flow f ON "
+                                                     "f.id = fr.flow_id WHERE f.name = 'retrain'"))
+        assert [str(r["state_type"]) for r in flows] == ["COMPLETED"]
+        assert not (tmp_path / "mlflow" / "mlflow.db").exists() and not (tmp_path / "prefect" / "prefect.db").exists()
     finally:
         down = cli("down")
+        for service in ("mlflow", "prefect"):
+            asyncio.run(_sql("postgres", f'DROP DATABASE IF EXISTS "{name}_{service}" WITH (FORCE)'))
     # the worker first, then Ray's driver and worker nodes before the head that holds its GCS
     assert down.returncode == 0, down.stdout + down.stderr
     assert "stopped: worker, ray-driver, ray-node-1, ray-head, prefect, mlflow, s3" in down.stdout
-    for name, pid in pids.items():
-        assert not pid_alive(pid, SERVICES[name]), name
+    for service, pid in pids.items():
+        assert not pid_alive(pid, SERVICES[service]), service
         assert _listening(pid) == []
     after = cli("status")
     assert after.returncode == 3 and after.stdout.count("stopped") == 7
