@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.settings import STANDARD_VARIABLES
-
 QUALITY_DOC = Path("docs/quality.md")
 GOAL_ACCURACY, GOAL_SECONDS, GOAL_GAP = 0.93, 15 * 60, 0.005
 PROBE_LOSS_RATIO = 1.2  # first fine-tune epoch's train loss <= 1.2 x the probe's last
@@ -346,10 +344,7 @@ def run_quality(recipe: Recipe, study: DemoStudy | None, home: Path | None, *, p
     from bench.run import local_stack
 
     figures = QualityFigures(machine=machine_facts(), recipe=recipe.params())
-    with local_stack(home) as settings:
-        for key in STANDARD_VARIABLES:
-            os.environ.pop(key, None)
-        settings.export_env()  # before prefect is imported
+    with local_stack(home) as settings:  # the stack's settings exported, before prefect is imported
         if plain:
             figures.plain_accuracy, figures.plain_seconds, figures.plain_history = plain_run(recipe, settings.cache_dir)
             log(f"(a) plain script: test acc {figures.plain_accuracy:.4f} in {figures.plain_seconds:.0f} s")
@@ -394,7 +389,7 @@ def main(args: QualityArgs) -> int:
     recipe = Recipe(limit=600, test_limit=200, epochs=1, batch_size=32, lr=0.05) if args.tiny else Recipe()
     if args.epochs:
         recipe = Recipe(**(recipe.params() | {"epochs": args.epochs}))
-    # one seed: the two children train in one wave on the test stack's cluster (the report's parts all exist)
+    # one seed: the two children (one CPU each) train in one wave on the bench's private Ray
     tiny_study = DemoStudy(("replace-fc+linear-probe", "replace-fc+lp-ft"), 1,
                            source=(("limit", 300), ("test_limit", 60), ("epochs", 1), ("workers", 1)),
                            target=(("limit", 120), ("test_limit", 60)))

@@ -423,29 +423,37 @@ class ServiceCpu:
 
 @contextmanager
 def local_stack(home: Path | None) -> Iterator[Any]:
-    """The stack at ``home`` when it is up, else a private one on free ports, stopped afterwards.
+    """The stack at ``home`` when it is up, else a private one on free ports, stopped afterwards; its settings
+    in this process's environment (the standard variables, before Prefect is imported), so that the flows
+    this process runs, which load their settings themselves, use this stack and nothing else: a leftover
+    shell's variables are dropped and HEADBENCH_HOME names the stack (never an env file of a stack that once
+    ran in the current directory).
 
     The benchmarks train on a private Ray this process starts, also when the stack has a cluster: the Ray
     workers are then this process's descendants (memory sampling) and share the cores with nothing else. An
-    empty RAY_ADDRESS outranks the stack's env file, for the flows this process runs too. HEADBENCH_HOME
-    names the chosen stack, so those flows (which load their settings themselves) read its env file, not
-    one of a stack that once ran in the current directory."""
+    empty RAY_ADDRESS outranks the stack's env file."""
     from infra.settings import load_settings
     from infra.stack import LocalStack, free_ports
 
-    os.environ["RAY_ADDRESS"] = ""
+    def use(settings: Any) -> Any:
+        for key in STANDARD_VARIABLES:
+            os.environ.pop(key, None)
+        os.environ["RAY_ADDRESS"] = ""
+        os.environ["HEADBENCH_HOME"] = str(settings.home)
+        settings = load_settings(settings.home)  # read again: RAY_ADDRESS is empty now
+        settings.export_env()
+        return settings
+
     if home is not None:
         settings = load_settings(home)
         if all(s.healthy for s in LocalStack(settings).status()):
-            os.environ["HEADBENCH_HOME"] = str(settings.home)
-            yield settings
+            yield use(settings)
             return
     with tempfile.TemporaryDirectory(prefix="headbench-bench-") as tmp:
         stack = LocalStack(load_settings(Path(tmp)), free_ports())
         try:
             stack.up()
-            os.environ["HEADBENCH_HOME"] = tmp
-            yield load_settings(Path(tmp))
+            yield use(load_settings(Path(tmp)))
         finally:
             stack.down()
 
@@ -460,9 +468,6 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
             log(f"[{i + 1}/{cfg.repeats}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
         return figures
     with local_stack(home) as settings:
-        for key in STANDARD_VARIABLES:
-            os.environ.pop(key, None)  # the stack's values, not a leftover shell's
-        settings.export_env()  # before prefect is imported
         data = bench_data(cfg, settings.cache_dir)
         log(f"data: {len(data.train)} training images at {cfg.image_size} px; machine {figures.machine}")
         for i in range(cfg.repeats):

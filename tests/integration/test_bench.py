@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.procs import free_port
 from tests.integration.conftest import Stack
 
 FIGURES = ("b1_plain_pytorch_img_s", "b2_headbench_img_s", "b2_over_b1", "flow_start_to_first_step_s",
@@ -23,8 +24,13 @@ FIGURES = ("b1_plain_pytorch_img_s", "b2_headbench_img_s", "b2_over_b1", "flow_s
 def test_tiny_bench_emits_every_figure(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private Ray: its workers are ours
+    # run where another stack once ran and left its env file (a Ray that is gone): `--home` decides, also for
+    # the flows the bench runs, which load their settings themselves
+    stale = tmp_path / "old-checkout"
+    (stale / ".headbench").mkdir(parents=True)
+    (stale / ".headbench" / "env").write_text(f"export RAY_ADDRESS=127.0.0.1:{free_port()}\n")
     done = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--home", str(stack.home), "--json", str(out)],
-                          capture_output=True, text=True, timeout=900, check=False, env=env)
+                          capture_output=True, text=True, timeout=900, check=False, env=env, cwd=stale)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
     missing = [name for name in FIGURES if not isinstance(summary.get(name), int | float) or summary[name] <= 0]
