@@ -5,6 +5,7 @@ of a running stack, the Prefect API's authentication. docs/reliability.md has a 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import secrets
 import stat
@@ -109,15 +110,20 @@ def test_a_run_lease_refuses_a_second_holder_renews_itself_and_is_taken_over_whe
 def test_ray_gets_no_s3_secret_in_what_it_pickles(stack: Stack) -> None:
     secret = stack.settings.aws_secret_access_key
     assert secret
-    path, filesystem = ray_storage(stack.settings, "ray")
-    blob = pickle.dumps(filesystem)
-    assert secret.get_secret_value().encode() not in blob
-    assert (stack.settings.aws_access_key_id and
-            stack.settings.aws_access_key_id.get_secret_value().encode() not in blob)
-    # and the filesystem still works, with credentials from the environment
-    restored = pickle.loads(blob)  # noqa: S301 - our own bytes
-    restored.create_dir(f"{path}/pickle-check")
-    assert restored.get_file_info(path).type.name == "Directory"
+    saved = dict(os.environ)
+    try:  # ray_storage exports the stack's variables into this process, as a driver needs: not for later tests
+        path, filesystem = ray_storage(stack.settings, "ray")
+        blob = pickle.dumps(filesystem)
+        assert secret.get_secret_value().encode() not in blob
+        assert (stack.settings.aws_access_key_id and
+                stack.settings.aws_access_key_id.get_secret_value().encode() not in blob)
+        # and the filesystem still works, with credentials from the environment
+        restored = pickle.loads(blob)  # noqa: S301 - our own bytes
+        restored.create_dir(f"{path}/pickle-check")
+        assert restored.get_file_info(path).type.name == "Directory"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_the_running_stacks_state_directory_is_private(stack: Stack) -> None:

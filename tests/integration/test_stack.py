@@ -41,7 +41,9 @@ SERVICES = {"s3": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "w
 
 def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
     name = f"hbtest_{secrets.token_hex(4)}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "PREFECT_API"))}
+    # nothing of the session's stack: its run would otherwise train on that stack's cluster (RAY_ADDRESS)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS", "HEADBENCH_"))}
     env |= {"HEADBENCH_HOME": str(tmp_path), "COLUMNS": "200"}
     env |= {f"HEADBENCH_PORT_{port.upper()}": str(free_port()) for port in StackPorts.model_fields}
     env["HEADBENCH_DATABASE_URL"] = f"{SERVER}/{name}"  # from the environment: never on a command line
