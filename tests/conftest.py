@@ -10,9 +10,19 @@ import pytest
 
 from infra.ray_cluster import LOOPBACK_ENV
 
+# What points a process at a stack: the standard variables of each tool and headbench's own.
+STACK_VARIABLES = ("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS", "HEADBENCH_")
+
+
+def env_without_stack() -> dict[str, str]:
+    """This process's environment less anything naming a stack (in-process calls may have exported the
+    session stack's variables), for a subprocess given a stack of its own."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(STACK_VARIABLES)}
+
+
 # Set before anything imports ray (its constants are read at import time).
 for _name in list(os.environ):
-    if _name.startswith(("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS", "HEADBENCH_")):
+    if _name.startswith(STACK_VARIABLES):
         del os.environ[_name]
 os.environ.update(LOOPBACK_ENV)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -16,6 +16,7 @@ import pytest
 from infra.ray_cluster import RayCluster
 from infra.settings import Settings, load_settings
 from infra.stack import LocalStack, free_ports
+from tests.conftest import env_without_stack
 
 # The cluster's shape: a head with 2 CPUs (node 0) and a worker node with 1 CPU (node 1), two raylets on
 # 127.0.0.1. PACK keeps two 1-CPU workers on the head, SPREAD puts one on each node.
@@ -35,9 +36,7 @@ class Stack:
 
     def cli_env(self, **extra: str) -> dict[str, str]:
         """Environment for a `headbench` subprocess: only HEADBENCH_HOME points at the stack."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS"))}
-        return env | {"HEADBENCH_HOME": str(self.home), "COLUMNS": "300"} | extra
+        return env_without_stack() | {"HEADBENCH_HOME": str(self.home), "COLUMNS": "300"} | extra
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ Prefect's stores in PostgreSQL (127.0.0.1:5432, trust auth; SQLite, the default,
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import stat
 import subprocess
@@ -17,6 +16,7 @@ import asyncpg
 from infra.procs import LOOPBACK_IPS, cmdline, free_port, group_members, listening, pid_alive
 from infra.ray_cluster import alive_nodes
 from infra.settings import StackPorts
+from tests.conftest import env_without_stack
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 SERVER = "postgresql://postgres@127.0.0.1:5432"
@@ -42,9 +42,7 @@ SERVICES = {"s3": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "w
 def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
     name = f"hbtest_{secrets.token_hex(4)}"
     # nothing of the session's stack: its run would otherwise train on that stack's cluster (RAY_ADDRESS)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS", "HEADBENCH_"))}
-    env |= {"HEADBENCH_HOME": str(tmp_path), "COLUMNS": "200"}
+    env = env_without_stack() | {"HEADBENCH_HOME": str(tmp_path), "COLUMNS": "200"}
     env |= {f"HEADBENCH_PORT_{port.upper()}": str(free_port()) for port in StackPorts.model_fields}
     env["HEADBENCH_DATABASE_URL"] = f"{SERVER}/{name}"  # from the environment: never on a command line
 
