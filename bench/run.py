@@ -98,7 +98,7 @@ class Figures:
         med = _median
         b1, b2 = med(self.b1_img_s), med(self.b2_img_s)
         out: dict[str, Any] = {
-            "b1_plain_pytorch_img_s": b1, "b2_headbench_img_s": b2, "b2_over_b1": b2 / b1 if b1 else None,
+            "b1_plain_pytorch_img_s": b1, "b2_headbench_img_s": b2, "b2_over_b1": b2 / b1 if b1 and b2 else None,
             "b2_ddp_img_s": med(self.b2_ddp_img_s),
             "b2_ddp_over_b1": med(self.b2_ddp_img_s) / b1 if b1 and self.b2_ddp_img_s else None,
             "b1_ddp_img_s": med(self.b1_ddp_img_s),
@@ -122,8 +122,8 @@ class Figures:
         if self.config.get("gpu"):
             flop = RESNET18_TRAIN_GFLOP_224 * (self.config["image_size"] / 224) ** 2 * 1e9
             peak = self.machine.get("peak_bf16_tflops")
-            for key in ("b1_plain_pytorch_img_s", "b2_headbench_img_s"):
-                if out[key] and peak:
+            for key in ("b1_plain_pytorch_img_s", "b1_compiled_img_s", "b2_headbench_img_s"):
+                if out.get(key) and peak:
                     out[key.replace("_img_s", "_mfu")] = out[key] * flop / (peak * 1e12)
         return out
 
@@ -233,19 +233,23 @@ def b1_plain(cfg: BenchConfig, train: Any, val: Any, *, compiled: bool = False) 
 
 
 def loader_rate(cfg: BenchConfig, train: Any) -> float:
-    """The input pipeline alone: shuffle, collate, flip, normalise (what each training step consumes). img/s."""
+    """The input pipeline alone, as each training step consumes it: shuffle and collate uint8 batches, move
+    them to the training device, flip and normalise there. img/s."""
     import torch
 
     from models.data import ArrayDataset
     from models.loop import image_input
 
+    device = torch.device("cuda" if cfg.gpu else "cpu")
     loader = torch.utils.data.DataLoader(ArrayDataset(train), batch_size=cfg.batch_size, shuffle=True,
-                                         drop_last=True)
-    prepare = image_input()
+                                         drop_last=True, pin_memory=cfg.gpu)
+    prepare = image_input(channels_last=cfg.gpu)
     start, n = time.perf_counter(), 0
     for images, _ in loader:
-        prepare(images, True)
+        prepare(images.to(device, non_blocking=True), True)
         n += images.shape[0]
+    if cfg.gpu:
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
 
 
@@ -435,25 +439,23 @@ def local_stack(home: Path | None) -> Iterator[Any]:
     from infra.settings import load_settings
     from infra.stack import LocalStack, free_ports
 
-    def use(settings: Any) -> Any:
+    def use(stack_home: Path) -> Any:
         for key in STANDARD_VARIABLES:
             os.environ.pop(key, None)
         os.environ["RAY_ADDRESS"] = ""
-        os.environ["HEADBENCH_HOME"] = str(settings.home)
-        settings = load_settings(settings.home)  # read again: RAY_ADDRESS is empty now
+        os.environ["HEADBENCH_HOME"] = str(stack_home)
+        settings = load_settings(stack_home)
         settings.export_env()
         return settings
 
-    if home is not None:
-        settings = load_settings(home)
-        if all(s.healthy for s in LocalStack(settings).status()):
-            yield use(settings)
-            return
+    if home is not None and all(s.healthy for s in LocalStack(load_settings(home)).status()):
+        yield use(home)
+        return
     with tempfile.TemporaryDirectory(prefix="headbench-bench-") as tmp:
         stack = LocalStack(load_settings(Path(tmp)), free_ports())
         try:
             stack.up()
-            yield use(load_settings(Path(tmp)))
+            yield use(Path(tmp))
         finally:
             stack.down()
 
@@ -461,11 +463,17 @@ def local_stack(home: Path | None) -> Iterator[Any]:
 def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] = print) -> Figures:
     os.environ.update(dict(cfg.env))  # a knob under test: before the stack, Ray or any worker starts
     figures = Figures(machine=machine_facts(cfg), config=asdict(cfg))
-    if cfg.b1_only:  # no stack, no Ray
+    if cfg.b1_only:  # no stack, no Ray: the loop, its input pipeline and (--compile) torch.compile
         data = bench_data(cfg, (home or Path(".headbench")) / "cache")
+        log(f"data: {len(data.train)} training images at {cfg.image_size} px; machine {figures.machine}")
         for i in range(cfg.repeats):
+            figures.loader_img_s.append(loader_rate(cfg, data.train))
             figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
-            log(f"[{i + 1}/{cfg.repeats}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
+            log(f"[{i + 1}/{cfg.repeats}] loader {figures.loader_img_s[-1]:.0f} img/s, "
+                f"B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
+        for i in range(cfg.repeats if cfg.compile else 0):
+            figures.b1_compiled_img_s.append(b1_plain(cfg, data.train, data.val, compiled=True))
+            log(f"[{i + 1}/{cfg.repeats}] B1 torch.compile {figures.b1_compiled_img_s[-1]:.1f} img/s")
         return figures
     with local_stack(home) as settings:
         data = bench_data(cfg, settings.cache_dir)
@@ -547,9 +555,10 @@ def table(figures: Figures) -> str:
     ]
     if "b1_compiled_img_s" in s:
         rows.insert(1, ("B1 with torch.compile", fmt(s["b1_compiled_img_s"], " img/s"), "option"))
-    for key in ("b1_plain_pytorch_mfu", "b2_headbench_mfu"):
+    mfu_rows = {"b1_plain_pytorch_mfu": "B1", "b1_compiled_mfu": "B1 torch.compile", "b2_headbench_mfu": "B2"}
+    for key, label in mfu_rows.items():
         if key in s:
-            rows.append((f"{key.split('_')[0].upper()} share of the bf16 FLOP limit", fmt(100 * s[key], " %"),
+            rows.append((f"{label} share of the bf16 FLOP limit", fmt(100 * s[key], " %"),
                          f"{RESNET18_TRAIN_GFLOP_224} GFLOP/img at 224 px"))
     rows += [(f"  start-up: {label}", fmt(seconds, " s", 2), "") for label, seconds in
              s["startup_breakdown_s"].items()]
