@@ -428,7 +428,18 @@ class LocalStack:
                    on_ready: Callable[[str, str, bool], None] | None) -> None:
         """Start every service that is not running as soon as the ones it comes ``after`` are healthy, so
         independent servers boot side by side (each is one mostly single-threaded process); report each in
-        list order. A service that exits or is not healthy ``timeout`` s after its start fails ``up``."""
+        list order. A service that exits or is not healthy ``timeout`` s after its start fails ``up``; so does a
+        busy port or Ctrl-C, and then every service this call started is stopped again (one that was running
+        before stays)."""
+        started: list[ServiceSpec] = []
+        try:
+            self._start_each(specs, timeout, on_ready, started)
+        except BaseException:
+            self._stop(started, timeout=10)
+            raise
+
+    def _start_each(self, specs: list[ServiceSpec], timeout: float,
+                    on_ready: Callable[[str, str, bool], None] | None, started: list[ServiceSpec]) -> None:
         ready: dict[str, bool] = {}  # name -> it was running already
         waiting: dict[str, tuple[Callable[[], bool], float]] = {}  # started, not yet healthy: (alive, deadline)
         reported = 0
@@ -448,6 +459,7 @@ class LocalStack:
                     else:
                         self._check_ports(spec.name)
                         alive = functools.partial(lambda p: p.poll() is None, self._start(spec))
+                        started.append(spec)
                     waiting[spec.name] = (alive, time.monotonic() + timeout)
                     progressed = True
             if not waiting and not all(d in ready for s in specs if s.name not in ready for d in s.after):

@@ -191,3 +191,34 @@ def test_services_start_side_by_side_after_what_they_need_and_are_reported_in_or
                          after=("nowhere",))
     with pytest.raises(StackError, match="cannot start orphan: they wait for services that are not in the stack"):
         stack._start_all([orphan], timeout=60, on_ready=None)
+
+
+def test_a_failed_up_stops_what_it_started_and_keeps_what_ran_before(tmp_path: Path) -> None:
+    """Real processes: `kept` runs before `up`; `up` starts `fresh`, then `crash` exits during start-up. The
+    one-line error comes, `fresh` is stopped again, `kept` still runs."""
+    import sys
+
+    from infra.procs import pid_alive
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, ServiceSpec, StackError, free_ports
+
+    stack = LocalStack(load_settings(tmp_path), free_ports())
+
+    def service(name: str, code: str, after: tuple[str, ...] = ()) -> ServiceSpec:
+        return ServiceSpec(name, [sys.executable, "-c", code, name], {}, lambda: (tmp_path / f"{name}.up").exists(),
+                           f"test://{name}", name, after=after)
+
+    booting = (f"import os, pathlib, sys, time; pathlib.Path({str(tmp_path)!r}, sys.argv[1] + '.up')"
+               ".write_text(str(os.getpid())); time.sleep(60)")
+    kept, fresh = service("kept", booting), service("fresh", booting)
+    crash = service("crash", "print('boom'); raise SystemExit(3)", after=("fresh",))
+    try:
+        stack._start_all([kept], timeout=30, on_ready=None)
+        kept_pid = stack._pid("kept")
+        with pytest.raises(StackError, match=r"crash exited during start-up; see .*crash\.log: boom"):
+            stack._start_all([kept, fresh, crash], timeout=30, on_ready=None)
+        fresh_pid = int((tmp_path / "fresh.up").read_text())  # it booted, and was stopped again
+        assert not pid_alive(fresh_pid, "fresh")
+        assert kept_pid is not None and stack._pid("kept") == kept_pid and pid_alive(kept_pid, "kept")
+    finally:
+        stack._stop([kept, fresh])
