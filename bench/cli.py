@@ -24,6 +24,9 @@ def speed(ctx: typer.Context,
           b1_only: Annotated[bool, typer.Option(help="only the plain PyTorch figure (no stack, no Ray)")] = False,
           b2_only: Annotated[bool, typer.Option(help="B1 and B2 alone (no loader, probe or DDP rows): to measure "
                                                      "a knob given with --env")] = False,
+          ray_alone: Annotated[bool, typer.Option(help="also the Ray Train worker function on a private Ray with "
+                                                       "no servers (with --b1-only: a GPU box with PyTorch + Ray)")
+                               ] = False,
           env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE set before the stack and Ray start, e.g. "
                                                             "RAY_worker_niceness=15 (repeatable)")] = None,
           repeats: Annotated[int | None, typer.Option(min=1, max=20, help="runs per figure (median)")] = None,
@@ -44,7 +47,8 @@ def speed(ctx: typer.Context,
         if not sep or not key.strip():
             raise typer.BadParameter(f"{item[:80]!r}: expected KEY=VALUE", param_hint="--env")
         pairs.append((key.strip(), value))
-    raise typer.Exit(main(tiny=tiny, gpu=gpu, compile=compile, b1_only=b1_only, b2_only=b2_only, env=tuple(pairs),
+    raise typer.Exit(main(tiny=tiny, gpu=gpu, compile=compile, b1_only=b1_only, b2_only=b2_only, ray_alone=ray_alone,
+                          env=tuple(pairs),
                           repeats=repeats, workers=workers, image_size=image_size, home=home, json_path=json))
 
 

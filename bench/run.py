@@ -4,6 +4,10 @@ Everything runs in ONE process tree on the same data, model, batch and image siz
 
 - B1  the same training loop (``models.loop.fit``) called in this process: no Ray, Prefect or MLflow, all
       cores, steady-state img/s from epochs 2..;
+- Ray alone (``--ray-alone``): the function every Ray Train worker runs (``infra.ray_worker.train_worker``,
+      the same loop plus rank 0's per-epoch checkpoint) on a private Ray, checkpoints on local disk, no
+      Prefect, MLflow or S3: what Ray Train costs by itself, and the one B2-like figure on a machine with
+      PyTorch and Ray but none of the servers (a GPU box);
 - B2  the `retrain` flow (Ray Train workers, rank-0 MLflow logging per epoch, S3 checkpoints), steady-state
       img/s from epochs 2.. of each run, and its fixed costs: flow start -> first optimizer step and last
       optimizer step -> model published;
@@ -58,6 +62,7 @@ class BenchConfig:
     compile: bool = False  # also time B1 with torch.compile
     b1_only: bool = False  # no stack, no Ray: the plain PyTorch figure alone (e.g. a bare GPU machine)
     b2_only: bool = False  # B1 and B2 only (no loader, probe or DDP rows): a knob's effect, measured faster
+    ray_alone: bool = False  # also the worker function on Ray Train alone (private Ray, no servers)
     env: tuple[tuple[str, str], ...] = ()  # set before the stack and Ray start, e.g. RAY_worker_niceness=15
 
     @classmethod
@@ -80,6 +85,7 @@ class Figures:
     b1_img_s: list[float] = field(default_factory=list)
     b1_compiled_img_s: list[float] = field(default_factory=list)
     b2_img_s: list[float] = field(default_factory=list)
+    ray_alone_img_s: list[float] = field(default_factory=list)
     b2_ddp_img_s: list[float] = field(default_factory=list)  # ddp_workers x 1 CPU
     b1_ddp_img_s: list[float] = field(default_factory=list)  # torch DDP, ddp_workers processes x 1 thread
     startup_s: dict[str, list[float]] = field(default_factory=dict)  # segment -> warm runs (STARTUP_SEGMENTS)
@@ -119,10 +125,13 @@ class Figures:
         }
         if self.b1_compiled_img_s:
             out["b1_compiled_img_s"] = med(self.b1_compiled_img_s)
+        if self.ray_alone_img_s:
+            out["ray_alone_img_s"] = med(self.ray_alone_img_s)
+            out["ray_alone_over_b1"] = med(self.ray_alone_img_s) / b1 if b1 else None
         if self.config.get("gpu"):
             flop = RESNET18_TRAIN_GFLOP_224 * (self.config["image_size"] / 224) ** 2 * 1e9
             peak = self.machine.get("peak_bf16_tflops")
-            for key in ("b1_plain_pytorch_img_s", "b1_compiled_img_s", "b2_headbench_img_s"):
+            for key in ("b1_plain_pytorch_img_s", "b1_compiled_img_s", "ray_alone_img_s", "b2_headbench_img_s"):
                 if out.get(key) and peak:
                     out[key.replace("_img_s", "_mfu")] = out[key] * flop / (peak * 1e12)
         return out
@@ -226,6 +235,42 @@ def b1_plain(cfg: BenchConfig, train: Any, val: Any, *, compiled: bool = False) 
     result = fit(model, FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=0.01, precise_bn_batches=0),
                  train, val, hooks)
     steady = [row["images_per_second"] for row in result.history[1:]] or [result.history[0]["images_per_second"]]
+    return statistics.median(steady)
+
+
+def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int) -> float:
+    """The worker function of B2 (``train_worker``: ``models.loop.fit`` under Ray Train, rank 0 writing a
+    checkpoint each epoch) on one Train worker with every core (and the GPU with ``gpu``), on the Ray this
+    process already uses or a private one, checkpoints in a local folder. Steady img/s as B2's."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from infra.ray_cluster import init_ray
+    from infra.ray_train import trainer_class
+    from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
+    from infra.settings import load_settings
+    from models import build_model
+
+    with tempfile.TemporaryDirectory(prefix="headbench-ray-alone-") as tmp:
+        if not ray.is_initialized():
+            init_ray(load_settings(Path(tmp)).model_copy(update={"ray_address": None}))
+        cpus = os.cpu_count() or 1
+        train_cfg = TrainConfig(arch=cfg.arch, strategy="replace-fc", num_classes=10, epochs=cfg.epochs,
+                                batch_size=cfg.batch_size, lr=0.01, workers=1, cpus_per_worker=cpus,
+                                use_gpu=cfg.gpu, precise_bn_batches=0)
+        init = build_model(cfg.arch, 10, "replace-fc", None, seed=0).state_dict()
+        trainer = trainer_class(TorchTrainer)(
+            train_worker,
+            train_loop_config={"train": asdict(train_cfg), "threads": cpus, "data_ref": ray.put((train, val)),
+                               "init_ref": ray.put(init)},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}),
+            run_config=RunConfig(name=f"ray-alone-{run}", storage_path=tmp))
+        result = trainer.fit()
+        assert result.checkpoint is not None
+        with result.checkpoint.as_directory() as ckpt_dir:
+            _, state = load_checkpoint(Path(ckpt_dir))
+    steady = [row["images_per_second"] for row in state.history[1:]] or [state.history[0]["images_per_second"]]
     return statistics.median(steady)
 
 
@@ -474,6 +519,7 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
         for i in range(cfg.repeats if cfg.compile else 0):
             figures.b1_compiled_img_s.append(b1_plain(cfg, data.train, data.val, compiled=True))
             log(f"[{i + 1}/{cfg.repeats}] B1 torch.compile {figures.b1_compiled_img_s[-1]:.1f} img/s")
+        _ray_alone_runs(cfg, data, figures, log)
         return figures
     with local_stack(home) as settings:
         data = bench_data(cfg, settings.cache_dir)
@@ -512,6 +558,7 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                         figures.service_cores.setdefault(group, []).append(cores)
                 log(f"[{'cold' if i == 0 else i}] B2 headbench {b2.img_s:.1f} img/s, flow start -> first step "
                     f"{b2.to_first_step_s:.1f} s, last step -> published {b2.to_published_s:.1f} s")
+            _ray_alone_runs(cfg, data, figures, log)  # on the private Ray that B2 started
             for i in range(cfg.repeats if cfg.ddp_workers and not cfg.b2_only else 0):
                 b2 = b2_pipeline(cfg, settings, "bench", workers=cfg.ddp_workers, cpus_per_worker=1)
                 figures.b2_ddp_img_s.append(b2.img_s)
@@ -523,6 +570,12 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
         figures.worker_peak_uss_mb = [kb / 1024 for kb in memory.peak_uss_kb.values()]
         figures.driver_peak_rss_mb = memory_kb(os.getpid())[0] / 1024
     return figures
+
+
+def _ray_alone_runs(cfg: BenchConfig, data: Any, figures: Figures, log: Callable[[str], None]) -> None:
+    for i in range(cfg.repeats if cfg.ray_alone else 0):
+        figures.ray_alone_img_s.append(ray_alone(cfg, data.train, data.val, i))
+        log(f"[{i + 1}/{cfg.repeats}] Ray Train alone {figures.ray_alone_img_s[-1]:.1f} img/s")
 
 
 def table(figures: Figures) -> str:
@@ -553,9 +606,13 @@ def table(figures: Figures) -> str:
          f"goal USS <= 1000 MB; {fmt(s['worker_peak_rss_mb'], ' MB', 0)} RSS (shared libraries included)"),
         ("peak memory of the driver", fmt(s["driver_peak_rss_mb"], " MB", 0), "RSS"),
     ]
+    if "ray_alone_img_s" in s:
+        rows.insert(1, ("Ray Train alone (private Ray, no servers)", fmt(s["ray_alone_img_s"], " img/s"),
+                        f"{fmt(s['ray_alone_over_b1'], '', 3)} of B1: the worker function, checkpoints on local disk"))
     if "b1_compiled_img_s" in s:
         rows.insert(1, ("B1 with torch.compile", fmt(s["b1_compiled_img_s"], " img/s"), "option"))
-    mfu_rows = {"b1_plain_pytorch_mfu": "B1", "b1_compiled_mfu": "B1 torch.compile", "b2_headbench_mfu": "B2"}
+    mfu_rows = {"b1_plain_pytorch_mfu": "B1", "b1_compiled_mfu": "B1 torch.compile", "ray_alone_mfu": "Ray Train alone",
+                "b2_headbench_mfu": "B2"}
     for key, label in mfu_rows.items():
         if key in s:
             rows.append((f"{label} share of the bf16 FLOP limit", fmt(100 * s[key], " %"),
@@ -573,13 +630,14 @@ def table(figures: Figures) -> str:
 
 
 def main(*, tiny: bool = False, gpu: bool = False, compile: bool = False, b1_only: bool = False,
-         b2_only: bool = False, env: tuple[tuple[str, str], ...] = (), repeats: int | None = None,
-         workers: int | None = None, image_size: int | None = None,
+         b2_only: bool = False, ray_alone: bool = False, env: tuple[tuple[str, str], ...] = (),
+         repeats: int | None = None, workers: int | None = None, image_size: int | None = None,
          home: Path | None = None, json_path: Path = Path("bench/results.json")) -> int:
     """`headbench bench`: run, print the table, write the figures as JSON."""
     cfg = BenchConfig.tiny() if tiny else BenchConfig.gpu_default() if gpu else BenchConfig()
     overrides = {"repeats": repeats, "workers": workers, "image_size": image_size, "compile": compile or None,
-                 "b1_only": b1_only or None, "b2_only": b2_only or None, "env": env or None}
+                 "b1_only": b1_only or None, "b2_only": b2_only or None, "ray_alone": ray_alone or None,
+                 "env": env or None}
     cfg = BenchConfig(**(asdict(cfg) | {k: v for k, v in overrides.items() if v is not None}))
     started = time.perf_counter()
     figures = run(cfg, home or (Path(os.environ["HEADBENCH_HOME"]) if "HEADBENCH_HOME" in os.environ else None))

@@ -17,7 +17,7 @@ from tests.integration.conftest import Stack
 FIGURES = ("b1_plain_pytorch_img_s", "b2_headbench_img_s", "b2_over_b1", "flow_start_to_first_step_s",
            "cold_flow_start_to_first_step_s", "last_step_to_published_s", "probe_cached_s", "probe_uncached_s",
            "probe_speedup", "loader_img_s", "loader_over_training", "worker_peak_rss_mb", "worker_peak_uss_mb",
-           "driver_peak_rss_mb")
+           "driver_peak_rss_mb", "ray_alone_img_s", "ray_alone_over_b1")
 
 
 @pytest.mark.slow
@@ -29,14 +29,15 @@ def test_tiny_bench_emits_every_figure(stack: Stack, tmp_path: Path) -> None:
     stale = tmp_path / "old-checkout"
     (stale / ".headbench").mkdir(parents=True)
     (stale / ".headbench" / "env").write_text(f"export RAY_ADDRESS=127.0.0.1:{free_port()}\n")
-    done = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--home", str(stack.home), "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--ray-alone", "--home", str(stack.home),
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=900, check=False, env=env, cwd=stale)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
     missing = [name for name in FIGURES if not isinstance(summary.get(name), int | float) or summary[name] <= 0]
     assert not missing, f"figures missing or not positive: {missing}\n{done.stdout[-2000:]}"
     for label in ("B1 plain PyTorch", "B2 headbench", "B2 / B1", "first optimizer step", "model published",
-                  "linear probe", "data loader alone", "per Ray worker", "of the driver"):
+                  "linear probe", "data loader alone", "per Ray worker", "of the driver", "Ray Train alone"):
         assert label in done.stdout
     assert summary["b2_over_b1"] == summary["b2_headbench_img_s"] / summary["b1_plain_pytorch_img_s"]
 

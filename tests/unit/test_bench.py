@@ -11,9 +11,10 @@ from bench.run import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, table
 
 
 def test_a_b1_only_run_reports_the_loop_and_its_share_of_the_flop_limit() -> None:
-    cfg = replace(BenchConfig.gpu_default(), b1_only=True, compile=True)
+    cfg = replace(BenchConfig.gpu_default(), b1_only=True, compile=True, ray_alone=True)
     figures = Figures(machine={"cores": 16, "gpu": "NVIDIA H200", "peak_bf16_tflops": 989.0}, config=asdict(cfg),
-                      b1_img_s=[9000.0, 10000.0, 11000.0], b1_compiled_img_s=[12000.0], loader_img_s=[50000.0])
+                      b1_img_s=[9000.0, 10000.0, 11000.0], b1_compiled_img_s=[12000.0], loader_img_s=[50000.0],
+                      ray_alone_img_s=[9500.0])
 
     summary = figures.summary()
     assert summary["b2_headbench_img_s"] is None and summary["b2_over_b1"] is None
@@ -21,6 +22,7 @@ def test_a_b1_only_run_reports_the_loop_and_its_share_of_the_flop_limit() -> Non
     assert summary["b1_compiled_mfu"] == pytest.approx(12000.0 * RESNET18_TRAIN_GFLOP_224 * 1e9 / 989e12)
     assert "b2_headbench_mfu" not in summary
     assert summary["loader_over_training"] == pytest.approx(5.0)
+    assert summary["ray_alone_over_b1"] == pytest.approx(0.95)
 
     lines = table(figures).splitlines()
     assert "GPU NVIDIA H200" in lines[0]
@@ -28,3 +30,5 @@ def test_a_b1_only_run_reports_the_loop_and_its_share_of_the_flop_limit() -> Non
     assert any(line.startswith("B1 torch.compile share of the bf16 FLOP limit") and "6.7 %" in line
                for line in lines)
     assert any(line.startswith("B2 / B1") and "n/a" in line for line in lines)
+    assert any(line.startswith("Ray Train alone (private Ray") and "9500.0 img/s" in line and "0.950 of B1" in line
+               for line in lines)
