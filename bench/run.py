@@ -86,6 +86,7 @@ class Figures:
     b1_compiled_img_s: list[float] = field(default_factory=list)
     b2_img_s: list[float] = field(default_factory=list)
     ray_alone_img_s: list[float] = field(default_factory=list)
+    ray_alone_ddp_img_s: list[float] = field(default_factory=list)  # ddp_workers x 1 CPU, Ray Train alone
     b2_ddp_img_s: list[float] = field(default_factory=list)  # ddp_workers x 1 CPU
     b1_ddp_img_s: list[float] = field(default_factory=list)  # torch DDP, ddp_workers processes x 1 thread
     startup_s: dict[str, list[float]] = field(default_factory=dict)  # segment -> warm runs (STARTUP_SEGMENTS)
@@ -128,6 +129,9 @@ class Figures:
         if self.ray_alone_img_s:
             out["ray_alone_img_s"] = med(self.ray_alone_img_s)
             out["ray_alone_over_b1"] = med(self.ray_alone_img_s) / b1 if b1 else None
+        if self.ray_alone_ddp_img_s and self.b1_ddp_img_s:
+            out["ray_alone_ddp_img_s"] = med(self.ray_alone_ddp_img_s)
+            out["ray_alone_ddp_over_torch_ddp"] = med(self.ray_alone_ddp_img_s) / med(self.b1_ddp_img_s)
         if self.config.get("gpu"):
             flop = RESNET18_TRAIN_GFLOP_224 * (self.config["image_size"] / 224) ** 2 * 1e9
             peak = self.machine.get("peak_bf16_tflops")
@@ -238,10 +242,11 @@ def b1_plain(cfg: BenchConfig, train: Any, val: Any, *, compiled: bool = False) 
     return statistics.median(steady)
 
 
-def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int) -> float:
+def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1) -> float:
     """The worker function of B2 (``train_worker``: ``models.loop.fit`` under Ray Train, rank 0 writing a
-    checkpoint each epoch) on one Train worker with every core (and the GPU with ``gpu``), on the Ray this
-    process already uses or a private one, checkpoints in a local folder. Steady img/s as B2's."""
+    checkpoint each epoch) on one Train worker with every core (and the GPU with ``gpu``), or on ``workers``
+    DDP workers of 1 CPU each, on the Ray this process already uses or a private one, checkpoints in a local
+    folder. Steady img/s as B2's."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -255,17 +260,17 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int) -> float:
     with tempfile.TemporaryDirectory(prefix="headbench-ray-alone-") as tmp:
         if not ray.is_initialized():
             init_ray(load_settings(Path(tmp)).model_copy(update={"ray_address": None}))
-        cpus = os.cpu_count() or 1
+        cpus = (os.cpu_count() or 1) if workers == 1 else 1
         train_cfg = TrainConfig(arch=cfg.arch, strategy="replace-fc", num_classes=10, epochs=cfg.epochs,
-                                batch_size=cfg.batch_size, lr=0.01, workers=1, cpus_per_worker=cpus,
+                                batch_size=cfg.batch_size, lr=0.01, workers=workers, cpus_per_worker=cpus,
                                 use_gpu=cfg.gpu, precise_bn_batches=0)
         init = build_model(cfg.arch, 10, "replace-fc", None, seed=0).state_dict()
         trainer = trainer_class(TorchTrainer)(
             train_worker,
             train_loop_config={"train": asdict(train_cfg), "threads": cpus, "data_ref": ray.put((train, val)),
                                "init_ref": ray.put(init)},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}),
-            run_config=RunConfig(name=f"ray-alone-{run}", storage_path=tmp))
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}),
+            run_config=RunConfig(name=f"ray-alone-{workers}x-{run}", storage_path=tmp))
         result = trainer.fit()
         assert result.checkpoint is not None
         with result.checkpoint.as_directory() as ckpt_dir:
@@ -566,6 +571,10 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                                                    world=cfg.ddp_workers))
                 log(f"[{i + 1}/{cfg.repeats}] {cfg.ddp_workers} DDP workers x 1 CPU: Ray Train {b2.img_s:.1f} img/s, "
                     f"torch DDP {figures.b1_ddp_img_s[-1]:.1f} img/s")
+                if cfg.ray_alone:
+                    figures.ray_alone_ddp_img_s.append(ray_alone(cfg, data.train, data.val, i, cfg.ddp_workers))
+                    log(f"[{i + 1}/{cfg.repeats}] {cfg.ddp_workers} DDP workers x 1 CPU, Ray Train alone "
+                        f"{figures.ray_alone_ddp_img_s[-1]:.1f} img/s")
         figures.worker_peak_rss_mb = [kb / 1024 for kb in memory.peak_rss_kb.values()]
         figures.worker_peak_uss_mb = [kb / 1024 for kb in memory.peak_uss_kb.values()]
         figures.driver_peak_rss_mb = memory_kb(os.getpid())[0] / 1024
@@ -594,6 +603,9 @@ def table(figures: Figures) -> str:
         (f"B1-DDP: torch DDP, {c['ddp_workers']} processes x 1 thread, gloo", fmt(s["b1_ddp_img_s"], " img/s"),
          "the same loop, batch and data"),
         ("Ray Train DDP / torch DDP", fmt(s["ray_ddp_over_torch_ddp"], "", 3), "goal >= 0.95"),
+        *([("Ray Train alone DDP / torch DDP", fmt(s["ray_alone_ddp_over_torch_ddp"], "", 3),
+            f"{fmt(s['ray_alone_ddp_img_s'], ' img/s')}: the worker function, no servers")]
+          if "ray_alone_ddp_over_torch_ddp" in s else []),
         ("flow start -> first optimizer step", fmt(s["flow_start_to_first_step_s"], " s"),
          f"goal <= 6 s (cold, starting Ray: {fmt(s['cold_flow_start_to_first_step_s'], ' s')})"),
         ("last step -> model published", fmt(s["last_step_to_published_s"], " s"), "goal <= 10 s"),

@@ -32,3 +32,14 @@ def test_a_b1_only_run_reports_the_loop_and_its_share_of_the_flop_limit() -> Non
     assert any(line.startswith("B2 / B1") and "n/a" in line for line in lines)
     assert any(line.startswith("Ray Train alone (private Ray") and "9500.0 img/s" in line and "0.950 of B1" in line
                for line in lines)
+
+
+def test_ray_train_alone_in_ddp_is_judged_against_torch_ddp() -> None:
+    figures = Figures(machine={"cores": 2}, config=asdict(replace(BenchConfig(), ray_alone=True)),
+                      b1_img_s=[300.0], b2_img_s=[255.0], b2_ddp_img_s=[220.0], b1_ddp_img_s=[240.0, 250.0, 260.0],
+                      ray_alone_img_s=[297.0], ray_alone_ddp_img_s=[245.0])
+    summary = figures.summary()
+    assert summary["ray_ddp_over_torch_ddp"] == pytest.approx(220.0 / 250.0)
+    assert summary["ray_alone_ddp_over_torch_ddp"] == pytest.approx(245.0 / 250.0)
+    [row] = [line for line in table(figures).splitlines() if line.startswith("Ray Train alone DDP / torch DDP")]
+    assert "0.980" in row and "245.0 img/s" in row
