@@ -21,8 +21,8 @@ test-unit: bootstrap  ## the unit tests alone: no servers, no Ray cluster
 test-fast: bootstrap  ## the suite without the tests marked slow (fault injection, deployments, bench)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: bootstrap  ## the pipeline benchmark: B1 plain PyTorch vs B2 headbench, overheads, memory (~8 min)
-	$(BIN)/python -m bench
+bench: bootstrap  ## the pipeline benchmark: B1 plain PyTorch vs Ray Train alone vs B2 headbench, overheads, memory (~9 min)
+	$(BIN)/python -m bench --ray-alone
 
 quality: bootstrap  ## the quality benchmark: pipeline vs plain script, best recipe, demo comparison (docs/quality.md)
 	$(BIN)/python -m bench quality
