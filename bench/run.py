@@ -272,7 +272,8 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}),
             run_config=RunConfig(name=f"ray-alone-{workers}x-{run}", storage_path=tmp))
         result = trainer.fit()
-        assert result.checkpoint is not None
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray Train alone ({workers} worker(s)) finished without a checkpoint")
         with result.checkpoint.as_directory() as ckpt_dir:
             _, state = load_checkpoint(Path(ckpt_dir))
     steady = [row["images_per_second"] for row in state.history[1:]] or [state.history[0]["images_per_second"]]
