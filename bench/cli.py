@@ -48,8 +48,8 @@ def speed(ctx: typer.Context,
             raise typer.BadParameter(f"{item[:80]!r}: expected KEY=VALUE", param_hint="--env")
         pairs.append((key.strip(), value))
     raise typer.Exit(main(tiny=tiny, gpu=gpu, compile=compile, b1_only=b1_only, b2_only=b2_only, ray_alone=ray_alone,
-                          env=tuple(pairs),
-                          repeats=repeats, workers=workers, image_size=image_size, home=home, json_path=json))
+                          env=tuple(pairs), repeats=repeats, workers=workers, image_size=image_size, home=home,
+                          json_path=json))
 
 
 @app.command("ddp-options")

@@ -9,9 +9,9 @@ model, global batch, data, seed and epochs as B2's DDP row.
 from __future__ import annotations
 
 import os
-import statistics
 from typing import Any
 
+from bench import steady_img_s
 from infra.procs import HOST, free_port
 
 
@@ -33,8 +33,7 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], results: Any)
         cfg = FitConfig(epochs=job["epochs"], batch_size=job["batch_size"] // world, lr=0.01, precise_bn_batches=0)
         result = fit(model, cfg, job["train"], job["val"], hooks)
         if rank == 0:
-            steady = [r["images_per_second"] for r in result.history[1:]] or [result.history[0]["images_per_second"]]
-            results.put(statistics.median(steady))
+            results.put(steady_img_s(result.history))
     finally:
         dist.destroy_process_group()
 

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import steady_img_s
 from bench.ddp import b1_ddp
 from infra.procs import cmdline, cpu_model, descendants, memory_kb
 from infra.settings import STANDARD_VARIABLES
@@ -43,6 +44,9 @@ from infra.settings import STANDARD_VARIABLES
 RESNET18_TRAIN_GFLOP_224 = 5.5
 # Dense bf16 tensor-core peak of common accelerators, TFLOP/s, for the ratio to the FLOP limit.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0, "T4": 65.0}
+# Training rates whose share of that limit a GPU run reports: summary key prefix -> table label
+MFU_LABELS = {"b1_plain_pytorch": "B1", "b1_compiled": "B1 torch.compile", "ray_alone": "Ray Train alone",
+              "b2_headbench": "B2"}
 
 
 @dataclass(frozen=True)
@@ -135,9 +139,9 @@ class Figures:
         if self.config.get("gpu"):
             flop = RESNET18_TRAIN_GFLOP_224 * (self.config["image_size"] / 224) ** 2 * 1e9
             peak = self.machine.get("peak_bf16_tflops")
-            for key in ("b1_plain_pytorch_img_s", "b1_compiled_img_s", "ray_alone_img_s", "b2_headbench_img_s"):
-                if out.get(key) and peak:
-                    out[key.replace("_img_s", "_mfu")] = out[key] * flop / (peak * 1e12)
+            for name in MFU_LABELS:
+                if out.get(f"{name}_img_s") and peak:
+                    out[f"{name}_mfu"] = out[f"{name}_img_s"] * flop / (peak * 1e12)
         return out
 
 
@@ -238,8 +242,7 @@ def b1_plain(cfg: BenchConfig, train: Any, val: Any, *, compiled: bool = False) 
                      autocast_dtype=torch.bfloat16 if cfg.gpu else None, channels_last=cfg.gpu, pin_memory=cfg.gpu)
     result = fit(model, FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=0.01, precise_bn_batches=0),
                  train, val, hooks)
-    steady = [row["images_per_second"] for row in result.history[1:]] or [result.history[0]["images_per_second"]]
-    return statistics.median(steady)
+    return steady_img_s(result.history)
 
 
 def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1) -> float:
@@ -248,12 +251,11 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1
     DDP workers of 1 CPU each, on the Ray this process already uses or a private one, checkpoints in a local
     folder. Steady img/s as B2's."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import RunConfig
 
     from infra.ray_cluster import init_ray
-    from infra.ray_train import trainer_class
-    from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
+    from infra.ray_train import build_trainer, final_checkpoint
+    from infra.ray_worker import TrainConfig
     from infra.settings import load_settings
     from models import build_model
 
@@ -265,19 +267,10 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1
                                 batch_size=cfg.batch_size, lr=0.01, workers=workers, cpus_per_worker=cpus,
                                 use_gpu=cfg.gpu, precise_bn_batches=0)
         init = build_model(cfg.arch, 10, "replace-fc", None, seed=0).state_dict()
-        trainer = trainer_class(TorchTrainer)(
-            train_worker,
-            train_loop_config={"train": asdict(train_cfg), "threads": cpus, "data_ref": ray.put((train, val)),
-                               "init_ref": ray.put(init)},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}),
-            run_config=RunConfig(name=f"ray-alone-{workers}x-{run}", storage_path=tmp))
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"Ray Train alone ({workers} worker(s)) finished without a checkpoint")
-        with result.checkpoint.as_directory() as ckpt_dir:
-            _, state = load_checkpoint(Path(ckpt_dir))
-    steady = [row["images_per_second"] for row in state.history[1:]] or [state.history[0]["images_per_second"]]
-    return statistics.median(steady)
+        trainer = build_trainer(train_cfg, train, val, init, cpus,
+                                RunConfig(name=f"ray-alone-{workers}x-{run}", storage_path=tmp))
+        _, state = final_checkpoint(trainer.fit())
+    return steady_img_s(state.history)
 
 
 # ------------------------------------------------------------------------------------------- loader, probe
@@ -386,7 +379,6 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
         started = time.time()
         result = retrain_module.retrain(params)
     history = result.history
-    steady = [row["images_per_second"] for row in history[1:]] or [history[0]["images_per_second"]]
     first = history[0]
     marks.update({k: first[k] for k in ("worker_created_at", "worker_entered_at", "worker_ready_at",
                                         "first_step_at") if k in first})
@@ -398,7 +390,7 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
     window = (history[1]["last_step_at"] - history[1]["epoch_seconds"] if len(history) > 1 else first["first_step_at"],
               history[-1]["last_step_at"])
     # "promote" is announced right after the publish task returned: the model is in S3 and registered
-    return B2Run(statistics.median(steady), first["first_step_at"] - started,
+    return B2Run(steady_img_s(history), first["first_step_at"] - started,
                  marks["promote"] - history[-1]["last_step_at"], startup, window)
 
 
@@ -624,11 +616,9 @@ def table(figures: Figures) -> str:
                         f"{fmt(s['ray_alone_over_b1'], '', 3)} of B1: the worker function, checkpoints on local disk"))
     if "b1_compiled_img_s" in s:
         rows.insert(1, ("B1 with torch.compile", fmt(s["b1_compiled_img_s"], " img/s"), "option"))
-    mfu_rows = {"b1_plain_pytorch_mfu": "B1", "b1_compiled_mfu": "B1 torch.compile", "ray_alone_mfu": "Ray Train alone",
-                "b2_headbench_mfu": "B2"}
-    for key, label in mfu_rows.items():
-        if key in s:
-            rows.append((f"{label} share of the bf16 FLOP limit", fmt(100 * s[key], " %"),
+    for name, label in MFU_LABELS.items():
+        if f"{name}_mfu" in s:
+            rows.append((f"{label} share of the bf16 FLOP limit", fmt(100 * s[f"{name}_mfu"], " %"),
                          f"{RESNET18_TRAIN_GFLOP_224} GFLOP/img at 224 px"))
     rows += [(f"  start-up: {label}", fmt(seconds, " s", 2), "") for label, seconds in
              s["startup_breakdown_s"].items()]

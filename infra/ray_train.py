@@ -26,10 +26,11 @@ from infra.settings import Settings
 from infra.timeline import mark
 from models import parse_strategy
 from models.data import ArraySplit
-from models.loop import check_batch_split
+from models.loop import FitState, check_batch_split
 from models.schedules import plan
 
-__all__ = ["RAY_TRAIN_PREFIX", "TrainConfig", "TrainOutcome", "TrainingError", "augmentation_note", "run_training"]
+__all__ = ["RAY_TRAIN_PREFIX", "TrainConfig", "TrainOutcome", "TrainingError", "augmentation_note", "build_trainer",
+           "final_checkpoint", "run_training"]
 
 RAY_TRAIN_PREFIX = "ray"  # in the checkpoint bucket: ray/<run key>/checkpoint_*/ per Ray Train run
 
@@ -112,6 +113,31 @@ def trainer_class(base: type) -> type:
     return ArrayTrainer
 
 
+def build_trainer(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
+                  cpus: int, run_config: Any) -> Any:
+    """The TorchTrainer that runs ``train_worker`` on ``cfg.workers`` workers of ``cpus`` CPUs each (and a GPU
+    each with ``cfg.use_gpu``); the arrays and the initial weights go through the object store once."""
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return trainer_class(TorchTrainer)(
+        train_worker,
+        train_loop_config={"train": asdict(cfg), "threads": cpus, "data_ref": ray.put((train, val)),
+                           "init_ref": ray.put(init_state)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus},
+                                     placement_strategy=cfg.placement_strategy),
+        run_config=run_config)
+
+
+def final_checkpoint(result: Any) -> tuple[dict[str, torch.Tensor], FitState]:
+    """(last weights, fit state) of a finished Ray Train result's latest checkpoint."""
+    if result.checkpoint is None:
+        raise TrainingError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        return load_checkpoint(Path(ckpt_dir))
+
+
 def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                  *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
@@ -123,8 +149,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     nodes = cluster_node_cpus(settings)  # starts or joins Ray before anything imports it
     mark("ray-connected")
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     from infra.epoch_log import EpochLog, MlflowEpochs
 
@@ -134,18 +159,10 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
         check_gpus(cfg.workers, node_gpus())
     storage_path, storage_fs = ray_storage(settings, RAY_TRAIN_PREFIX)
     epoch_log = EpochLog(tracking_uri, run_id, cfg.strategy, cfg.epochs, cfg.probe_epochs)
-    trainer = trainer_class(TorchTrainer)(
-        train_worker,
-        train_loop_config={"train": asdict(cfg), "threads": cpus, "data_ref": ray.put((train, val)),
-                           "init_ref": ray.put(init_state)},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus},
-                                     placement_strategy=cfg.placement_strategy),
-        run_config=RunConfig(name=run_key, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[MlflowEpochs(epoch_log)]),
-    )
+    trainer = build_trainer(cfg, train, val, init_state, cpus, RunConfig(
+        name=run_key, storage_path=storage_path, storage_filesystem=storage_fs,
+        failure_config=FailureConfig(max_failures=cfg.max_failures), checkpoint_config=CheckpointConfig(num_to_keep=2),
+        callbacks=[MlflowEpochs(epoch_log)]))
     mark("fit-called")
     try:
         result = fit_interruptibly(trainer)
@@ -155,10 +172,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
             root = root.__cause__
         message = str(root).strip().splitlines()[-1] if str(root).strip() else root.__class__.__name__
         raise TrainingError(f"training failed on Ray ({root.__class__.__name__}): {message}") from exc
-    if result.checkpoint is None:
-        raise TrainingError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        last, state = load_checkpoint(Path(ckpt_dir))
+    last, state = final_checkpoint(result)
     epoch_log.sync(state.history)  # what the controller could not log (MLflow briefly unreachable), if any
     keep_best = cfg.early_stopping_patience is not None and state.best_weights is not None
     stopped = keep_best and state.epoch < cfg.epochs
