@@ -15,7 +15,10 @@ Everything runs in ONE process tree on the same data, model, batch and image siz
 - the data loader alone (batches as training consumes them, no model);
 - peak memory of every Ray Train worker (VmHWM, and USS = pages no other process shares) and of the driver.
 
-Each figure is the median of ``repeats`` runs. Prints a table and writes JSON. Not a test: the tests only
+Each figure is the median of ``repeats`` runs; B1 and what is compared with it (B2, Ray alone; torch DDP and
+Ray DDP) run in alternating pairs, and each ratio is the median of the pairs' ratios, so that the host's
+speed, which drifts from minute to minute on a shared machine, is the same on both sides of every ratio.
+Prints a table and writes JSON. Not a test: the tests only
 check that a tiny setting emits every figure.
 """
 
@@ -109,12 +112,12 @@ class Figures:
         med = _median
         b1, b2 = med(self.b1_img_s), med(self.b2_img_s)
         out: dict[str, Any] = {
-            "b1_plain_pytorch_img_s": b1, "b2_headbench_img_s": b2, "b2_over_b1": b2 / b1 if b1 and b2 else None,
+            "b1_plain_pytorch_img_s": b1, "b2_headbench_img_s": b2, "b2_over_b1": paired_ratio(self.b2_img_s,
+                                                                                              self.b1_img_s),
             "b2_ddp_img_s": med(self.b2_ddp_img_s),
             "b2_ddp_over_b1": med(self.b2_ddp_img_s) / b1 if b1 and self.b2_ddp_img_s else None,
             "b1_ddp_img_s": med(self.b1_ddp_img_s),
-            "ray_ddp_over_torch_ddp": (med(self.b2_ddp_img_s) / med(self.b1_ddp_img_s)
-                                       if self.b2_ddp_img_s and self.b1_ddp_img_s else None),
+            "ray_ddp_over_torch_ddp": paired_ratio(self.b2_ddp_img_s, self.b1_ddp_img_s),
             "startup_breakdown_s": {k: med(v) for k, v in self.startup_s.items()},
             "service_cores": {k: med(v) for k, v in sorted(self.service_cores.items(), key=lambda kv: -med(kv[1]))},
             "flow_start_to_first_step_s": med(self.start_to_first_step_s),
@@ -132,10 +135,10 @@ class Figures:
             out["b1_compiled_img_s"] = med(self.b1_compiled_img_s)
         if self.ray_alone_img_s:
             out["ray_alone_img_s"] = med(self.ray_alone_img_s)
-            out["ray_alone_over_b1"] = med(self.ray_alone_img_s) / b1 if b1 else None
+            out["ray_alone_over_b1"] = paired_ratio(self.ray_alone_img_s, self.b1_img_s)
         if self.ray_alone_ddp_img_s and self.b1_ddp_img_s:
             out["ray_alone_ddp_img_s"] = med(self.ray_alone_ddp_img_s)
-            out["ray_alone_ddp_over_torch_ddp"] = med(self.ray_alone_ddp_img_s) / med(self.b1_ddp_img_s)
+            out["ray_alone_ddp_over_torch_ddp"] = paired_ratio(self.ray_alone_ddp_img_s, self.b1_ddp_img_s)
         if self.config.get("gpu"):
             flop = RESNET18_TRAIN_GFLOP_224 * (self.config["image_size"] / 224) ** 2 * 1e9
             peak = self.machine.get("peak_bf16_tflops")
@@ -147,6 +150,14 @@ class Figures:
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float | None:
+    """The median of run-by-run ratios of two figures measured in alternating pairs (B1 then B2, torch DDP
+    beside Ray DDP): each pair shares the host's speed of that minute, which drifts by more than the knobs
+    under test move a ratio of medians."""
+    pairs = [n / d for n, d in zip(numerators, denominators, strict=False) if d]
+    return statistics.median(pairs) if pairs else None
 
 
 # ------------------------------------------------------------------------------------------- machine
@@ -514,23 +525,17 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
             figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
             log(f"[{i + 1}/{cfg.repeats}] loader {figures.loader_img_s[-1]:.0f} img/s, "
                 f"B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
+            _ray_alone_run(cfg, data, figures, i, log)  # paired with the B1 just before it
         for i in range(cfg.repeats if cfg.compile else 0):
             figures.b1_compiled_img_s.append(b1_plain(cfg, data.train, data.val, compiled=True))
             log(f"[{i + 1}/{cfg.repeats}] B1 torch.compile {figures.b1_compiled_img_s[-1]:.1f} img/s")
-        _ray_alone_runs(cfg, data, figures, log)
         return figures
     with local_stack(home) as settings:
         data = bench_data(cfg, settings.cache_dir)
         log(f"data: {len(data.train)} training images at {cfg.image_size} px; machine {figures.machine}")
-        for i in range(cfg.repeats):
-            if cfg.b2_only:
-                figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
-                log(f"[{i + 1}/{cfg.repeats}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
-                continue
+        for i in range(0 if cfg.b2_only else cfg.repeats):
             figures.loader_img_s.append(loader_rate(cfg, data.train))
-            figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
-            log(f"[{i + 1}/{cfg.repeats}] loader {figures.loader_img_s[-1]:.0f} img/s, "
-                f"B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
+            log(f"[{i + 1}/{cfg.repeats}] loader {figures.loader_img_s[-1]:.0f} img/s")
         if cfg.compile:
             for i in range(cfg.repeats):
                 figures.b1_compiled_img_s.append(b1_plain(cfg, data.train, data.val, compiled=True))
@@ -543,6 +548,9 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                 f"uncached {uncached:.1f} s")
         with WorkerMemory().sampling() as memory, ServiceCpu(settings.home).sampling() as cpu:
             for i in range(cfg.repeats + 1):  # the first run also starts Ray: reported apart, as "cold"
+                if i > 0:  # B1 right before each warm B2, as a pair: the same host speed and idle services
+                    figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
+                    log(f"[{i}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
                 b2 = b2_pipeline(cfg, settings, model_name="bench")
                 if i == 0:
                     figures.cold_start_to_first_step_s = b2.to_first_step_s
@@ -556,7 +564,8 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                         figures.service_cores.setdefault(group, []).append(cores)
                 log(f"[{'cold' if i == 0 else i}] B2 headbench {b2.img_s:.1f} img/s, flow start -> first step "
                     f"{b2.to_first_step_s:.1f} s, last step -> published {b2.to_published_s:.1f} s")
-            _ray_alone_runs(cfg, data, figures, log)  # on the private Ray that B2 started
+                if i > 0:
+                    _ray_alone_run(cfg, data, figures, i - 1, log)  # on the private Ray that B2 started
             for i in range(cfg.repeats if cfg.ddp_workers and not cfg.b2_only else 0):
                 b2 = b2_pipeline(cfg, settings, "bench", workers=cfg.ddp_workers, cpus_per_worker=1)
                 figures.b2_ddp_img_s.append(b2.img_s)
@@ -574,8 +583,8 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
     return figures
 
 
-def _ray_alone_runs(cfg: BenchConfig, data: Any, figures: Figures, log: Callable[[str], None]) -> None:
-    for i in range(cfg.repeats if cfg.ray_alone else 0):
+def _ray_alone_run(cfg: BenchConfig, data: Any, figures: Figures, i: int, log: Callable[[str], None]) -> None:
+    if cfg.ray_alone:
         figures.ray_alone_img_s.append(ray_alone(cfg, data.train, data.val, i))
         log(f"[{i + 1}/{cfg.repeats}] Ray Train alone {figures.ray_alone_img_s[-1]:.1f} img/s")
 

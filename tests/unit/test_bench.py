@@ -7,14 +7,14 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from bench.run import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, table
+from bench.run import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, paired_ratio, table
 
 
 def test_a_b1_only_run_reports_the_loop_and_its_share_of_the_flop_limit() -> None:
     cfg = replace(BenchConfig.gpu_default(), b1_only=True, compile=True, ray_alone=True)
     figures = Figures(machine={"cores": 16, "gpu": "NVIDIA H200", "peak_bf16_tflops": 989.0}, config=asdict(cfg),
                       b1_img_s=[9000.0, 10000.0, 11000.0], b1_compiled_img_s=[12000.0], loader_img_s=[50000.0],
-                      ray_alone_img_s=[9500.0])
+                      ray_alone_img_s=[8550.0, 9500.0, 10450.0])
 
     summary = figures.summary()
     assert summary["b2_headbench_img_s"] is None and summary["b2_over_b1"] is None
@@ -36,10 +36,21 @@ def test_a_b1_only_run_reports_the_loop_and_its_share_of_the_flop_limit() -> Non
 
 def test_ray_train_alone_in_ddp_is_judged_against_torch_ddp() -> None:
     figures = Figures(machine={"cores": 2}, config=asdict(replace(BenchConfig(), ray_alone=True)),
-                      b1_img_s=[300.0], b2_img_s=[255.0], b2_ddp_img_s=[220.0], b1_ddp_img_s=[240.0, 250.0, 260.0],
-                      ray_alone_img_s=[297.0], ray_alone_ddp_img_s=[245.0])
+                      b1_img_s=[300.0], b2_img_s=[255.0], b2_ddp_img_s=[210.0, 220.0, 230.0],
+                      b1_ddp_img_s=[240.0, 250.0, 260.0], ray_alone_img_s=[297.0],
+                      ray_alone_ddp_img_s=[235.0, 245.0, 255.0])
     summary = figures.summary()
     assert summary["ray_ddp_over_torch_ddp"] == pytest.approx(220.0 / 250.0)
     assert summary["ray_alone_ddp_over_torch_ddp"] == pytest.approx(245.0 / 250.0)
     [row] = [line for line in table(figures).splitlines() if line.startswith("Ray Train alone DDP / torch DDP")]
     assert "0.980" in row and "245.0 img/s" in row
+
+
+def test_a_ratio_is_the_median_of_its_pairs_so_host_drift_cancels() -> None:
+    """B1 and B2 alternate; the host got faster between the pairs. Each pair's ratio holds; the ratio of the
+    two medians (150 / 200) would mix runs from different minutes."""
+    figures = Figures(machine={"cores": 2}, config=asdict(BenchConfig()),
+                      b1_img_s=[100.0, 200.0, 300.0], b2_img_s=[90.0, 200.0, 150.0])
+    assert figures.summary()["b2_over_b1"] == pytest.approx(0.9)
+    assert paired_ratio([1.0, 2.0], [0.0, 4.0]) == pytest.approx(0.5)  # a failed (0 img/s) run is no pair
+    assert paired_ratio([], [1.0]) is None
