@@ -182,6 +182,18 @@ def machine_facts(cfg: BenchConfig) -> dict[str, Any]:
 # How often the samplers read /proc. Reading a worker's USS walks its memory map (smaps_rollup), and the
 # samplers run in the driver's process: once a second they cost B2 a few percent, so every 2 s.
 SAMPLE_S = 2.0
+# set while B1 runs: B1 trains in this process, where the samplers' /proc reads would take interpreter time
+# from its loop that B2's worker, a process of its own, never loses to them
+SAMPLERS_QUIET = threading.Event()
+
+
+@contextmanager
+def samplers_quiet() -> Iterator[None]:
+    SAMPLERS_QUIET.set()
+    try:
+        yield
+    finally:
+        SAMPLERS_QUIET.clear()
 
 
 class WorkerMemory:
@@ -197,6 +209,8 @@ class WorkerMemory:
 
     def _loop(self) -> None:
         while not self._stop.wait(SAMPLE_S):
+            if SAMPLERS_QUIET.is_set():
+                continue
             for proc in descendants(os.getpid()):
                 if "TrainWorker" not in cmdline(proc.pid):
                     continue
@@ -264,6 +278,7 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1
     import ray
     from ray.train import RunConfig
 
+    from infra.interrupts import fit_interruptibly
     from infra.ray_cluster import init_ray
     from infra.ray_train import build_trainer, final_checkpoint
     from infra.ray_worker import TrainConfig
@@ -280,7 +295,8 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1
         init = build_model(cfg.arch, 10, "replace-fc", None, seed=0).state_dict()
         trainer = build_trainer(train_cfg, train, val, init, cpus,
                                 RunConfig(name=f"ray-alone-{workers}x-{run}", storage_path=tmp))
-        _, state = final_checkpoint(trainer.fit())
+        # not trainer.fit() on this (main) thread: its SIGINT handler would outlive the run (fit_interruptibly)
+        _, state = final_checkpoint(fit_interruptibly(trainer))
     return steady_img_s(state.history)
 
 
@@ -444,6 +460,8 @@ class ServiceCpu:
         import psutil
 
         while not self._stop.wait(SAMPLE_S):
+            if SAMPLERS_QUIET.is_set():
+                continue
             now, sample = time.time(), {}
             for pid in self._pids():
                 with contextlib.suppress(psutil.Error):
@@ -549,7 +567,8 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
         with WorkerMemory().sampling() as memory, ServiceCpu(settings.home).sampling() as cpu:
             for i in range(cfg.repeats + 1):  # the first run also starts Ray: reported apart, as "cold"
                 if i > 0:  # B1 right before each warm B2, as a pair: the same host speed and idle services
-                    figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
+                    with samplers_quiet():
+                        figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
                     log(f"[{i}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
                 b2 = b2_pipeline(cfg, settings, model_name="bench")
                 if i == 0:

@@ -11,6 +11,7 @@ flows end their Prefect flow run CANCELLED.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 INTERRUPTED = threading.Event()
 
@@ -25,3 +26,33 @@ def interrupt() -> None:
     actor the job owns (Train's controller, and through it the worker group) on every node. Calling
     ``ray.shutdown()`` here instead could crash the process while the fit thread is inside Ray's core."""
     INTERRUPTED.set()
+
+
+def fit_interruptibly(runner: Any) -> Any:
+    """``runner.fit()`` (a Ray Train trainer or a Ray Tune tuner) on a helper thread while this thread waits in
+    short joins, so that Ctrl-C or SIGTERM reaches this thread at once, even while Ray waits for resources; the
+    interrupt then aborts the Ray job (``interrupt``).
+
+    Called on the main thread, both would install a SIGINT handler of their own that outlives the fit: Train's
+    waits for a graceful abort and then exits the process, and after the run it swallows the next Ctrl-C (it
+    aborts the finished run's controller, which it keeps alive); Tune's only sets its finished experiment's
+    stop flag. On a helper thread they install none."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = runner.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.25)
+    except BaseException:
+        interrupt()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -10,7 +10,6 @@ latest one; Train's controller then logs the epoch to MLflow by run id (``infra.
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from infra.errors import HeadbenchError
-from infra.interrupts import interrupt
+from infra.interrupts import fit_interruptibly
 from infra.ray_cluster import check_gpus, check_placement, cluster_node_cpus, even_share, node_gpus
 from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
 from infra.s3 import ray_storage
@@ -66,32 +65,6 @@ def augmentation_note(cfg: TrainConfig) -> str:
     if cached and all(p.frozen for p in phases):
         return f"none: {cfg.augment} does not apply to cached backbone features"
     return f"{cfg.augment} on image phases" + ("; cached-feature phases unaugmented" if cached else "")
-
-
-def fit_interruptibly(trainer: Any) -> Any:
-    """``trainer.fit()`` on a helper thread while this thread waits in short joins, so that Ctrl-C or SIGTERM
-    reaches this thread at once, even while Ray waits for resources; the interrupt then aborts the Ray job
-    (``infra.interrupts.interrupt``). On the main thread, Ray Train would install its own SIGINT handler,
-    which waits for a graceful abort and then exits the process; on a helper thread it installs none."""
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.25)
-    except BaseException:
-        interrupt()
-        raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 @functools.cache

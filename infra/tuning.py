@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from infra.interrupts import fit_interruptibly
 from models.data import ArraySplit
 
 TUNE_METRIC = "val_loss"  # what ASHA stops on and the best trial is chosen by (lower is better)
@@ -89,7 +90,7 @@ def tune_lr(cfg: Any, train: ArraySplit, val: ArraySplit, init_state: dict[str, 
         tune_config=tune.TuneConfig(metric=TUNE_METRIC, mode="min", scheduler=scheduler),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0),
     )
-    results = tuner.fit()
+    results = fit_interruptibly(tuner)  # not on this thread: Tune's SIGINT handler would outlive the search
     found: dict[float, Trial] = {}
     for result in results:
         lr = float(result.config["lr"])

@@ -1,0 +1,65 @@
+"""Ctrl-C still stops the process after a Ray Train or Ray Tune fit has finished in it. Called on the main
+thread, both install a SIGINT handler that outlives the fit: Train's aborts the finished run's controller (which
+its closure keeps alive) and swallows the Ctrl-C; Tune's sets its finished experiment's stop flag. Every fit
+here runs through ``infra.interrupts.fit_interruptibly``, so the next Ctrl-C is a KeyboardInterrupt."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SETUP = r'''
+import json, os, signal, tempfile, time
+from pathlib import Path
+from bench.run import BenchConfig, bench_data
+cfg = BenchConfig.tiny()
+data = bench_data(cfg, Path(tempfile.mkdtemp()))
+'''
+
+CTRL_C = r'''
+from ray.util.state import list_actors
+controllers = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Controller" in a.class_name]
+try:
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in whatever comes next
+    time.sleep(2)
+    interrupted = False
+except KeyboardInterrupt:
+    interrupted = True
+print(json.dumps({"interrupted": interrupted, "controllers": controllers}))
+'''
+
+TRAIN = SETUP + r'''
+from bench.run import ray_alone
+assert ray_alone(cfg, data.train, data.val, 0) > 0  # a TorchTrainer run, as the retrain task builds it
+''' + CTRL_C
+
+TUNE = SETUP + r'''
+from infra.ray_cluster import init_ray
+from infra.ray_worker import TrainConfig
+from infra.settings import load_settings
+from infra.tuning import tune_lr
+from models import build_model
+home = Path(tempfile.mkdtemp())
+init_ray(load_settings(home).model_copy(update={"ray_address": None}))
+train_cfg = TrainConfig(arch="resnet18", strategy="replace-fc", num_classes=10, epochs=1, batch_size=32, lr=0.01,
+                        workers=1, cpus_per_worker=1, precise_bn_batches=0)
+init = build_model("resnet18", 10, "replace-fc", None, seed=0).state_dict()
+outcome = tune_lr(train_cfg, data.train, data.val, init, trials=2, cpus_per_trial=1, storage=(str(home / "tune"), None),
+                  name="ctrl-c")
+assert len(outcome.trials) == 2
+''' + CTRL_C
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe", [TRAIN, TUNE], ids=["ray-train", "ray-tune"])
+def test_ctrl_c_after_a_finished_fit_still_interrupts(probe: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private Ray, this process's own
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, check=False,
+                          env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"interrupted": True, "controllers": []}
