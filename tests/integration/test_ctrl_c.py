@@ -6,11 +6,12 @@ here runs through ``infra.interrupts.fit_interruptibly``, so the next Ctrl-C is 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import env_without_stack
 
 SETUP = r'''
 import json, os, signal, tempfile, time
@@ -21,8 +22,10 @@ data = bench_data(cfg, Path(tempfile.mkdtemp()))
 '''
 
 CTRL_C = r'''
+import ray
 from ray.util.state import list_actors
-controllers = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Controller" in a.class_name]
+alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])  # this Ray's
+controllers = [a.class_name for a in alive if "Controller" in a.class_name]
 try:
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in whatever comes next
     time.sleep(2)
@@ -57,9 +60,8 @@ assert len(outcome.trials) == 2
 @pytest.mark.slow
 @pytest.mark.parametrize("probe", [TRAIN, TUNE], ids=["ray-train", "ray-tune"])
 def test_ctrl_c_after_a_finished_fit_still_interrupts(probe: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private Ray, this process's own
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, check=False,
-                          env=env)
+                          env=env_without_stack())  # a private Ray, this process's own
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"interrupted": True, "controllers": []}
