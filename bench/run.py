@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bench import steady_img_s
 from bench.ddp import b1_ddp
@@ -182,50 +182,64 @@ def machine_facts(cfg: BenchConfig) -> dict[str, Any]:
 # How often the samplers read /proc. Reading a worker's USS walks its memory map (smaps_rollup), and the
 # samplers run in the driver's process: once a second they cost B2 a few percent, so every 2 s.
 SAMPLE_S = 2.0
-# set while B1 runs: B1 trains in this process, where the samplers' /proc reads would take interpreter time
-# from its loop that B2's worker, a process of its own, never loses to them
-SAMPLERS_QUIET = threading.Event()
 
 
-@contextmanager
-def samplers_quiet() -> Iterator[None]:
-    SAMPLERS_QUIET.set()
-    try:
-        yield
-    finally:
-        SAMPLERS_QUIET.clear()
+class Sampler:
+    """A thread of this process that calls ``sample()`` every SAMPLE_S while ``sampling()`` is open."""
 
-
-class WorkerMemory:
-    """Samples this process tree's Ray Train workers (found by their process title) every SAMPLE_S:
-    VmHWM is the kernel's own peak RSS; USS (Private_Clean + Private_Dirty) leaves out pages shared with
-    other processes, e.g. the dataset in Ray's object store."""
+    # set while B1 runs: B1 trains in this process, where the samplers' /proc reads would take interpreter
+    # time from its loop that B2's worker, a process of its own, never loses to them
+    _quiet = threading.Event()
 
     def __init__(self) -> None:
-        self.peak_rss_kb: dict[int, int] = {}
-        self.peak_uss_kb: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _loop(self) -> None:
         while not self._stop.wait(SAMPLE_S):
-            if SAMPLERS_QUIET.is_set():
-                continue
-            for proc in descendants(os.getpid()):
-                if "TrainWorker" not in cmdline(proc.pid):
-                    continue
-                rss, uss = memory_kb(proc.pid)
-                self.peak_rss_kb[proc.pid] = max(self.peak_rss_kb.get(proc.pid, 0), rss)
-                self.peak_uss_kb[proc.pid] = max(self.peak_uss_kb.get(proc.pid, 0), uss)
+            if not Sampler._quiet.is_set():
+                self.sample()
 
     @contextmanager
-    def sampling(self) -> Iterator[WorkerMemory]:
+    def sampling(self) -> Iterator[Self]:
         self._thread.start()
         try:
             yield self
         finally:
             self._stop.set()
             self._thread.join()
+
+    @staticmethod
+    @contextmanager
+    def quiet() -> Iterator[None]:
+        """No sample is taken by any sampler inside this block."""
+        Sampler._quiet.set()
+        try:
+            yield
+        finally:
+            Sampler._quiet.clear()
+
+
+class WorkerMemory(Sampler):
+    """Samples this process tree's Ray Train workers (found by their process title) every SAMPLE_S:
+    VmHWM is the kernel's own peak RSS; USS (Private_Clean + Private_Dirty) leaves out pages shared with
+    other processes, e.g. the dataset in Ray's object store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak_rss_kb: dict[int, int] = {}
+        self.peak_uss_kb: dict[int, int] = {}
+
+    def sample(self) -> None:
+        for proc in descendants(os.getpid()):
+            if "TrainWorker" not in cmdline(proc.pid):
+                continue
+            rss, uss = memory_kb(proc.pid)
+            self.peak_rss_kb[proc.pid] = max(self.peak_rss_kb.get(proc.pid, 0), rss)
+            self.peak_uss_kb[proc.pid] = max(self.peak_uss_kb.get(proc.pid, 0), uss)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -437,15 +451,14 @@ def service_group(command: str) -> str:
     return next((group for word, group in SERVICE_GROUPS if word in command), "other")
 
 
-class ServiceCpu:
+class ServiceCpu(Sampler):
     """CPU time of every process of the stack and of this process tree, sampled every SAMPLE_S, so that
     what each service took during a window (B2's steady epochs) can be read afterwards, in cores."""
 
     def __init__(self, stack_home: Path) -> None:
+        super().__init__()
         self.stack_home = stack_home
         self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _pids(self) -> set[int]:
         from infra.procs import group_members
@@ -456,21 +469,18 @@ class ServiceCpu:
                 pids |= set(group_members(int(pid_file.read_text().strip())))
         return pids
 
-    def _loop(self) -> None:
+    def sample(self) -> None:
         import psutil
 
-        while not self._stop.wait(SAMPLE_S):
-            if SAMPLERS_QUIET.is_set():
-                continue
-            now, sample = time.time(), {}
-            for pid in self._pids():
-                with contextlib.suppress(psutil.Error):
-                    proc = psutil.Process(pid)
-                    times = proc.cpu_times()
-                    group = "driver (the flow, this process)" if pid == os.getpid() else \
-                        service_group(" ".join(proc.cmdline()))
-                    sample[pid] = (group, times.user + times.system)
-            self.samples.append((now, sample))
+        now, sample = time.time(), {}
+        for pid in self._pids():
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                times = proc.cpu_times()
+                group = "driver (the flow, this process)" if pid == os.getpid() else \
+                    service_group(" ".join(proc.cmdline()))
+                sample[pid] = (group, times.user + times.system)
+        self.samples.append((now, sample))
 
     def cores(self, window: tuple[float, float]) -> dict[str, float]:
         """Cores each group used on average within ``window`` (processes that lived through it)."""
@@ -483,15 +493,6 @@ class ServiceCpu:
             if pid in first:
                 used[group] = used.get(group, 0.0) + (cpu - first[pid][1]) / (t1 - t0)
         return used
-
-    @contextmanager
-    def sampling(self) -> Iterator[ServiceCpu]:
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join()
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -567,7 +568,7 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
         with WorkerMemory().sampling() as memory, ServiceCpu(settings.home).sampling() as cpu:
             for i in range(cfg.repeats + 1):  # the first run also starts Ray: reported apart, as "cold"
                 if i > 0:  # B1 right before each warm B2, as a pair: the same host speed and idle services
-                    with samplers_quiet():
+                    with Sampler.quiet():
                         figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
                     log(f"[{i}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
                 b2 = b2_pipeline(cfg, settings, model_name="bench")

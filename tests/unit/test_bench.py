@@ -3,11 +3,13 @@ and none of the stack) prints."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, replace
 
 import pytest
 
-from bench.run import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, paired_ratio, table
+import bench.run
+from bench.run import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, Sampler, paired_ratio, table
 
 
 def test_a_b1_only_run_reports_the_loop_and_its_share_of_the_flop_limit() -> None:
@@ -54,3 +56,20 @@ def test_a_ratio_is_the_median_of_its_pairs_so_host_drift_cancels() -> None:
     assert figures.summary()["b2_over_b1"] == pytest.approx(0.9)
     assert paired_ratio([1.0, 2.0], [0.0, 4.0]) == pytest.approx(0.5)  # a failed (0 img/s) run is no pair
     assert paired_ratio([], [1.0]) is None
+
+
+def test_samplers_take_no_sample_while_b1_trains_in_their_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench.run, "SAMPLE_S", 0.01)
+
+    class Counter(Sampler):
+        taken = 0
+
+        def sample(self) -> None:
+            Counter.taken += 1
+
+    with Counter().sampling():
+        with Sampler.quiet():
+            time.sleep(0.3)
+            assert Counter.taken == 0
+        time.sleep(0.3)
+    assert Counter.taken > 0
