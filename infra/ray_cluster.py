@@ -22,6 +22,8 @@ import json
 import os
 import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,9 +178,35 @@ def init_ray(settings: Settings) -> None:
                  _temp_dir=str(settings.ray_temp_dir) if settings.ray_temp_dir else None)
     else:
         # The dashboard process serves Ray's state API, which Train V2's placement-group cleaner (and the
-        # fault-injection tests) query; it binds 127.0.0.1 only.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host=HOST,
-                 _node_ip_address=HOST, log_to_driver=settings.ray_logs, logging_level="WARNING")
+        # fault-injection tests) query; it binds 127.0.0.1 only. The processes ray.init starts inherit this
+        # environment, and each asks the state API of the cluster its RAY_ADDRESS names (own_address_env).
+        with own_address_env(f"{HOST}:{free_port()}"):
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host=HOST,
+                     _node_ip_address=HOST, log_to_driver=settings.ray_logs, logging_level="WARNING")
+
+
+@contextmanager
+def own_address_env(gcs_address: str) -> Iterator[None]:
+    """While a private Ray starts: its GCS on ``gcs_address`` and RAY_ADDRESS naming it, in the environment
+    its raylet and so every worker process inherit, then this process's own variables back.
+
+    Ray code inside a cluster that calls the state API without an address (Train's PlacementGroupCleaner asks
+    it once a second whether the run's controller is alive) falls back to RAY_ADDRESS, then to the host's
+    ``/tmp/ray/ray_current_cluster``, which names the last cluster ``ray start`` began here. A private Ray
+    started with neither set asked that other cluster: a dead one held every run's end for the cleaner's
+    12 s stop timeout; a live one, which has no such actor, made the cleaner take the controller for dead
+    (and remove the run's placement group, were it registered by then). The driver keeps its own
+    RAY_ADDRESS, so the settings it loads later still say "no cluster"."""
+    saved = {key: os.environ.get(key) for key in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=gcs_address, RAY_GCS_SERVER_PORT=gcs_address.rsplit(":", 1)[1])
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def cluster_node_cpus(settings: Settings) -> list[int]:

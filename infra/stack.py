@@ -334,9 +334,11 @@ class LocalStack:
         dashboard = self.ray_dashboard_url
         temp_dir, driver_temp_dir = self.ray_temp_dirs
         # S3 credentials reach Ray's workers through their environment, inherited from the node: Ray's
-        # checkpoint filesystem is pickled without them (infra.s3.ray_storage)
+        # checkpoint filesystem is pickled without them (infra.s3.ray_storage). RAY_ADDRESS: Ray's own code in
+        # the workers (Train's placement-group cleaner) asks the state API of the cluster it names, else of the
+        # host's last `ray start` with the default temp dir (infra.ray_cluster.own_address_env)
         env = NODE_ENV | {"AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or "",
-                          "AWS_DEFAULT_REGION": self.settings.aws_region}
+                          "AWS_DEFAULT_REGION": self.settings.aws_region, "RAY_ADDRESS": self.ray_gcs_address}
         specs = [ServiceSpec("ray-head", head_argv(self.ports.ray_gcs, self.ports.ray_dashboard, self.ray_node_cpus[0],
                                                    temp_dir, picker),
                              dict(env), lambda: 0 in alive_nodes(dashboard), dashboard, "--head",

@@ -1,13 +1,21 @@
-"""A run without RAY_ADDRESS starts a private Ray whose every listening socket is on 127.0.0.1."""
+"""A run without RAY_ADDRESS starts a private Ray whose every listening socket is on 127.0.0.1, and whose
+processes (like the stack's Ray nodes') know their own cluster's address."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-from infra.procs import LOOPBACK_IPS
+import pytest
+
+from infra.procs import LOOPBACK_IPS, free_port
+from tests.conftest import env_without_stack
+from tests.integration.conftest import Stack
 
 PROBE = r'''
 import json, os
@@ -30,3 +38,64 @@ def test_private_ray_listens_on_loopback_only() -> None:
     assert report["addresses"], "expected Ray's own listening sockets"
     outside = [a for a in report["addresses"] if a[0] not in LOOPBACK_IPS]
     assert outside == []
+
+
+# An actor asks the state API about itself with no address, as Train's PlacementGroupCleaner asks about the
+# run's controller once a second: it must reach the cluster it runs in.
+OWN_CLUSTER = r'''
+import json, os, time
+import ray
+from infra.ray_cluster import init_ray
+from infra.settings import load_settings
+
+@ray.remote(num_cpus=0)
+class Asker:
+    def ask(self, actor_id):
+        from ray.util.state import get_actor
+        start = time.time()
+        try:
+            state = get_actor(actor_id, timeout=5).state
+        except Exception as exc:  # what Ray's cleaner would have met
+            state = type(exc).__name__
+        return {"state": state, "seconds": time.time() - start}
+
+init_ray(load_settings())  # RAY_ADDRESS (the stack's cluster) or a private Ray
+asker = Asker.remote()
+print(json.dumps(ray.get(asker.ask.remote(asker._actor_id.hex()), timeout=60)))
+'''
+
+
+def _ask_own_state(env: dict[str, str]) -> dict[str, object]:
+    done = subprocess.run([sys.executable, "-c", OWN_CLUSTER], capture_output=True, text=True, timeout=180, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _stale_ray_tmpdir() -> Path:
+    """A RAY_TMPDIR whose ``ray/ray_current_cluster`` names a cluster that is gone, as a host's last
+    ``ray start`` leaves it (short: Ray's unix sockets live under it)."""
+    root = Path(tempfile.mkdtemp(prefix="hbt", dir="/tmp"))
+    (root / "ray").mkdir()
+    (root / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    return root
+
+
+def test_a_private_rays_actors_ask_their_own_cluster_not_the_hosts_last_ray_start(tmp_path: Path) -> None:
+    root = _stale_ray_tmpdir()
+    try:
+        env = {k: v for k, v in env_without_stack().items() if not k.startswith("RAY_")}
+        report = _ask_own_state(env | {"RAY_TMPDIR": str(root), "HEADBENCH_HOME": str(tmp_path)})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert report["state"] == "ALIVE", report  # before: RpcError after a 10 s wait for the stale GCS
+    assert report["seconds"] < 5
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_the_stacks_ray_actors_ask_their_own_cluster(stack: Stack) -> None:
+    # the nodes' environment is what their workers inherit: without RAY_ADDRESS there, an actor found the
+    # host's last `ray start` of the default temp dir, or no cluster at all
+    report = _ask_own_state(stack.cli_env())
+    assert report["state"] == "ALIVE", report
+    assert report["seconds"] < 5
