@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import threading
@@ -509,6 +510,7 @@ def local_stack(home: Path | None) -> Iterator[Any]:
     The benchmarks train on a private Ray this process starts, also when the stack has a cluster: the Ray
     workers are then this process's descendants (memory sampling) and share the cores with nothing else. An
     empty RAY_ADDRESS outranks the stack's env file."""
+    from infra.interrupts import shielded, sigterm_as_interrupt
     from infra.settings import load_settings
     from infra.stack import LocalStack, free_ports
 
@@ -524,13 +526,16 @@ def local_stack(home: Path | None) -> Iterator[Any]:
     if home is not None and all(s.healthy for s in LocalStack(load_settings(home)).status()):
         yield use(home)
         return
-    with tempfile.TemporaryDirectory(prefix="headbench-bench-") as tmp:
-        stack = LocalStack(load_settings(Path(tmp)), free_ports())
-        try:
+    tmp = Path(tempfile.mkdtemp(prefix="headbench-bench-"))
+    stack = LocalStack(load_settings(tmp), free_ports())
+    try:
+        with sigterm_as_interrupt():  # `kill` of the bench, too, stops this stack below
             stack.up()
-            yield use(Path(tmp))
-        finally:
+            yield use(tmp)
+    finally:
+        with shielded():  # a second Ctrl-C must not leave servers running
             stack.down()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] = print) -> Figures:

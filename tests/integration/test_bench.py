@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from infra.procs import free_port
+from infra.procs import cmdline, free_port
+from tests.conftest import env_without_stack
 from tests.integration.conftest import Stack
 
 FIGURES = ("b1_plain_pytorch_img_s", "b2_headbench_img_s", "b2_over_b1", "flow_start_to_first_step_s",
@@ -60,3 +64,36 @@ def test_tiny_quality_benchmark_writes_its_report(stack: Stack, tmp_path: Path) 
     text = doc.read_text()
     for part in ("(a) plain script", "(b) best test accuracy", "(c) demo comparison", "paired 95% CI"):
         assert part in text
+
+
+@pytest.mark.slow
+def test_a_killed_bench_stops_the_stack_it_started_even_when_interrupted_again(tmp_path: Path) -> None:
+    """SIGTERM, then Ctrl-C twice during the clean-up: every server of the bench's own stack is stopped and its
+    folder removed (SIGTERM used to end the bench on the spot, and a second Ctrl-C cut the teardown short)."""
+    env = {k: v for k, v in env_without_stack().items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    bench = subprocess.Popen([sys.executable, "-m", "bench", "--tiny", "--b2-only", "--json", str(tmp_path / "b.json")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert bench.stdout is not None
+        seen = []
+        for line in bench.stdout:  # "data: ..." once the stack is up
+            seen.append(line)
+            if line.startswith("data:"):
+                break
+        else:
+            pytest.fail("".join(seen[-40:]))
+        servers = [p for p in psutil.Process(bench.pid).children(recursive=True)]
+        folders = {arg.split("=", 1)[1].rsplit("/s3", 1)[0] for p in servers for arg in cmdline(p.pid).split()
+                   if arg.startswith("-dir=")}
+        assert servers and len(folders) == 1, [cmdline(p.pid) for p in servers]
+        bench.send_signal(signal.SIGTERM)
+        for delay in (0.5, 1.0):
+            time.sleep(delay)
+            bench.send_signal(signal.SIGINT)
+        bench.wait(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    left = [p.pid for p in servers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == [], [cmdline(pid) for pid in left]
+    assert not Path(folders.pop()).exists()
