@@ -124,7 +124,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    from infra.epoch_log import EpochLog, MlflowEpochs
+    from infra.epoch_log import EpochLog, ImportMlflowDuringEpoch1, MlflowEpochs
 
     cpus = cfg.cpus_per_worker or even_share(cfg.workers, nodes)
     check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
@@ -135,7 +135,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     trainer = build_trainer(cfg, train, val, init_state, cpus, RunConfig(
         name=run_key, storage_path=storage_path, storage_filesystem=storage_fs,
         failure_config=FailureConfig(max_failures=cfg.max_failures), checkpoint_config=CheckpointConfig(num_to_keep=2),
-        callbacks=[MlflowEpochs(epoch_log)]))
+        callbacks=[MlflowEpochs(epoch_log), ImportMlflowDuringEpoch1()]))
     mark("fit-called")
     try:
         result = fit_interruptibly(trainer)

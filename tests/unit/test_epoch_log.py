@@ -4,6 +4,8 @@ store (SQLite, MLflow's own code) stands in for the server."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,16 @@ def test_a_tracking_failure_does_not_fail_training_and_is_caught_up(run: tuple[s
     broken = MlflowEpochs(EpochLog(f"sqlite:///{tmp_path / 'missing' / 'x.db'}", run_id, "replace-fc", 2, None))
     broken.after_report(None, [{HISTORY_KEY: [_row(1)]}], None)  # logs a warning, raises nothing
     assert EpochLog(uri, run_id, "replace-fc", 2, None).sync([_row(1), _row(2)]) == 2
+
+
+def test_the_controller_imports_mlflow_while_epoch_1_trains_not_at_the_first_report() -> None:
+    """Train calls ``after_worker_group_training_start`` in its controller once the workers run the training
+    function: the MLflow client is imported then, on a thread, so the first report finds it loaded."""
+    probe = ("import sys, threading; from infra.epoch_log import ImportMlflowDuringEpoch1; "
+             "before = 'mlflow.tracking' in sys.modules; "
+             "ImportMlflowDuringEpoch1().after_worker_group_training_start(None); "
+             "[t.join(60) for t in threading.enumerate() if t.name == 'import-mlflow']; "
+             "print(before, 'infra.tracking' in sys.modules and 'mlflow.tracking' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]
