@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 INTERRUPTED = threading.Event()
@@ -66,29 +66,27 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt on the main thread, as Ctrl-C does, so that ``finally`` clean-ups run
-    (by default SIGTERM ends the process on the spot). No-op off the main thread."""
+def _handling(handlers: dict[signal.Signals, Any]) -> Iterator[None]:
+    """``handlers`` installed inside the block, the previous ones back after it. No-op off the main thread,
+    where Python cannot install a signal handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def shielded() -> Iterator[None]:
-    """Ctrl-C and SIGTERM ignored while a clean-up runs, so that a second press cannot cut it short and leave
-    what it was stopping behind. No-op off the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def sigterm_as_interrupt() -> AbstractContextManager[None]:
+    """SIGTERM raises KeyboardInterrupt on the main thread, as Ctrl-C does, so that ``finally`` clean-ups run
+    (by default SIGTERM ends the process on the spot)."""
+    return _handling({signal.SIGTERM: _raise_interrupt})
+
+
+def shielded() -> AbstractContextManager[None]:
+    """Ctrl-C and SIGTERM ignored while a clean-up runs, so that a second press cannot cut it short and leave
+    what it was stopping behind."""
+    return _handling({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})

@@ -82,7 +82,7 @@ def test_a_killed_bench_stops_the_stack_it_started_even_when_interrupted_again(t
                 break
         else:
             pytest.fail("".join(seen[-40:]))
-        servers = [p for p in psutil.Process(bench.pid).children(recursive=True)]
+        servers = psutil.Process(bench.pid).children(recursive=True)
         folders = {arg.split("=", 1)[1].rsplit("/s3", 1)[0] for p in servers for arg in cmdline(p.pid).split()
                    if arg.startswith("-dir=")}
         assert servers and len(folders) == 1, [cmdline(p.pid) for p in servers]
