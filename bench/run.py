@@ -378,15 +378,19 @@ def probe_times(cfg: BenchConfig, train: Any) -> tuple[float, float]:
 
 
 # The start-up of a run, in order: each segment ends at its mark (flow stages, ``infra.timeline`` marks on the
-# driver, and the worker's own clock from the first epoch's row)
+# driver, and the worker's own clock from the first epoch's row). The Train worker's process is not on this
+# path where it was prestarted (``infra.ray_prestart``): it starts, and imports, beside the segments from
+# "worker processes asked for" on; WORKER_PROCESS_MARKS say when, from flow start.
 STARTUP_SEGMENTS = (
     ("data task", "build"), ("build task", "train"), ("MLflow run, params, datasets", "ray-connect"),
-    ("connect to Ray", "ray-connected"), ("placement check, trainer, ray.put", "fit-called"),
-    ("Train controller + worker process spawned", "worker_created_at"),
-    ("worker imports, process group", "worker_entered_at"),
+    ("connect to Ray", "ray-connected"), ("placement check, worker processes asked for", "workers-prestarted"),
+    ("trainer, ray.put", "fit-called"),
+    ("Train controller, worker group, process group", "worker_entered_at"),
     ("worker: data from the object store, model (and a resume checkpoint)", "worker_ready_at"),
     ("first optimizer step", "first_step_at"),
 )
+WORKER_PROCESS_MARKS = (("worker process started (from flow start)", "worker_started_at"),
+                        ("worker process imports done (from flow start)", "worker_preloaded_at"))
 
 
 @dataclass
@@ -404,6 +408,7 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
     from flows import retrain as retrain_module
     from flows.params import RetrainParams
     from flows.stages import listening
+    from infra.epoch_rows import STARTUP_KEYS
     from infra.timeline import recording
 
     params = RetrainParams(
@@ -422,13 +427,13 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
         result = retrain_module.retrain(params)
     history = result.history
     first = history[0]
-    marks.update({k: first[k] for k in ("worker_created_at", "worker_entered_at", "worker_ready_at",
-                                        "first_step_at") if k in first})
+    marks.update({k: first[k] for k in (*STARTUP_KEYS, "first_step_at") if k in first})
     startup, previous = {}, started
     for label, key in STARTUP_SEGMENTS:
         if key in marks:
             startup[label] = marks[key] - previous
             previous = marks[key]
+    startup |= {label: marks[key] - started for label, key in WORKER_PROCESS_MARKS if key in marks}
     window = (history[1]["last_step_at"] - history[1]["epoch_seconds"] if len(history) > 1 else first["first_step_at"],
               history[-1]["last_step_at"])
     # "promote" is announced right after the publish task returned: the model is in S3 and registered

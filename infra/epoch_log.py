@@ -21,19 +21,11 @@ from typing import Any
 from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
-from infra.ray_worker import HISTORY_KEY, STARTUP_KEYS, epoch_line
-from models import parse_strategy
-from models.loop import NOT_METRICS
-from models.schedules import plan
+from infra.epoch_rows import HISTORY_KEY, epoch_line, epoch_metrics
 
 logger = logging.getLogger(__name__)
 
 EPOCHS_LOG = "training/epochs.log"
-
-
-def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
-    """The MLflow metrics of a history row (no epoch number, step times or start-up clock)."""
-    return {k: v for k, v in row.items() if k not in NOT_METRICS | STARTUP_KEYS}
 
 
 class EpochLog:
@@ -42,6 +34,9 @@ class EpochLog:
     Picklable as long as it has not talked to MLflow (Ray sends it to the controller before that)."""
 
     def __init__(self, tracking_uri: str, run_id: str, strategy: str, epochs: int, probe_epochs: int | None) -> None:
+        from models import parse_strategy  # on the driver: Train's controller only unpickles this (no torch there)
+        from models.schedules import plan
+
         self.tracking_uri, self.run_id, self.epochs = tracking_uri, run_id, epochs
         self.phases = [p.name for p in plan(parse_strategy(strategy).schedule, epochs, probe_epochs)]
         self._tracker: Any = None

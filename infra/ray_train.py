@@ -19,6 +19,7 @@ import torch
 from infra.errors import HeadbenchError
 from infra.interrupts import fit_interruptibly
 from infra.ray_cluster import check_gpus, check_placement, cluster_node_cpus, even_share, node_gpus
+from infra.ray_prestart import prestart_train_workers, worker_runtime_env
 from infra.ray_worker import TrainConfig, load_checkpoint, train_worker
 from infra.s3 import ray_storage
 from infra.settings import Settings
@@ -130,11 +131,15 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
     if cfg.use_gpu:
         check_gpus(cfg.workers, node_gpus())
+    if settings.ray_prestart:  # the worker processes start, and import, while the controller starts
+        prestart_train_workers(cfg.workers, worker_runtime_env())
+    mark("workers-prestarted")
     storage_path, storage_fs = ray_storage(settings, RAY_TRAIN_PREFIX)
     epoch_log = EpochLog(tracking_uri, run_id, cfg.strategy, cfg.epochs, cfg.probe_epochs)
     trainer = build_trainer(cfg, train, val, init_state, cpus, RunConfig(
         name=run_key, storage_path=storage_path, storage_filesystem=storage_fs,
-        failure_config=FailureConfig(max_failures=cfg.max_failures), checkpoint_config=CheckpointConfig(num_to_keep=2),
+        worker_runtime_env=worker_runtime_env(), failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
         callbacks=[MlflowEpochs(epoch_log), ImportMlflowDuringEpoch1()]))
     mark("fit-called")
     try:

@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
+from infra.epoch_rows import HISTORY_KEY, epoch_line
+from infra.procs import process_started_at
 from models import build_model, parse_strategy
 from models.loop import DDP_OPTIONS, EpochEnd, FitConfig, FitHooks, FitState, fit
 from models.weights import WEIGHTS_FILE, headbench_keys, save_state_dict
 
 TRAIN_STATE = "train_state.pt"
 BEST_WEIGHTS_FILE = "best.safetensors"
-STARTUP_KEYS = {"worker_created_at", "worker_entered_at", "worker_ready_at"}  # wall clock, in the first row
-HISTORY_KEY = "history"  # rank 0's report: its epoch row plus the whole history under this key
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,6 @@ class TrainConfig:
                          early_stopping_patience=self.early_stopping_patience, seed=self.seed)
 
 
-def epoch_line(row: dict[str, float], epochs: int, phase: str) -> str:
-    """One epoch of ``training/epochs.log``, as rank 0 also prints it to Ray's worker log."""
-    return (f"epoch {int(row['epoch'])}/{epochs} [{phase}] train_loss={row['train_loss']:.4f} "
-            f"train_acc={row['train_accuracy']:.4f} val_loss={row['val_loss']:.4f} "
-            f"val_acc={row['val_accuracy']:.4f} {row['images_per_second']:.0f} img/s {row['epoch_seconds']:.1f} s"
-            + (f" (+{row['feature_seconds']:.1f} s computing features once)" if row.get("feature_seconds") else ""))
-
-
 def save_checkpoint(end: EpochEnd, directory: Path) -> None:
     """Weights (safetensors), best weights when early stopping keeps them, and the rest of the state."""
     save_state_dict(end.model, directory / WEIGHTS_FILE)
@@ -95,10 +87,24 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], FitState]
     return headbench_keys(load_file(directory / WEIGHTS_FILE)), FitState.from_train_state(saved, best)
 
 
+_preloaded_at: float | None = None  # when ``preload`` finished in this process
+
+
+def preload() -> None:
+    """Ray's worker-process setup hook for Train's workers (``infra.ray_prestart``): run when the process starts,
+    before it takes its actor, so that a prestarted process has done every import the worker will need
+    (importing this module brought torch and ``models``)."""
+    global _preloaded_at
+    import ray.train.torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  (the first optimizer imports it: torch wraps ``add_param_group`` in it)
+    import torchvision  # noqa: F401  (models.net builds the trunk with it)
+
+    _preloaded_at = time.time()
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: ``fit`` with Ray's rank, DDP, reports and per-epoch checkpoints."""
     entered_at = time.time()
-    import psutil
     import ray
     import ray.train
     import ray.train.torch
@@ -123,10 +129,10 @@ def train_worker(config: dict[str, Any]) -> None:
     model.to(device)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
-    # when this worker process started, entered this function and was ready to train: the bench's start-up
+    # when this worker process started, imported, entered this function and was ready to train: the bench's start-up
     # breakdown reads them from the first epoch's row (not MLflow metrics)
-    startup = {"worker_created_at": psutil.Process().create_time(), "worker_entered_at": entered_at,
-               "worker_ready_at": time.time()}
+    startup = {"worker_started_at": process_started_at(), "worker_preloaded_at": _preloaded_at or entered_at,
+               "worker_entered_at": entered_at, "worker_ready_at": time.time()}
 
     def on_epoch(end: EpochEnd) -> None:
         if startup:

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     ray_logs: bool = Field(False, validation_alias="HEADBENCH_RAY_LOGS",
                            description="forward Ray's worker and actor output to the driver (`--verbose`); off, "
                            "progress comes from MLflow and the logs stay in MLflow, Prefect and Ray's log files")
+    ray_prestart: bool = Field(True, validation_alias="HEADBENCH_RAY_PRESTART",
+                               description="start Ray Train's worker processes, and their imports, while the run "
+                               "sets up (a cluster whose CPUs are on one node; docs/performance.md)")
 
     database_url: SecretStr | None = Field(None, validation_alias="HEADBENCH_DATABASE_URL",
                                            description="`up --backend postgres`: postgresql://user[:password]@host"

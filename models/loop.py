@@ -360,7 +360,6 @@ class FitResult:
 DDP_OPTIONS: dict[str, Any] = {"gradient_as_bucket_view": True}
 
 PROBE_BN_BATCHES = 20  # batches that estimate target BN statistics before a frozen phase (at least)
-NOT_METRICS = {"epoch", "first_step_at", "last_step_at"}  # history columns that are not MLflow metrics
 
 
 MIN_BATCH_PER_WORKER = 2  # BatchNorm in train mode needs more than one value per channel

@@ -99,3 +99,48 @@ def test_the_stacks_ray_actors_ask_their_own_cluster(stack: Stack) -> None:
     report = _ask_own_state(stack.cli_env())
     assert report["state"] == "ALIVE", report
     assert report["seconds"] < 5
+
+
+# One Train worker on a private Ray, its process asked for first (as `run_training` does): Train's controller
+# must hand the worker actor that prestarted process, its imports already done, not start a new one.
+PRESTART = r'''
+import json, sys, tempfile, time
+from pathlib import Path
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from infra.ray_cluster import init_ray
+from infra.ray_prestart import prestart_train_workers, worker_runtime_env
+from infra.settings import Settings
+
+def fn(config):
+    entered = time.time()
+    import infra.ray_worker as worker
+    from infra.procs import process_started_at
+    Path(config["out"]).write_text(json.dumps({"started": process_started_at(), "preloaded": worker._preloaded_at,
+                                               "entered": entered}))
+
+init_ray(Settings(RAY_ADDRESS=None))
+asked = prestart_train_workers(int(sys.argv[1]), worker_runtime_env())
+time.sleep(2)  # the raylet starts the process within this (Train's controller alone takes longer to start)
+out = tempfile.mktemp()
+fit_called = time.time()
+TorchTrainer(fn, train_loop_config={"out": out}, scaling_config=ScalingConfig(num_workers=1),
+             run_config=RunConfig(storage_path=tempfile.mkdtemp(), worker_runtime_env=worker_runtime_env())).fit()
+print(json.dumps(json.loads(Path(out).read_text()) | {"asked": asked, "fit_called": fit_called}))
+'''
+
+
+@pytest.mark.parametrize("prestart", [1, 0])
+def test_train_takes_the_prestarted_worker_process_with_its_imports_done(prestart: int) -> None:
+    env = {k: v for k, v in env_without_stack().items() if not k.startswith("RAY_")}
+    done = subprocess.run([sys.executable, "-c", PRESTART, str(prestart)], capture_output=True, text=True,
+                          timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["asked"] == prestart
+    # the hook ran in the worker's process either way, before the training function
+    assert report["preloaded"] is not None and report["preloaded"] <= report["entered"]
+    if prestart:  # the process Train's controller used existed before Train was even called
+        assert report["started"] < report["fit_called"], report
+    else:  # without it, Ray starts the worker's process once the controller asks for it
+        assert report["started"] > report["fit_called"], report

@@ -12,13 +12,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.epoch_log import EPOCHS_LOG, EpochLog, MlflowEpochs
-from infra.ray_worker import HISTORY_KEY
+from infra.epoch_rows import HISTORY_KEY
 
 
 def _row(epoch: int, phase: int = 1) -> dict[str, float]:
     return {"epoch": epoch, "phase": phase, "train_loss": 1.0 / epoch, "train_accuracy": 0.5, "val_loss": 0.9,
             "val_accuracy": 0.6, "images_per_second": 100.0, "epoch_seconds": 2.0, "feature_seconds": 0.0,
-            "first_step_at": 1.0, "last_step_at": 2.0, "worker_created_at": 3.0}
+            "first_step_at": 1.0, "last_step_at": 2.0, "worker_started_at": 3.0}
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_each_epoch_is_logged_once_whatever_the_history_repeats(run: tuple[str, 
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
     assert steps == [1, 2, 3, 4]
     metrics = client.get_run(run_id).data.metrics
-    assert not {"epoch", "first_step_at", "last_step_at", "worker_created_at"} & metrics.keys()
+    assert not {"epoch", "first_step_at", "last_step_at", "worker_started_at"} & metrics.keys()
     text = Path(client.download_artifacts(run_id, EPOCHS_LOG)).read_text().splitlines()
     assert [line.split(" ")[1:3] for line in text] == [["1/4", "[probe]"], ["2/4", "[probe]"], ["3/4", "[finetune]"],
                                                         ["4/4", "[finetune]"]]
@@ -69,3 +69,12 @@ def test_the_controller_imports_mlflow_while_epoch_1_trains_not_at_the_first_rep
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "True"]
+
+
+def test_the_controllers_callbacks_do_not_import_torch() -> None:
+    """Train's controller unpickles these callbacks, importing their module: torch there cost the controller
+    2 CPU-seconds of its start, beside the worker process's own imports on the same cores."""
+    probe = "import sys, infra.epoch_log; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

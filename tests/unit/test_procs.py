@@ -18,6 +18,7 @@ from infra.procs import (
     memory_kb,
     pid_alive,
     port_taken,
+    process_started_at,
     stop_group,
 )
 
@@ -115,3 +116,18 @@ def test_stop_group_gives_children_in_their_own_sessions_their_sigterm_first(tmp
         finally:
             if leader.poll() is None:
                 leader.kill()
+
+
+def test_process_started_at_is_the_start_to_the_tick_not_to_the_second() -> None:
+    """psutil's create_time can be up to a second off (boot time in whole seconds); the start-up breakdown needs
+    the start itself: a child started between two clock reads is dated between them."""
+    before = time.time()
+    child = subprocess.Popen(["sleep", "5"])
+    after = time.time()
+    try:
+        tick = 0.011  # the kernel dates a start to its 10 ms tick
+        assert before - tick <= process_started_at(child.pid) <= after + tick
+        assert process_started_at() < before  # this process started before the test ran
+    finally:
+        child.kill()
+        child.wait()
