@@ -88,7 +88,10 @@ def validation_line(exc: ValidationError) -> str:
 
 
 def _settings(home: Path | None) -> Settings:
-    return load_settings(home)
+    try:
+        return load_settings(home)
+    except HeadbenchError as exc:  # a bad environment variable, named with its value
+        fail(str(exc))
 
 
 # ------------------------------------------------------------------------------------------- stack

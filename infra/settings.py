@@ -12,7 +12,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".headbench")
@@ -146,7 +146,14 @@ def load_settings(home: Path | None = None) -> Settings:
     kwargs: dict[str, object] = {"home": home}
     if env_file.is_file():
         kwargs["_env_file"] = env_file
-    return Settings(**kwargs)  # type: ignore[arg-type]
+    try:
+        return Settings(**kwargs)  # type: ignore[arg-type]
+    except ValidationError as exc:  # a bad environment variable: its name, value and what it must be, on one line
+        from infra.errors import HeadbenchError
+
+        e = exc.errors()[0]
+        name = ".".join(str(part) for part in e["loc"])
+        raise HeadbenchError(f"{name}={str(e.get('input'))[:80]!r}: {e['msg']}") from None
 
 
 def require_servers(settings: Settings) -> tuple[str, str]:

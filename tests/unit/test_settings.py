@@ -56,3 +56,22 @@ def test_export_env_never_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     load_settings(tmp_path).export_env()
     assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4999/api"
     assert os.environ["RAY_ADDRESS"] == "127.0.0.1:7000"
+
+
+@pytest.mark.parametrize(("name", "value"), [("HEADBENCH_RAY_PRESTART", "maybe"),
+                                             ("HEADBENCH_KEEP_CHECKPOINTS", "-1")])
+def test_a_bad_variable_is_one_line_naming_it_and_its_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            name: str, value: str) -> None:
+    from infra.errors import HeadbenchError
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(HeadbenchError) as caught:
+        load_settings(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{name}={value!r}: ") and "\n" not in message
+
+
+def test_prestarting_train_workers_is_on_unless_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(tmp_path).ray_prestart is True
+    monkeypatch.setenv("HEADBENCH_RAY_PRESTART", "0")
+    assert load_settings(tmp_path).ray_prestart is False
