@@ -93,7 +93,8 @@ _preloaded_at: float | None = None  # when ``preload`` finished in this process
 def preload() -> None:
     """Ray's worker-process setup hook for Train's workers (``infra.ray_prestart``): run when the process starts,
     before it takes its actor, so that a prestarted process has done every import the worker will need
-    (importing this module brought torch and ``models``)."""
+    (importing this module brought torch and ``models``). Imports only: none of them asks CUDA for its devices,
+    which a GPU worker may do only once Ray has set CUDA_VISIBLE_DEVICES for its actor."""
     global _preloaded_at
     import ray.train.torch  # noqa: F401
     import torch._dynamo  # noqa: F401  (the first optimizer imports it: torch wraps ``add_param_group`` in it)
