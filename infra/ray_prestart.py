@@ -40,7 +40,7 @@ def worker_runtime_env() -> dict[str, Any]:
     return {"env_vars": {SETUP_HOOK_VAR: PRELOAD_HOOK}}
 
 
-def train_worker_runtime_env(custom: dict[str, Any]) -> str:
+def serialized_worker_runtime_env(custom: dict[str, Any]) -> str:
     """The runtime environment of Train's worker actors as the raylet sees it (it matches a prestarted process
     to an actor by this string, byte for byte): an actor inherits the runtime environment of the process that
     creates it, here Train's controller, and Ray's core worker merges the two (the parent's fields, then the
@@ -79,7 +79,7 @@ def prestart_train_workers(count: int, runtime_env: dict[str, Any]) -> int:
         request = node_manager_pb2.PrestartWorkersRequest(
             language=common_pb2.PYTHON, job_id=bytes.fromhex(ray.get_runtime_context().get_job_id()),
             runtime_env_info=runtime_environment_pb2.RuntimeEnvInfo(
-                serialized_runtime_env=train_worker_runtime_env(runtime_env)),
+                serialized_runtime_env=serialized_worker_runtime_env(runtime_env)),
             keep_alive_duration_secs=KEEP_ALIVE_S,
             num_workers=count)
         channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")

@@ -1,7 +1,9 @@
 """The Ray Train worker: what runs inside each of the N data-parallel worker processes.
 
 Kept apart from the driver (``infra/ray_train.py``) and the Prefect task (``tasks/train.py``) so a
-worker imports only torch, ray.train and ``models``: every import here is resident memory in every worker.
+worker imports only torch, ray.train, torchvision and ``models`` (plus the small ``infra.epoch_rows`` and
+``infra.procs``): every import here is resident memory in every worker. ``preload`` does these imports as
+the process starts (``infra/ray_prestart.py``).
 MLflow's per-epoch logging happens in Train's controller (``infra/epoch_log.py``), from what rank 0
 reports. The loop itself is ``models.loop.fit``, the same function a plain script calls; Ray appears only in
 the hooks: rank and world size, ``prepare_model`` (DDP), ``prepare_data_loader`` (device moves; ``fit``

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from infra.ray_prestart import PRELOAD_HOOK, SETUP_HOOK_VAR, train_worker_runtime_env, worker_runtime_env
+from infra.ray_prestart import PRELOAD_HOOK, SETUP_HOOK_VAR, serialized_worker_runtime_env, worker_runtime_env
 
 # the hook runs before the process has an actor, so before Ray sets CUDA_VISIBLE_DEVICES for a GPU worker: it
 # must not let CUDA count devices (a CUDA runtime initialised then sees every GPU of the machine)
@@ -34,7 +34,7 @@ def test_the_preload_hook_imports_what_a_worker_needs_and_leaves_cuda_alone() ->
 def test_the_worker_runtime_env_is_the_controllers_merged_with_the_workers_as_ray_writes_it(monkeypatch) -> None:
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
     monkeypatch.delenv("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", raising=False)
-    text = train_worker_runtime_env(worker_runtime_env())
+    text = serialized_worker_runtime_env(worker_runtime_env())
     assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))  # compact, keys sorted
     env_vars = json.loads(text)["env_vars"]
     assert env_vars[SETUP_HOOK_VAR] == PRELOAD_HOOK  # the workers' own
