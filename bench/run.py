@@ -25,6 +25,7 @@ check that a tiny setting emits every figure.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -99,6 +100,7 @@ class Figures:
     b1_ddp_img_s: list[float] = field(default_factory=list)  # torch DDP, ddp_workers processes x 1 thread
     startup_s: dict[str, list[float]] = field(default_factory=dict)  # segment -> warm runs (STARTUP_SEGMENTS)
     service_cores: dict[str, list[float]] = field(default_factory=dict)  # group -> cores during B2's steady epochs
+    startup_cpu_s: dict[str, list[float]] = field(default_factory=dict)  # group -> CPU-s, flow start -> first step
     start_to_first_step_s: list[float] = field(default_factory=list)  # warm runs (Ray already up)
     cold_start_to_first_step_s: float | None = None  # the first run, which also starts Ray
     last_step_to_published_s: list[float] = field(default_factory=list)
@@ -121,6 +123,7 @@ class Figures:
             "ray_ddp_over_torch_ddp": paired_ratio(self.b2_ddp_img_s, self.b1_ddp_img_s),
             "startup_breakdown_s": {k: med(v) for k, v in self.startup_s.items()},
             "service_cores": {k: med(v) for k, v in sorted(self.service_cores.items(), key=lambda kv: -med(kv[1]))},
+            "startup_cpu_s": {k: med(v) for k, v in sorted(self.startup_cpu_s.items(), key=lambda kv: -med(kv[1]))},
             "flow_start_to_first_step_s": med(self.start_to_first_step_s),
             "cold_flow_start_to_first_step_s": self.cold_start_to_first_step_s,
             "last_step_to_published_s": med(self.last_step_to_published_s),
@@ -183,6 +186,8 @@ def machine_facts(cfg: BenchConfig) -> dict[str, Any]:
 # How often the samplers read /proc. Reading a worker's USS walks its memory map (smaps_rollup), and the
 # samplers run in the driver's process: once a second they cost B2 a few percent, so every 2 s.
 SAMPLE_S = 2.0
+STARTUP_SAMPLE_S = 0.5  # ServiceCpu while a run starts, for its CPU-seconds at the first step
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Sampler:
@@ -199,8 +204,11 @@ class Sampler:
     def sample(self) -> None:
         raise NotImplementedError
 
+    def interval(self) -> float:
+        return SAMPLE_S
+
     def _loop(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
+        while not self._stop.wait(self.interval()):
             if not Sampler._quiet.is_set():
                 self.sample()
 
@@ -400,6 +408,7 @@ class B2Run:
     to_published_s: float  # last optimizer step -> model published and registered
     startup: dict[str, float]  # segment -> seconds (STARTUP_SEGMENTS)
     steady_window: tuple[float, float]  # wall clock of the steady epochs (service CPU is measured there)
+    startup_window: tuple[float, float]  # wall clock from flow start to the first optimizer step
 
 
 def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int | None = None,
@@ -438,7 +447,7 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
               history[-1]["last_step_at"])
     # "promote" is announced right after the publish task returned: the model is in S3 and registered
     return B2Run(steady_img_s(history), first["first_step_at"] - started,
-                 marks["promote"] - history[-1]["last_step_at"], startup, window)
+                 marks["promote"] - history[-1]["last_step_at"], startup, window, (started, first["first_step_at"]))
 
 
 # ------------------------------------------------------------------------------------------- service CPU
@@ -446,11 +455,18 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
 
 SERVICE_GROUPS = (  # process -> group, by the first matching word of its command line
     ("ray::RayTrainWorker", "Ray Train worker (training)"), ("ray::TrainController", "Ray Train controller"),
-    ("ray::", "Ray Train helper actors"), ("gcs_server", "Ray GCS"), ("raylet", "Ray raylet"),
+    ("ray::PlacementGroupCleaner", "Ray Train placement-group cleaner"),
+    ("ray::SynchronizationActor", "Ray Train synchronization actor"), ("ray::", "Ray Train helper actors"),
+    ("gcs_server", "Ray GCS"), ("raylet", "Ray raylet"),
     ("dashboard/agent.py", "Ray dashboard agent"), ("runtime_env/agent", "Ray runtime-env agent"),
     ("dashboard", "Ray dashboard"), ("log_monitor", "Ray log monitor"), ("weed", "SeaweedFS S3"),
     ("mlflow", "MLflow server"), ("prefect worker", "Prefect worker"), ("prefect", "Prefect server"),
 )
+
+
+# a Ray worker process is "python default_worker.py --raylet-name=..." until it names itself "ray::IDLE",
+# and "ray::IDLE" until it takes its actor: the groups a process's command line is read again for
+PROVISIONAL_GROUPS = frozenset({"Ray raylet", "Ray Train helper actors", "other"})
 
 
 def service_group(command: str) -> str:
@@ -458,34 +474,56 @@ def service_group(command: str) -> str:
 
 
 class ServiceCpu(Sampler):
-    """CPU time of every process of the stack and of this process tree, sampled every SAMPLE_S, so that
-    what each service took during a window (B2's steady epochs) can be read afterwards, in cores."""
+    """CPU time of every process of the stack and of this process tree, sampled every SAMPLE_S (every
+    STARTUP_SAMPLE_S for a while after ``fast``), so that what each service took during a window can be read
+    afterwards: in cores over B2's steady epochs, in CPU-seconds over its start-up, where Ray Train's
+    processes of the run start and the 2 cores are the limit."""
 
     def __init__(self, stack_home: Path) -> None:
         super().__init__()
         self.stack_home = stack_home
         self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._fast_until = 0.0
+        self._groups: dict[tuple[int, int], str] = {}  # (pid, start tick) -> group
 
-    def _pids(self) -> set[int]:
-        from infra.procs import group_members
+    def fast(self, seconds: float) -> None:
+        """Sample every STARTUP_SAMPLE_S for the next ``seconds`` (a run's start-up)."""
+        self._fast_until = time.time() + seconds
 
-        pids = {os.getpid()} | {p.pid for p in descendants(os.getpid())}
+    def interval(self) -> float:
+        return STARTUP_SAMPLE_S if time.time() < self._fast_until else SAMPLE_S
+
+    def _stack_groups(self) -> set[int]:
+        groups = set()
         for pid_file in (self.stack_home / "pids").glob("*.pid"):
             with contextlib.suppress(ValueError, OSError):
-                pids |= set(group_members(int(pid_file.read_text().strip())))
-        return pids
+                groups.add(int(pid_file.read_text().strip()))  # each service leads its process group
+        return groups
 
     def sample(self) -> None:
-        import psutil
-
-        now, sample = time.time(), {}
-        for pid in self._pids():
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                times = proc.cpu_times()
-                group = "driver (the flow, this process)" if pid == os.getpid() else \
-                    service_group(" ".join(proc.cmdline()))
-                sample[pid] = (group, times.user + times.system)
+        """One pass over ``/proc/<pid>/stat`` (parent, process group, CPU ticks): this process, its descendants
+        and the stack's process groups. Cheap enough to run every STARTUP_SAMPLE_S beside a start-up it
+        measures (3 ms a sample, ~0.5 % of a core, on this host); a process's group comes from its command
+        line, read once, and again while its group may still change (PROVISIONAL_GROUPS)."""
+        now, me, stack = time.time(), os.getpid(), self._stack_groups()
+        table: dict[int, tuple[int, int, float, int]] = {}  # pid -> (parent, process group, CPU-s, start tick)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+                table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]),
+                                                (int(fields[11]) + int(fields[12])) / TICKS, int(fields[19]))
+        ours, found = {me}, {me}
+        while found:  # this process's descendants, generation by generation, and the services' groups
+            found = {pid for pid, row in table.items() if pid not in ours and (row[0] in ours or row[1] in stack)}
+            ours |= found
+        sample = {}
+        for pid in ours & table.keys():
+            key = (pid, table[pid][3])
+            group = self._groups.get(key)
+            if group is None or group in PROVISIONAL_GROUPS:
+                group = "driver (the flow, this process)" if pid == me else service_group(cmdline(pid))
+                self._groups[key] = group
+            sample[pid] = (group, table[pid][2])
         self.samples.append((now, sample))
 
     def cores(self, window: tuple[float, float]) -> dict[str, float]:
@@ -498,6 +536,35 @@ class ServiceCpu(Sampler):
         for pid, (group, cpu) in last.items():
             if pid in first:
                 used[group] = used.get(group, 0.0) + (cpu - first[pid][1]) / (t1 - t0)
+        return used
+
+    def cpu_seconds(self, window: tuple[float, float]) -> dict[str, float]:
+        """CPU-seconds each group used within ``window``, processes that started or ended in it included: each
+        process's CPU time read at both ends, interpolated between the samples around each (a process first
+        seen inside the window started there, with none; one gone before its end ended with its last sample).
+        A process is grouped by its latest command line (a prestarted Ray worker is ``ray::IDLE`` until it
+        takes its actor)."""
+        history: dict[int, list[tuple[float, float]]] = {}
+        groups: dict[int, str] = {}
+        for at, sample in self.samples:
+            for pid, (group, cpu) in sample.items():
+                history.setdefault(pid, []).append((at, cpu))
+                groups[pid] = group
+
+        def cpu_at(points: list[tuple[float, float]], t: float) -> float:
+            if t <= points[0][0]:
+                return 0.0 if points[0][0] > window[0] else points[0][1]
+            for (a, ca), (b, cb) in itertools.pairwise(points):
+                if a <= t <= b:
+                    return ca + (cb - ca) * (t - a) / (b - a)
+            return points[-1][1]
+
+        used: dict[str, float] = {}
+        for pid, points in history.items():
+            if points[-1][0] < window[0] or points[0][0] > window[1]:
+                continue
+            seconds = cpu_at(points, window[1]) - cpu_at(points, window[0])
+            used[groups[pid]] = used.get(groups[pid], 0.0) + seconds
         return used
 
 
@@ -581,6 +648,9 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                     with Sampler.quiet():
                         figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
                     log(f"[{i}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
+                # start-up CPU by process: sampled densely until a warm run has surely stepped (10-13 s on a
+                # slow host), not into its steady epochs, whose cores are measured at the usual pace
+                cpu.fast(20)
                 b2 = b2_pipeline(cfg, settings, model_name="bench")
                 if i == 0:
                     figures.cold_start_to_first_step_s = b2.to_first_step_s
@@ -592,6 +662,8 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                         figures.startup_s.setdefault(label, []).append(seconds)
                     for group, cores in cpu.cores(b2.steady_window).items():
                         figures.service_cores.setdefault(group, []).append(cores)
+                    for group, seconds in cpu.cpu_seconds(b2.startup_window).items():
+                        figures.startup_cpu_s.setdefault(group, []).append(seconds)
                 log(f"[{'cold' if i == 0 else i}] B2 headbench {b2.img_s:.1f} img/s, flow start -> first step "
                     f"{b2.to_first_step_s:.1f} s, last step -> published {b2.to_published_s:.1f} s")
                 if i > 0:
@@ -661,6 +733,8 @@ def table(figures: Figures) -> str:
                          f"{RESNET18_TRAIN_GFLOP_224} GFLOP/img at 224 px"))
     rows += [(f"  start-up: {label}", fmt(seconds, " s", 2), "") for label, seconds in
              s["startup_breakdown_s"].items()]
+    rows += [(f"  start-up CPU: {group}", fmt(seconds, " CPU-s", 2), "") for group, seconds in
+             s["startup_cpu_s"].items() if seconds >= 0.005]
     rows += [(f"  B2 steady epochs: {group}", fmt(cores, " cores", 2), "") for group, cores in
              s["service_cores"].items()]
     width = max(len(r[0]) for r in rows)

@@ -34,7 +34,7 @@ class EpochLog:
     Picklable as long as it has not talked to MLflow (Ray sends it to the controller before that)."""
 
     def __init__(self, tracking_uri: str, run_id: str, strategy: str, epochs: int, probe_epochs: int | None) -> None:
-        from models import parse_strategy  # on the driver: Train's controller only unpickles this (no torch there)
+        from models import parse_strategy  # on the driver: Train's controller only unpickles this
         from models.schedules import plan
 
         self.tracking_uri, self.run_id, self.epochs = tracking_uri, run_id, epochs

@@ -1,9 +1,10 @@
 """What a Ray Train worker reports each epoch, as Train's controller reads it: the report's keys, which of a
 history row's columns are MLflow metrics, and the epoch's log line.
 
-Nothing here imports torch: Train's controller imports this (through ``infra.epoch_log``, when it unpickles
-the run's callbacks), and torch's import was 2 CPU-seconds of the controller's start on a small host, spent
-while the run's worker process does its own imports on the same cores (``infra.ray_prestart``).
+Nothing here imports torch or ``models``: Train's controller imports this (through ``infra.epoch_log``, when
+it unpickles the run's callbacks), and needs no more of the worker's code to log an epoch. (The controller
+imports torch all the same: the trainer's backend config, Ray's ``TorchConfig``, which it unpickles, is
+defined beside ``import torch``; docs/performance.md, *Start-up: CPU by process*.)
 """
 
 from __future__ import annotations

@@ -3,13 +3,16 @@ and none of the stack) prints."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 
 import bench.run
-from bench.run import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, Sampler, paired_ratio, table
+from bench.run import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, Sampler, ServiceCpu, paired_ratio, table
 
 
 def test_a_b1_only_run_reports_the_loop_and_its_share_of_the_flop_limit() -> None:
@@ -73,3 +76,27 @@ def test_samplers_take_no_sample_while_b1_trains_in_their_process(monkeypatch: p
             assert Counter.taken == 0
         time.sleep(0.3)
     assert Counter.taken > 0
+
+
+# a child that starts, burns ~0.6 s of CPU (its interpreter's start included), idles and exits, all within a
+# window (the idle end lets a sample see all of it: what a process does after its last sample is not counted)
+BURN = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\ntime.sleep(0.6)"
+
+
+def test_start_up_cpu_counts_processes_that_start_and_exit_inside_the_window(tmp_path: Path) -> None:
+    cpu = ServiceCpu(tmp_path)  # no stack: this process and its children
+    cpu.fast(30)
+    assert cpu.interval() == bench.run.STARTUP_SAMPLE_S
+    with cpu.sampling():
+        time.sleep(0.6)
+        start = time.time()
+        subprocess.run([sys.executable, "-c", BURN], check=True)
+        time.sleep(0.6)  # the child is gone: its last sample is what it used
+        end = time.time()
+        time.sleep(0.6)
+    used = cpu.cpu_seconds((start, end))
+    assert 0.45 <= used.get("other", 0.0) <= 1.5, used  # the child, found by its command line: no service
+    assert used.get("driver (the flow, this process)", 0.0) < 0.3, used  # idle, but for the sampler itself
+    assert cpu.cpu_seconds((end + 10, end + 20)) == {}  # nothing sampled there
+    cpu.fast(0)
+    assert cpu.interval() == bench.run.SAMPLE_S

@@ -72,8 +72,9 @@ def test_the_controller_imports_mlflow_while_epoch_1_trains_not_at_the_first_rep
 
 
 def test_the_controllers_callbacks_do_not_import_torch() -> None:
-    """Train's controller unpickles these callbacks, importing their module: torch there cost the controller
-    2 CPU-seconds of its start, beside the worker process's own imports on the same cores."""
+    """Train's controller unpickles these callbacks, importing their module: the MLflow client must come only
+    during epoch 1 (``ImportMlflowDuringEpoch1``), and the module needs none of the worker's torch code (the
+    controller's torch comes from Ray's ``TorchConfig``, not from here)."""
     probe = "import sys, infra.epoch_log; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
