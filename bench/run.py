@@ -99,6 +99,7 @@ class Figures:
     b2_ddp_img_s: list[float] = field(default_factory=list)  # ddp_workers x 1 CPU
     b1_ddp_img_s: list[float] = field(default_factory=list)  # torch DDP, ddp_workers processes x 1 thread
     startup_s: dict[str, list[float]] = field(default_factory=dict)  # segment -> warm runs (STARTUP_SEGMENTS)
+    end_s: dict[str, list[float]] = field(default_factory=dict)  # segment -> warm runs (END_SEGMENTS)
     service_cores: dict[str, list[float]] = field(default_factory=dict)  # group -> cores during B2's steady epochs
     startup_cpu_s: dict[str, list[float]] = field(default_factory=dict)  # group -> CPU-s, flow start -> first step
     start_to_first_step_s: list[float] = field(default_factory=list)  # warm runs (Ray already up)
@@ -122,6 +123,7 @@ class Figures:
             "b1_ddp_img_s": med(self.b1_ddp_img_s),
             "ray_ddp_over_torch_ddp": paired_ratio(self.b2_ddp_img_s, self.b1_ddp_img_s),
             "startup_breakdown_s": {k: med(v) for k, v in self.startup_s.items()},
+            "end_breakdown_s": {k: med(v) for k, v in self.end_s.items()},
             "service_cores": {k: med(v) for k, v in sorted(self.service_cores.items(), key=lambda kv: -med(kv[1]))},
             "startup_cpu_s": {k: med(v) for k, v in sorted(self.startup_cpu_s.items(), key=lambda kv: -med(kv[1]))},
             "flow_start_to_first_step_s": med(self.start_to_first_step_s),
@@ -397,6 +399,15 @@ STARTUP_SEGMENTS = (
     ("worker: data from the object store, model (and a resume checkpoint)", "worker_ready_at"),
     ("first optimizer step", "first_step_at"),
 )
+# The end of a run, from its last optimizer step to the model published and registered ("promote" is announced
+# once the publish task has returned)
+END_SEGMENTS = (
+    ("last epoch's report and checkpoint upload, Train's shutdown", "fit-returned"),
+    ("final weights from the checkpoint in S3", "final-weights"),
+    ("train task's return (MLflow history sync)", "evaluate"),
+    ("evaluate task (test set, plots to MLflow)", "publish"),
+    ("publish task (safetensors to S3, MLflow model, registry)", "promote"),
+)
 WORKER_PROCESS_MARKS = (("worker process started (from flow start)", "worker_started_at"),
                         ("worker process imports done (from flow start)", "worker_preloaded_at"))
 
@@ -407,6 +418,7 @@ class B2Run:
     to_first_step_s: float
     to_published_s: float  # last optimizer step -> model published and registered
     startup: dict[str, float]  # segment -> seconds (STARTUP_SEGMENTS)
+    end: dict[str, float]  # segment -> seconds (END_SEGMENTS): last step -> published
     steady_window: tuple[float, float]  # wall clock of the steady epochs (service CPU is measured there)
     startup_window: tuple[float, float]  # wall clock from flow start to the first optimizer step
 
@@ -443,11 +455,17 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
             startup[label] = marks[key] - previous
             previous = marks[key]
     startup |= {label: marks[key] - started for label, key in WORKER_PROCESS_MARKS if key in marks}
+    end, previous = {}, history[-1]["last_step_at"]
+    for label, key in END_SEGMENTS:
+        if key in marks:
+            end[label] = marks[key] - previous
+            previous = marks[key]
     window = (history[1]["last_step_at"] - history[1]["epoch_seconds"] if len(history) > 1 else first["first_step_at"],
               history[-1]["last_step_at"])
     # "promote" is announced right after the publish task returned: the model is in S3 and registered
     return B2Run(steady_img_s(history), first["first_step_at"] - started,
-                 marks["promote"] - history[-1]["last_step_at"], startup, window, (started, first["first_step_at"]))
+                 marks["promote"] - history[-1]["last_step_at"], startup, end, window,
+                 (started, first["first_step_at"]))
 
 
 # ------------------------------------------------------------------------------------------- service CPU
@@ -660,6 +678,8 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                     figures.last_step_to_published_s.append(b2.to_published_s)
                     for label, seconds in b2.startup.items():
                         figures.startup_s.setdefault(label, []).append(seconds)
+                    for label, seconds in b2.end.items():
+                        figures.end_s.setdefault(label, []).append(seconds)
                     for group, cores in cpu.cores(b2.steady_window).items():
                         figures.service_cores.setdefault(group, []).append(cores)
                     for group, seconds in cpu.cpu_seconds(b2.startup_window).items():
@@ -733,6 +753,8 @@ def table(figures: Figures) -> str:
                          f"{RESNET18_TRAIN_GFLOP_224} GFLOP/img at 224 px"))
     rows += [(f"  start-up: {label}", fmt(seconds, " s", 2), "") for label, seconds in
              s["startup_breakdown_s"].items()]
+    rows += [(f"  run end: {label}", fmt(seconds, " s", 2), "") for label, seconds in
+             s["end_breakdown_s"].items()]
     rows += [(f"  start-up CPU: {group}", fmt(seconds, " CPU-s", 2), "") for group, seconds in
              s["startup_cpu_s"].items() if seconds >= 0.005]
     rows += [(f"  B2 steady epochs: {group}", fmt(cores, " cores", 2), "") for group, cores in

@@ -150,7 +150,9 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
             root = root.__cause__
         message = str(root).strip().splitlines()[-1] if str(root).strip() else root.__class__.__name__
         raise TrainingError(f"training failed on Ray ({root.__class__.__name__}): {message}") from exc
+    mark("fit-returned")
     last, state = final_checkpoint(result)
+    mark("final-weights")
     epoch_log.sync(state.history)  # what the controller could not log (MLflow briefly unreachable), if any
     keep_best = cfg.early_stopping_patience is not None and state.best_weights is not None
     stopped = keep_best and state.epoch < cfg.epochs

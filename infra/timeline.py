@@ -1,6 +1,7 @@
-"""Wall-clock marks of a run's start-up (Ray connected, fit called), for whoever listens in this context:
-the benchmark's start-up breakdown. ``with recording(fn): ...`` calls ``fn(name, time.time())`` at each
-``mark(name)`` made inside the block; with nobody listening a mark costs a context-variable read."""
+"""Wall-clock marks of a run's start-up (Ray connected, fit called) and end (fit returned, final weights
+loaded), for whoever listens in this context: the benchmark's breakdowns. ``with recording(fn): ...`` calls
+``fn(name, time.time())`` at each ``mark(name)`` made inside the block; with nobody listening a mark costs a
+context-variable read."""
 
 from __future__ import annotations
 

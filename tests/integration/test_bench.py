@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.run import END_SEGMENTS
 from infra.procs import cmdline, free_port
 from tests.conftest import env_without_stack
 from tests.integration.conftest import Stack
@@ -44,6 +45,13 @@ def test_tiny_bench_emits_every_figure(stack: Stack, tmp_path: Path) -> None:
                   "linear probe", "data loader alone", "per Ray worker", "of the driver", "Ray Train alone"):
         assert label in done.stdout
     assert summary["b2_over_b1"] == summary["b2_headbench_img_s"] / summary["b1_plain_pytorch_img_s"]
+    # the run's end, segment by segment, adds up to last step -> published (one warm run: no medians to mix)
+    end = summary["end_breakdown_s"]
+    assert list(end) == [label for label, _ in END_SEGMENTS] and min(end.values()) >= 0, end
+    assert sum(end.values()) == pytest.approx(summary["last_step_to_published_s"], abs=1e-6)
+    # the start-up's CPU by process: the run's own Train processes, each new in it, did work
+    cpu = summary["startup_cpu_s"]
+    assert cpu.get("Ray Train worker (training)", 0) > 1 and cpu.get("Ray Train controller", 0) > 0.5, cpu
 
 
 @pytest.mark.slow
