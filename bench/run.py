@@ -423,6 +423,16 @@ class B2Run:
     startup_window: tuple[float, float]  # wall clock from flow start to the first optimizer step
 
 
+def segments(marks: dict[str, float], start: float, spec: tuple[tuple[str, str], ...]) -> dict[str, float]:
+    """Seconds of each (label, mark) of ``spec`` that was marked, each from the mark before it (from ``start``)."""
+    out, previous = {}, start
+    for label, key in spec:
+        if key in marks:
+            out[label] = marks[key] - previous
+            previous = marks[key]
+    return out
+
+
 def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int | None = None,
                 cpus_per_worker: int | None = None) -> B2Run:
     """One `retrain` flow run in this process, with its start-up breakdown."""
@@ -449,17 +459,9 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
     history = result.history
     first = history[0]
     marks.update({k: first[k] for k in (*STARTUP_KEYS, "first_step_at") if k in first})
-    startup, previous = {}, started
-    for label, key in STARTUP_SEGMENTS:
-        if key in marks:
-            startup[label] = marks[key] - previous
-            previous = marks[key]
+    startup = segments(marks, started, STARTUP_SEGMENTS)
     startup |= {label: marks[key] - started for label, key in WORKER_PROCESS_MARKS if key in marks}
-    end, previous = {}, history[-1]["last_step_at"]
-    for label, key in END_SEGMENTS:
-        if key in marks:
-            end[label] = marks[key] - previous
-            previous = marks[key]
+    end = segments(marks, history[-1]["last_step_at"], END_SEGMENTS)
     window = (history[1]["last_step_at"] - history[1]["epoch_seconds"] if len(history) > 1 else first["first_step_at"],
               history[-1]["last_step_at"])
     # "promote" is announced right after the publish task returned: the model is in S3 and registered
