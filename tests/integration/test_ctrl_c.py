@@ -16,6 +16,9 @@ from tests.conftest import env_without_stack
 SETUP = r'''
 import json, os, signal, tempfile, time
 from pathlib import Path
+# Ctrl-C as at a terminal: a test runner started in the background by a shell without job control hands its
+# children SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from bench.run import BenchConfig, bench_data
 cfg = BenchConfig.tiny()
 data = bench_data(cfg, Path(tempfile.mkdtemp()))
