@@ -42,7 +42,7 @@ from typing import Any, Self
 
 from bench import steady_img_s
 from bench.ddp import b1_ddp
-from infra.procs import cmdline, cpu_model, descendants, memory_kb
+from infra.procs import cmdline, cpu_model, descendants, memory_kb, stat_fields
 from infra.settings import STANDARD_VARIABLES
 
 # ResNet-18 training at 224 px: ~1.82 GFLOP forward, x3 for forward + backward (He et al.; fvcore counts).
@@ -529,7 +529,7 @@ class ServiceCpu(Sampler):
         table: dict[int, tuple[int, int, float, int]] = {}  # pid -> (parent, process group, CPU-s, start tick)
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+                fields = stat_fields(stat.read_text())
                 table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]),
                                                 (int(fields[11]) + int(fields[12])) / TICKS, int(fields[19]))
         ours, found = {me}, {me}

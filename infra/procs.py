@@ -153,12 +153,17 @@ def _status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def stat_fields(text: str) -> list[str]:
+    """The fields of a ``/proc/<pid>/stat`` line after the process name (field 3, the state, first): the name,
+    in parentheses, may hold spaces and parentheses, so split after its last ``)``."""
+    return text.rsplit(")", 1)[1].split()
+
+
 def process_started_at(pid: int | None = None) -> float:
     """Wall-clock time a process started, to the kernel's 10 ms tick. psutil's ``create_time`` adds the start
     tick to the boot time of ``/proc/stat``, which Linux rounds to whole seconds: up to a second off, too coarse
     for a start-up breakdown. The start tick against the clock since boot, read now, is not."""
-    stat = Path(f"/proc/{pid or 'self'}/stat").read_text()
-    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22 (starttime); the name may hold spaces
+    start_ticks = int(stat_fields(Path(f"/proc/{pid or 'self'}/stat").read_text())[19])  # field 22 (starttime)
     return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
