@@ -95,14 +95,103 @@ def test_zip_members_that_leave_the_tree_are_refused_by_name(tmp_path: Path) -> 
         zf.writestr("../../evil.png", b"x")
     with pytest.raises(ArchiveError, match=r"\.\./\.\./evil\.png"):
         _extract(archive, tmp_path / "out")
-    link = tmp_path / "link.zip"
-    with zipfile.ZipFile(link, "w") as zf:
-        info = zipfile.ZipInfo("a/evil.png")
-        info.external_attr = (stat.S_IFLNK | 0o777) << 16
-        zf.writestr(info, "../../../etc/passwd")
-    with pytest.raises(ArchiveError, match="a/evil.png.*leaves the tree"):
-        _extract(link, tmp_path / "out2")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def _zip_link(zf: zipfile.ZipFile, name: str, target: str) -> None:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    zf.writestr(info, target)
+
+
+@pytest.mark.parametrize("target", ["../../../etc/passwd", "1.png"])
+def test_a_zip_never_creates_a_link_even_one_inside_the_tree(tmp_path: Path, target: str) -> None:
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a/1.png", b"x")
+        _zip_link(zf, "a/evil.png", target)
+    with pytest.raises(ArchiveError, match=r"link.zip: member 'a/evil.png' is a symbolic link; allowed in a zip"):
+        _extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.zip"]
+
+
+def _chain(levels: int) -> list[tuple[str, str | None]]:
+    """The symlink chain of the lockdown issue: a real folder q/, links b -> p/q, a -> b/../.. (one more
+    '..' per level), p -> ., then a file a/X. Each link resolves inside the tree when it is created; once p
+    exists, a points ``levels`` folder(s) above it. (name, link target or None for a file/folder)."""
+    return [("q/", None), ("b", "p/q"), ("a", "b/" + "../" * levels + ".."), ("p", "."), ("a/X", None)]
+
+
+@pytest.mark.parametrize("levels", [1, 4])
+def test_the_symlink_chain_is_refused_as_zip_and_as_tar(tmp_path: Path, levels: int) -> None:
+    deep = tmp_path / "l1" / "l2" / "l3" / "l4" / "l5"  # the extraction happens 5 levels down
+    deep.mkdir(parents=True)
+    zipped, tarred = deep / "chain.zip", deep / "chain.tar"
+    with zipfile.ZipFile(zipped, "w") as zf, tarfile.open(tarred, "w") as tar:
+        for name, target in _chain(levels):
+            if target is not None:
+                _zip_link(zf, name, target)
+                tar.addfile(_link(name, target))
+            elif name.endswith("/"):
+                zf.writestr(name, b"")
+                info = tarfile.TarInfo(name.rstrip("/"))
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                zf.writestr(name, b"escaped")
+                info = tarfile.TarInfo(name)
+                info.size = 7
+                tar.addfile(info, io.BytesIO(b"escaped"))
+    with pytest.raises(ArchiveError, match=r"chain.zip: member 'b' is a symbolic link"):
+        _extract(zipped, deep / "out-zip")
+    with pytest.raises(ArchiveError, match=r"chain.tar: link 'a' leaves the tree") as err:
+        _extract(tarred, deep / "out-tar")
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in deep.iterdir()) == ["chain.tar", "chain.zip"]
+    assert not [p for p in tmp_path.rglob("X")], "the chain's file was written somewhere"
+
+
+def test_the_long_path_and_symlink_pattern_of_the_2025_tarfile_cves(tmp_path: Path) -> None:
+    """CVE-2025-4517's shape: folders with names near NAME_MAX and a link to each, so that the links' expansion
+    outgrows PATH_MAX (where ``os.path.realpath`` stops resolving), then a link climbing back through them
+    and a file written through it."""
+    comp, steps = "d" * 247, "abcdefghijklmnop"
+    members: list[tarfile.TarInfo | tuple[str, bytes]] = []
+    path = ""
+    for step in steps:
+        folder = tarfile.TarInfo(f"{path}{comp}")
+        folder.type = tarfile.DIRTYPE
+        members += [folder, _link(f"{path}{step}", comp)]
+        path += comp + "/"
+    long_link = "/".join(steps) + "/" + "l" * 254
+    members.append(_link(long_link, "../" * len(steps)))
+    members.append(_link("escape", f"{long_link}/../../../../etc"))
+    members.append(("escape/evil", b"x"))
+    archive = _tar(tmp_path / "cve.tar", members, "w")
+    with pytest.raises(ArchiveError, match=r"cve.tar: (link|member) .* (leaves the tree|lies under a link)"):
+        _extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cve.tar"]
+
+
+def test_tar_links_to_files_become_copies_and_links_to_folders_are_refused(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "ok.tar", [("c/1.png", b"one"), _link("c/2.png", "1.png"), _link("c/3.png", "2.png"),
+                                         _link("d/4.png", "c/1.png", tarfile.LNKTYPE)], "w")
+    tree = _extract(archive, tmp_path / "out")
+    for name in ("c/2.png", "c/3.png", "d/4.png"):
+        assert not (tree / name).is_symlink() and (tree / name).read_bytes() == b"one", name
+    folder = _tar(tmp_path / "dir.tar", [("c/1.png", b"one"), _link("e", "c")], "w")
+    with pytest.raises(ArchiveError, match=r"dir.tar: link 'e' -> 'c' names a folder"):
+        _extract(folder, tmp_path / "out2")
+    under = _tar(tmp_path / "under.tar", [("c/1.png", b"one"), _link("e", "c"), ("e/2.png", b"two")], "w")
+    with pytest.raises(ArchiveError, match=r"under.tar: member 'e/2.png' lies under a link"):
+        _extract(under, tmp_path / "out3")
+    dangling = _tar(tmp_path / "dangling.tar", [("c/1.png", b"one"), _link("c/2.png", "nothing.png")], "w")
+    with pytest.raises(ArchiveError, match=r"dangling.tar: link 'c/2.png' -> 'nothing.png' points at nothing"):
+        _extract(dangling, tmp_path / "out4")
+    loop = _tar(tmp_path / "loop.tar", [("c/1.png", b"one"), _link("x", "y"), _link("y", "x")], "w")
+    with pytest.raises(ArchiveError, match=r"loop.tar: link '.' leaves the tree .* loops"):
+        _extract(loop, tmp_path / "out5")
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {"out"}
 
 
 def test_size_caps_per_member_and_in_total(tmp_path: Path) -> None:
