@@ -19,6 +19,7 @@ from flows.stages import cancel_on_interrupt, stage
 from infra.ray_cluster import cluster_node_cpus, workers_that_fit
 from infra.settings import load_settings, require_servers
 from infra.tracking import flatten, run_url, start_run
+from infra.uris import public_uri
 from tasks import FLOW_TIMEOUT_S
 from tasks.build import resolve_weights
 from tasks.compare import ChildResult, fit_strategy, markdown_table, report_comparison, table_records, tune_strategy
@@ -55,9 +56,9 @@ def _compare_heads(params: CompareParams) -> CompareResult:
     weights = resolve_weights(params.weights, settings)  # fetched and verified once, shared by every child
 
     parent = start_run(tracking_uri, settings.experiment, flow_run.get_name() or _flow_run_name(), tags={
-        "headbench.kind": "compare", "dataset": params.dataset, "arch": params.arch, **prefect_context()})
+        "headbench.kind": "compare", "dataset": public_uri(params.dataset), "arch": params.arch, **prefect_context()})
     with parent.lifecycle():
-        common = params.model_dump(exclude={"strategies", "seeds", "parallel", "seed"}) | {
+        common = params.recorded(exclude={"strategies", "seeds", "parallel", "seed"}) | {
             "num_classes": data.num_classes, "class_names": ",".join(data.class_names),
             "train_size": len(data.train), "val_size": len(data.val), "test_size": len(data.test),
             "weights_source": weights or "none", "data_seed": params.seed} | flatten("version", versions())

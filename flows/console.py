@@ -20,6 +20,7 @@ from rich.text import Text
 from flows.stages import STAGES
 from infra.download import DownloadProgress, every
 from infra.progress import ProgressReader, RunProgress
+from infra.uris import public_name
 
 POLL_S = 2.0  # each poll is a few MLflow queries; on a small machine the training shares the cores with them
 LABEL_WIDTH = 26  # "replace-fc+lp-ft seed 12" fits; the bar and metrics take the rest of 80 columns
@@ -90,7 +91,7 @@ class LiveProgress:
         if not self.interactive:
             self._download_lines(note)
             return
-        name = _short("download " + note.url.rstrip("/").rsplit("/", 1)[-1])
+        name = _short("download " + public_name(note.url))
         percent = f"{100 * note.done / note.total:.0f}%" if note.total else f"{note.done / 1e6:.1f} MB"
         metrics = note.line().split(": ", 1)[-1]
         if note.url not in self.downloads:

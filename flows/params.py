@@ -6,7 +6,7 @@ same models, so a bad value gets the same one-line error everywhere.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,6 +15,7 @@ from infra.catalogue import CATALOGUE
 from infra.datasets import DataSpec
 from infra.ray_cluster import PLACEMENT_STRATEGIES
 from infra.ray_worker import TrainConfig
+from infra.uris import public_uri
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
 from models.data import parse_class_ranges, parse_classes
 from models.loop import AUGMENTATIONS, check_batch_split
@@ -105,11 +106,11 @@ class TrainingParams(BaseModel):
             parse_classes(self.classes, NAMED_CLASSES[self.dataset])
         url = self.dataset.startswith(("http://", "https://"))
         if self.dataset_sha256 and not url:
-            raise ValueError(f"dataset_sha256 pins an http(s) archive, but dataset {self.dataset[:80]!r} is not a "
-                             "URL; allowed: dataset_sha256 only with an http(s) dataset")
+            raise ValueError(f"dataset_sha256 pins an http(s) archive, but dataset {public_uri(self.dataset)[:80]!r} "
+                             "is not a URL; allowed: dataset_sha256 only with an http(s) dataset")
         if url and archive_suffix(self.dataset.rsplit("/", 1)[-1]) is None:
-            raise ValueError(f"dataset URL {self.dataset[:120]!r} does not name an archive; allowed: a URL ending "
-                             "in .tar.gz, .tgz, .tar or .zip")
+            raise ValueError(f"dataset URL {public_uri(self.dataset)[:120]!r} does not name an archive; allowed: a "
+                             "URL ending in .tar.gz, .tgz, .tar or .zip")
         check_batch_split(self.batch_size, self.workers)
         if self.limit is not None and self.limit < self.batch_size:
             raise ValueError(f"batch_size {self.batch_size} is larger than the training pool limit "
@@ -135,6 +136,11 @@ class TrainingParams(BaseModel):
                            seed=self.seed if seed is None else seed, probe_epochs=self.probe_epochs,
                            cache_features=self.cache_features, precise_bn_batches=self.precise_bn_batches,
                            placement_strategy=self.placement_strategy)
+
+    def recorded(self, **dump: Any) -> dict[str, Any]:
+        """``model_dump`` as MLflow and the manifest record it: the dataset URI without credentials or query
+        string (the request itself uses it whole)."""
+        return self.model_dump(**dump) | {"dataset": public_uri(self.dataset)}
 
     def data_spec(self) -> DataSpec:
         return DataSpec(dataset=self.dataset, sha256=self.dataset_sha256.lower() if self.dataset_sha256 else None,
@@ -169,7 +175,7 @@ class RetrainParams(TrainingParams):
         training (as MLflow params)."""
         skip = {"resume_run_id", "promote", "promotion_metric", "min_margin", "placement_strategy",
                 "skip_if_unchanged"}
-        return {k: str(v) for k, v in self.model_dump().items() if k not in skip}
+        return {k: str(v) for k, v in self.recorded().items() if k not in skip}
 
     @field_validator("strategy")
     @classmethod

@@ -24,6 +24,7 @@ from infra.lineage import lineage, log_datasets
 from infra.s3 import RunLease, run_lease
 from infra.settings import Settings, load_settings, require_servers
 from infra.tracking import CHAMPION_ALIAS, Tracker, alias_version, flatten, reopen_run, run_url, start_run
+from infra.uris import public_name, public_uri
 from models import parse_strategy
 from models.schedules import describe_plan, phase_params
 from tasks import FLOW_TIMEOUT_S
@@ -63,7 +64,7 @@ def run_params() -> tuple[dict[str, Any], str]:
     """This flow run's parameters as a dict, and the dataset's short name, for run names."""
     raw = flow_run.get_parameters().get("params") or {}
     p = raw if isinstance(raw, dict) else raw.model_dump()
-    return p, str(p.get("dataset", "fashion-mnist")).rstrip("/").rsplit("/", 1)[-1]
+    return p, public_name(str(p.get("dataset", "fashion-mnist")))
 
 
 def _flow_run_name() -> str:
@@ -98,8 +99,9 @@ def summary_markdown(params: RetrainParams, metrics: dict[str, float], decision:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
     champion = (f"v{decision.champion_version} scored {decision.champion_score:.4f} on this test split"
                 if decision.champion_score is not None else "none compared")
+    dataset = public_uri(params.dataset)
     return (f"# retrain `{params.model_name}` v{decision.challenger_version}\n\n"
-            f"{params.arch} · strategy `{params.strategy}` · {params.epochs} epochs · dataset {params.dataset}\n\n"
+            f"{params.arch} · strategy `{params.strategy}` · {params.epochs} epochs · dataset {dataset}\n\n"
             f"| metric | value |\n|---|---|\n{rows}\n\n"
             f"**Promotion: {decision.outcome}** ({decision.metric}): {decision.reason}. Champion before: {champion}."
             f"\n\n[MLflow run]({run_link}) · MLflow model `{model_uri}` · S3 copy `{s3_uri}`\n")
@@ -188,7 +190,7 @@ def _retrain(params: RetrainParams) -> RetrainResult:
                              params.hidden_dim, params.dropout, params.seed)
 
     links = prefect_context()
-    tags = {"dataset": params.dataset, "arch": params.arch, "strategy": spec.name, "shape": spec.shape,
+    tags = {"dataset": public_uri(params.dataset), "arch": params.arch, "strategy": spec.name, "shape": spec.shape,
             "pool": spec.pool, "schedule": spec.schedule, "seed": str(params.seed), "model_name": params.model_name,
             **links}
     with open_run(params, settings, tracking_uri, tags) as (tracker, lease), \
@@ -204,10 +206,10 @@ def _retrain(params: RetrainParams) -> RetrainResult:
             **{f"{split}_data_sha256": digest for split, digest in data.digests.items()}}
         phases = describe_plan(built.model, spec.schedule, params.epochs, params.probe_epochs, params.lr)
         if not params.resume_run_id:  # a resumed run keeps the params it logged (MLflow params are immutable)
-            tracker.log_params(params.model_dump() | derived | flatten("version", versions()) |
+            tracker.log_params(params.recorded() | derived | flatten("version", versions()) |
                                phase_params(phases))
             tracker.log_dict(phases, "training/phases.json")
-            log_datasets(tracker, data, params.dataset)
+            log_datasets(tracker, data, public_uri(params.dataset))
 
         stage("train")
         outcome = train_model(params.train_config(spec.name, data.num_classes), data.train, data.val,
@@ -224,7 +226,8 @@ def _retrain(params: RetrainParams) -> RetrainResult:
         manifest = build_manifest(
             built.model, model_name=params.model_name, class_names=data.class_names,
             class_indices=data.class_indices, image_size=params.image_size,
-            data=asdict(params.data_spec()), lineage=lineage(data), metrics=metrics.as_dict(),
+            data=asdict(params.data_spec()) | {"dataset": public_uri(params.dataset)}, lineage=lineage(data),
+            metrics=metrics.as_dict(),
             run_id=tracker.run_id,
             hidden_dim=params.hidden_dim, dropout=params.dropout, channels=int(data.test.images.shape[1]))
         publication = publish_model(built.model, manifest, data.test.images, settings, tracker)

@@ -263,7 +263,7 @@ def fetch_file(entry: NamedDataset, f: CatalogueFile, cache: Path, src: Sources)
     from_url = False
     for url in entry.urls(f, src.mirror) if src.download else []:
         try:
-            download(url, dest, md5=f.md5)
+            download(url, dest, md5=f.md5, limit=src.total_limit)
             from_url = True
             break
         except DownloadError as exc:
@@ -331,7 +331,7 @@ def _fetch_fashion_file(f: CatalogueFile, cache: Path, src: Sources) -> bytes:
     def from_url(url: str) -> bytes | None:
         scratch = cache / "download" / f.name
         try:
-            download(url, scratch)
+            download(url, scratch, limit=src.total_limit)
         except DownloadError as exc:
             src.tried.append(str(exc))
             return None

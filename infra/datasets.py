@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from infra.errors import HeadbenchError
+from infra.uris import public_uri
 from models.data import (
     ArraySplit,
     parse_classes,
@@ -158,7 +159,7 @@ def prepare(raw: RawDataset, spec: DataSpec) -> PreparedData:
     try:
         classes = parse_classes(spec.classes, len(raw.class_names))
     except ValueError as exc:
-        raise DatasetError(f"{exc} (dataset {spec.dataset})") from None
+        raise DatasetError(f"{exc} (dataset {public_uri(spec.dataset)})") from None
     pool_idx, pool_y = select_classes(raw.train_labels, classes)
     train_keys = _keys(raw.train_keys, len(raw.train_labels))
     # Indices first, images last: an ImageFolder decodes only the examples indexed (DecodedOnRead)

@@ -10,6 +10,7 @@ fails as transient (the task may retry it) only when it keeps breaking.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import http.client
@@ -24,8 +25,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from infra.errors import HeadbenchError
+from infra.uris import public_name, public_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class DownloadProgress:
 
     def line(self) -> str:
         """'flowers.tar.gz: 12.3 of 40.0 MB (31%), 5.1 MB/s, ETA 5 s'."""
-        name = self.url.rstrip("/").rsplit("/", 1)[-1]
+        name = public_name(self.url)
         size = f"{self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB ({100 * self.done / max(1, self.total):.0f}%)" \
             if self.total else f"{self.done / 1e6:.1f} MB"
         eta = f", ETA {(self.total - self.done) / self.rate:.0f} s" if self.total and self.rate > 0 and \
@@ -124,12 +127,28 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 
 def _short(url: str) -> str:
+    """The URL as an error line may show it: no credentials or query string, at most 160 characters."""
+    url = public_uri(url)
     return url if len(url) <= 160 else url[:157] + "..."
+
+
+def _request(url: str, headers: dict[str, str]) -> urllib.request.Request:
+    """The request for ``url``: credentials in its userinfo (``https://user:pass@host/...``) go as HTTP basic
+    auth, which urllib would otherwise take for part of the host name."""
+    parts = urlsplit(url)
+    if parts.username is not None:
+        login = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        headers = {**headers, "Authorization": f"Basic {login}"}
+        url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return urllib.request.Request(url, headers={"User-Agent": "headbench", **headers})  # noqa: S310 - http(s)
 
 
 def _open(url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
     """The response, or one line naming the URL and why it cannot be opened."""
-    request = urllib.request.Request(url, headers={"User-Agent": "headbench", **headers})  # noqa: S310 - http(s)
+    try:
+        request = _request(url, headers)
+    except ValueError as exc:  # a port that is no number, a malformed host
+        raise DownloadError(f"{_short(url)} is not a valid URL: {exc}") from None
     try:
         return urllib.request.urlopen(request, timeout=CONNECT_TIMEOUT_S)  # noqa: S310 - scheme checked
     except urllib.error.HTTPError as exc:
@@ -153,27 +172,37 @@ def _validators(resp: http.client.HTTPResponse) -> Validators:
 
 
 def download(url: str, dest: Path, *, sha256: str | None = None, md5: str | None = None,
-             conditional: Validators | None = None) -> Fetched:
+             conditional: Validators | None = None, limit: int | None = None) -> Fetched:
     """Fetch ``url`` into ``dest`` (atomically); resume ``dest.part`` left by an interrupted attempt.
 
     ``sha256`` / ``md5`` pin the content: a mismatch deletes the partial file and raises, and nothing is
     cached. ``conditional`` (what an earlier response said) makes the request conditional: a 304 returns a
     ``Fetched`` with ``path=None`` and writes nothing. One process at a time downloads into ``dest``'s
     folder (an exclusive lock on the folder itself, so no lock file is left behind): two runs on a fresh
-    cache would otherwise append to one ``.part``."""
+    cache would otherwise append to one ``.part``. ``limit`` caps the bytes taken: a larger announced length
+    is refused before the body is read, and a response without one is cut at the cap; either way the
+    partial file is removed."""
     if not url.startswith(SCHEMES):
         raise DownloadError(f"{_short(url)}: only http:// and https:// URLs are downloaded")
     dest.parent.mkdir(parents=True, exist_ok=True)
     folder = os.open(dest.parent, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)  # released on close, also when this process dies
-        return _download(url, dest, sha256=sha256, md5=md5, conditional=conditional)
+        return _download(url, dest, sha256=sha256, md5=md5, conditional=conditional, limit=limit)
     finally:
         os.close(folder)
 
 
+def _over_cap(url: str, size: str, limit: int, part: Path, meta: Path) -> DownloadError:
+    """The one-line refusal of a download over the cap; what was written of it is removed."""
+    part.unlink(missing_ok=True)
+    meta.unlink(missing_ok=True)
+    return DownloadError(f"{_short(url)} {size}, over the {limit / 1e6:.1f} MB download cap (the cache's size, "
+                         "HEADBENCH_CACHE_LIMIT_GB); nothing was kept")
+
+
 def _download(url: str, dest: Path, *, sha256: str | None, md5: str | None,
-              conditional: Validators | None) -> Fetched:
+              conditional: Validators | None, limit: int | None) -> Fetched:
     part, meta = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
     started = time.monotonic()
     for attempt in range(RESUMES + 1):
@@ -207,8 +236,13 @@ def _download(url: str, dest: Path, *, sha256: str | None, md5: str | None,
             meta.write_text(json.dumps(validators.as_dict()))
             length = resp.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
+            if limit is not None and total is not None and total > limit:
+                raise _over_cap(url, f"is {total / 1e6:.1f} MB (Content-Length)", limit, part, meta)
             try:
-                _stream(resp, part, offset, total, url, started)
+                _stream(resp, part, offset, total, url, started, limit)
+            except _CapReached:
+                raise _over_cap(url, f"sent more than {limit / 1e6:.1f} MB without announcing a length",
+                                limit or 0, part, meta) from None
             except (OSError, http.client.HTTPException) as exc:  # cut short: the part stays for a resume
                 if attempt == RESUMES:
                     raise DownloadError(f"{_short(url)}: the transfer broke off {RESUMES + 1} times "
@@ -226,15 +260,22 @@ def _download(url: str, dest: Path, *, sha256: str | None, md5: str | None,
     raise DownloadError(f"{_short(url)}: could not complete the download", transient=True)
 
 
+class _CapReached(Exception):
+    """The body outgrew the download cap."""
+
+
 def _stream(resp: http.client.HTTPResponse, part: Path, offset: int, total: int | None, url: str,
-            started: float) -> None:
+            started: float, limit: int | None) -> None:
     listeners = _listeners.get()
     last_note = time.monotonic()
     done, fresh = offset, 0
     with part.open("r+b" if offset else "wb") as fh:
         fh.seek(offset)
         fh.truncate()
-        while chunk := resp.read(CHUNK):
+        # never more than one byte past the cap is read: that byte is what proves the body is over it
+        while chunk := resp.read(CHUNK if limit is None else max(1, min(CHUNK, limit + 1 - done))):
+            if limit is not None and done + len(chunk) > limit:
+                raise _CapReached
             fh.write(chunk)
             done += len(chunk)
             fresh += len(chunk)

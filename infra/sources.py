@@ -10,6 +10,7 @@ from infra.catalogue import CATALOGUE, load_named
 from infra.datasets import DatasetError, DataSpec, RawDataset, Sources
 from infra.imagefolder import image_folder_root, read_image_folder
 from infra.s3 import S3Error
+from infra.uris import public_uri
 from infra.url_datasets import archive_tree
 
 URL_SCHEMES = ("http://", "https://")
@@ -41,17 +42,17 @@ def load_raw(spec: DataSpec, cache_dir: Path, sources: Sources | None = None) ->
 def _load(spec: DataSpec, cache_dir: Path, src: Sources) -> RawDataset:
     dataset = spec.dataset
     if spec.sha256 and kind(dataset) != "url":
-        raise DatasetError(f"--dataset-sha256 pins an http(s) archive; {dataset[:120]!r} is a {kind(dataset)} "
-                           "dataset")
+        raise DatasetError(f"--dataset-sha256 pins an http(s) archive; {public_uri(dataset)[:120]!r} is a "
+                           f"{kind(dataset)} dataset")
     if kind(dataset) == "named":
         return load_named(CATALOGUE[dataset], cache_dir, src)
     if kind(dataset) == "url":
         root, sha256 = archive_tree(dataset, spec.sha256, cache_dir, src)
-        raw = read_image_folder(root, spec.image_size, dataset)
+        raw = read_image_folder(root, spec.image_size, public_uri(dataset))
         raw.archive_sha256 = sha256
         return raw
     if "://" in dataset and not dataset.startswith(("s3://", "file://")):
-        raise DatasetError(f"unsupported dataset URI {dataset[:120]!r}; allowed: {allowed()}")
+        raise DatasetError(f"unsupported dataset URI {public_uri(dataset)[:120]!r}; allowed: {allowed()}")
     try:
         return read_image_folder(image_folder_root(dataset, cache_dir, src), spec.image_size, dataset)
     except S3Error as exc:
@@ -60,9 +61,10 @@ def _load(spec: DataSpec, cache_dir: Path, src: Sources) -> RawDataset:
 
 def source_uri(dataset: str, mirror: str | None = None) -> str:
     """Where a dataset comes from, as a URI (lineage): a named dataset's download folder (the mirror's when
-    one is set), the URL or s3:// prefix as given, a directory as a file:// URI."""
+    one is set), the URL or s3:// prefix as given less any credentials and query string, a directory as a
+    file:// URI."""
     if kind(dataset) == "named":
-        return CATALOGUE[dataset].source_uri(mirror)
+        return public_uri(CATALOGUE[dataset].source_uri(mirror))
     if kind(dataset) in ("url", "s3") or dataset.startswith("file://"):
-        return dataset
+        return public_uri(dataset)
     return Path(dataset).expanduser().resolve().as_uri()

@@ -24,6 +24,7 @@ from infra.cache import touch, writer_temp
 from infra.datasets import DatasetError, Sources
 from infra.download import DownloadError, Validators, download, file_digest
 from infra.s3 import object_exists, s3_errors
+from infra.uris import public_name, public_uri
 
 SHA256_HEX = 64
 
@@ -52,7 +53,7 @@ def check_pin(sha256: str | None) -> str | None:
 def check_url(url: str) -> None:
     """An archive URL whose name says which archive type it is."""
     if archive_suffix(url.rsplit("/", 1)[-1]) is None:
-        raise DatasetError(f"dataset URL {url[:160]!r} does not name an archive; allowed: a URL ending in "
+        raise DatasetError(f"dataset URL {public_uri(url)[:160]!r} does not name an archive; allowed: a URL ending in "
                            ".tar.gz, .tgz, .tar or .zip")
 
 
@@ -61,7 +62,7 @@ def _url_key(url: str) -> str:
 
 
 def _file_name(url: str) -> str:
-    return url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return public_name(url)
 
 
 def _record_path(archives: Path, url: str) -> Path:
@@ -73,7 +74,7 @@ def _read_record(archives: Path, url: str) -> UrlRecord | None:
         record = UrlRecord(**json.loads(_record_path(archives, url).read_text()))
     except (FileNotFoundError, json.JSONDecodeError, TypeError):
         return None
-    return record if record.url == url else None
+    return record if record.url == public_uri(url) else None
 
 
 def _write_record(archives: Path, record: UrlRecord) -> None:
@@ -119,7 +120,7 @@ def archive_tree(url: str, pin: str | None, cache_dir: Path, src: Sources) -> tu
     scratch = cache_dir / "downloads" / f"{_url_key(url)}-{_file_name(url)}"
     try:
         fetched = download(url, scratch, sha256=pin, conditional=Validators(record.etag, record.last_modified)
-                           if current and record else None)
+                           if current and record else None, limit=src.total_limit)
         sha256, archive, validators = fetched.sha256, fetched.path, fetched.validators
     except DownloadError as exc:
         if exc.transient or not pin or not _from_mirror(url, pin, scratch, src):
@@ -140,9 +141,9 @@ def archive_tree(url: str, pin: str | None, cache_dir: Path, src: Sources) -> tu
                     if not object_exists(src.s3, src.bucket, key):
                         src.s3.upload_file(str(archive), src.bucket, key)
         except ArchiveError as exc:
-            raise DatasetError(f"dataset {url[:160]}: {exc}") from None
+            raise DatasetError(f"dataset {public_uri(url)[:160]}: {exc}") from None
         finally:
             archive.unlink(missing_ok=True)
-        _write_record(archives, UrlRecord(url, sha256, validators.etag, validators.last_modified))
+        _write_record(archives, UrlRecord(public_uri(url), sha256, validators.etag, validators.last_modified))
     touch(tree)
     return tree_root(tree), sha256

@@ -19,8 +19,9 @@ from infra.procs import HOST
 @dataclass
 class ServerState:
     root: Path
-    cut_once: dict[str, int] = field(default_factory=dict)  # URL path -> bytes sent before the connection drops
+    cut_once: dict[str, int] = field(default_factory=dict)  # URL path (no query) -> bytes sent before the drop
     ranges: bool = True  # honour Range requests (a server may not)
+    no_length: set[str] = field(default_factory=set)  # URL paths sent without Content-Length, ended by closing
     requests: list[tuple[str, dict[str, str], int]] = field(default_factory=list)  # (path, headers, status)
 
 
@@ -65,14 +66,18 @@ def _handler(state: ServerState) -> type[http.server.BaseHTTPRequestHandler]:
             body = data[start:]
             self._record(status)
             self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
+            if self.path.split("?", 1)[0] in state.no_length:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("ETag", etag)
             self.send_header("Last-Modified", modified)
             self.send_header("Accept-Ranges", "bytes" if state.ranges else "none")
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.end_headers()
-            cut = state.cut_once.pop(self.path, None)
+            cut = state.cut_once.pop(self.path.split("?", 1)[0], None)
             if cut is not None:  # a dropped connection: part of the body, then the socket closes
                 self.wfile.write(body[:cut])
                 self.wfile.flush()

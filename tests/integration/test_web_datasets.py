@@ -5,12 +5,16 @@ to the S3 data bucket."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ from infra.s3 import s3_client, split_uri
 from tests.dataset_files import cifar10_archive, image_folder_archive, md5, sha256
 from tests.http_server import serving
 from tests.integration.conftest import Stack, headbench_run
+from tests.integration.scan import find_secrets
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 CLASSES = {"daisy": 40, "rose": 40, "tulip": 40}
@@ -34,7 +39,16 @@ def web(tmp_path_factory: pytest.TempPathFactory):
     image_folder_archive(root / "flowers.tar.gz", CLASSES)
     image_folder_archive(root / "evil.tar.gz", CLASSES, extra=[("../../escaped.png", b"x")])
     cifar10_archive(root / "mirror" / "cifar10" / "cifar-10-python.tar.gz")
+    with zipfile.ZipFile(root / "chain.zip", "w") as zf:  # the symlink chain of docs/reliability.md
+        for name, target in (("b", "p/q"), ("a", "b/../.."), ("p", ".")):
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+        zf.writestr("q/", b"")
+        zf.writestr("a/X", b"escaped")
+    (root / "huge.tar.gz").write_bytes(os.urandom(3_000_000))
     with serving(root) as (base, state):
+        state.no_length.add("/huge.tar.gz")  # a response that never says how long it is
         yield base, state, root
 
 
@@ -43,23 +57,37 @@ def _archive_trees(stack: Stack) -> set[str]:
     return {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
 
 
+SIGNATURE, PASSWORD = "s3cr3t-signature-7f2a", "s3cr3t-pass-91c4"
+
+
 def test_a_retrain_from_an_http_archive_end_to_end(stack: Stack, web) -> None:
+    """From a URL with credentials and a presigned query string: the requests carry both, and no recorded
+    copy of the URL does."""
     base, state, root = web
     pin = sha256(root / "flowers.tar.gz")
     state.cut_once["/flowers.tar.gz"] = 20_000  # the first transfer breaks off; the download resumes it
     url = f"{base}/flowers.tar.gz"
-    run = headbench_run(stack, "--dataset", url, "--dataset-sha256", pin, "--image-size", "32", "--epochs", "1",
+    secret_url = (f"http://reader:{PASSWORD}@{base.removeprefix('http://')}/flowers.tar.gz"
+                  f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature={SIGNATURE}")
+    run = headbench_run(stack, "--dataset", secret_url, "--dataset-sha256", pin, "--image-size", "32", "--epochs", "1",
                         "--workers", "1", "--batch-size", "16", "--strategy", "replace-fc",
                         "--model-name", "web-flowers", "--precise-bn-batches", "1")
     # the console's progress line (a pipe: one line every 5 s and the last), MB, rate
     assert re.search(r"downloaded flowers\.tar\.gz: [\d.]+ of [\d.]+ MB \(100%\), [\d.]+ MB/s", run["stdout"])
-    asked = [(p, h.get("Range"), s) for p, h, s in state.requests if p == "/flowers.tar.gz"]
-    assert asked == [("/flowers.tar.gz", None, 200), ("/flowers.tar.gz", "bytes=20000-", 206)]
+    query = f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature={SIGNATURE}"
+    login = "Basic " + base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
+    asked = [(p, h.get("Range"), h.get("Authorization"), s) for p, h, s in state.requests
+             if p.startswith("/flowers.tar.gz")]
+    assert asked == [("/flowers.tar.gz" + query, None, login, 200),
+                     ("/flowers.tar.gz" + query, "bytes=20000-", login, 206)]
+    leaks = find_secrets(stack, [SIGNATURE, PASSWORD], run["stdout"], flow_parameters=False)
+    assert not leaks, f"the dataset URL's secrets were recorded in: {leaks[:10]}"
 
     assert stack.settings.mlflow_tracking_uri
     mlflow_run = MlflowClient(stack.settings.mlflow_tracking_uri).get_run(run["run_id"])
     params = mlflow_run.data.params
-    assert params["data_source_uri"] == url and params["archive_sha256"] == pin and params["dataset_sha256"] == pin
+    assert params["data_source_uri"] == params["dataset"] == url and params["archive_sha256"] == pin
+    assert params["dataset_sha256"] == pin and mlflow_run.data.tags["dataset"] == url
     assert params["class_names"] == "daisy,rose,tulip"
     assert {int(params[f"{s}_size"]) for s in ("train", "val", "test")} and int(params["test_size"]) == 24
     assert {json.loads(d.dataset.source)["url"] for d in mlflow_run.inputs.dataset_inputs} == {url}  # MLflow's
@@ -74,7 +102,7 @@ def test_a_retrain_from_an_http_archive_end_to_end(stack: Stack, web) -> None:
     assert pin[:32] in _archive_trees(stack)
 
 
-BAD_CASES = ["wrong-sha256", "traversal-member", "unreachable-host"]
+BAD_CASES = ["wrong-sha256", "traversal-member", "unreachable-host", "symlink-chain", "over-the-cap"]
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +116,16 @@ def bad_web_runs(stack: Stack, web) -> dict[str, tuple[subprocess.CompletedProce
         "traversal-member": (["--dataset", f"{base}/evil.tar.gz"],
                              "member '../../escaped.png' has a '..' segment"),
         "unreachable-host": (["--dataset", f"http://127.0.0.1:{free_port()}/flowers.tar.gz"], "is unreachable"),
+        "symlink-chain": (["--dataset", f"{base}/chain.zip"], "chain.zip: member 'b' is a symbolic link"),
+        "over-the-cap": (["--dataset", f"{base}/huge.tar.gz"],
+                         f"{base}/huge.tar.gz sent more than 1.0 MB without announcing a length, over the 1.0 MB "
+                         "download cap"),
     }
     trees, started = _archive_trees(stack), time.monotonic()
+    env = {"over-the-cap": {"HEADBENCH_CACHE_LIMIT_GB": "0.001"}}
     procs = {case: subprocess.Popen([HEADBENCH, "run", "--model-name", f"web-{case}", "--epochs", "1", *args],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stack.cli_env())
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=stack.cli_env(**env.get(case, {})))
              for case, (args, _) in cases.items()}
     outcomes = {}
     for case, proc in procs.items():
@@ -113,6 +147,7 @@ def test_a_bad_web_dataset_fails_in_one_line_within_seconds_and_caches_nothing(s
     assert last.startswith("error: ") and expected in last and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert elapsed < 60, elapsed  # the CLI's own start-up included; nothing is retried
     assert not (root.parent / "escaped.png").exists()
+    assert not list(stack.settings.cache_dir.rglob("X")) and not list(stack.settings.cache_dir.rglob("*.part"))
     assert stack.settings.mlflow_tracking_uri
     assert not MlflowClient(stack.settings.mlflow_tracking_uri).search_registered_models(f"name = 'web-{case}'")
 

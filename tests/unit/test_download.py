@@ -127,3 +127,41 @@ def test_two_downloads_into_one_cache_entry_at_once_both_end_with_the_whole_file
         results = list(pool.map(lambda _: download(f"{base}/data.tar.gz", dest, sha256=SHA), range(2)))
     assert all(r.sha256 == SHA for r in results) and dest.read_bytes() == BLOB
     assert sorted(p.name for p in dest.parent.iterdir()) == ["data.tar.gz"]  # no part, no lock file left
+
+
+def test_a_download_over_the_cap_is_refused_by_its_length_before_the_body_is_read(served, tmp_path: Path) -> None:
+    base, _ = served
+    dest = tmp_path / "cache" / "data.tar.gz"
+    with pytest.raises(DownloadError) as err:
+        download(f"{base}/data.tar.gz?X-Amz-Signature=s3cr3t", dest, limit=1_000_000)
+    message = str(err.value)
+    assert message == (f"{base}/data.tar.gz is {len(BLOB) / 1e6:.1f} MB (Content-Length), over the 1.0 MB download "
+                       "cap (the cache's size, HEADBENCH_CACHE_LIMIT_GB); nothing was kept")
+    assert not err.value.transient and list(dest.parent.iterdir()) == []
+
+
+def test_a_response_without_a_length_is_cut_at_the_cap(served, tmp_path: Path) -> None:
+    base, state = served
+    state.no_length.add("/data.tar.gz")
+    dest = tmp_path / "cache" / "data.tar.gz"
+    written: list[int] = []
+    with watching(lambda note: written.append(note.done)), pytest.raises(DownloadError) as err:
+        download(f"{base}/data.tar.gz", dest, limit=1_000_000)
+    assert "sent more than 1.0 MB without announcing a length, over the 1.0 MB download cap" in str(err.value)
+    assert list(dest.parent.iterdir()) == []  # the partial file is gone
+    assert max(written, default=0) <= 1_000_000  # never more than the cap on disk
+    # within the cap, the same response is taken whole
+    fetched = download(f"{base}/data.tar.gz", dest, sha256=SHA, limit=len(BLOB))
+    assert fetched.path == dest and dest.read_bytes() == BLOB
+
+
+def test_credentials_in_the_url_go_as_basic_auth_and_never_into_an_error_line(served, tmp_path: Path) -> None:
+    import base64
+
+    base, state = served
+    host = base.removeprefix("http://")
+    download(f"http://alice:p%40ss@{host}/data.tar.gz?token=abc", tmp_path / "a", sha256=SHA)
+    assert state.requests[-1][1]["Authorization"] == "Basic " + base64.b64encode(b"alice:p@ss").decode()
+    with pytest.raises(DownloadError) as err:
+        download(f"http://alice:p%40ss@{host}/nope.tar.gz?X-Amz-Signature=s3cr3t", tmp_path / "b")
+    assert str(err.value) == f"{base}/nope.tar.gz: HTTP 404 Not Found"

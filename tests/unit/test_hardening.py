@@ -208,3 +208,19 @@ def test_every_task_and_flow_has_a_timeout() -> None:
                     found[value.name] = value.timeout_seconds
     assert {"download-data", "train", "publish", "promote", "evaluate", "retrain", "compare-heads"} <= set(found)
     assert all(t and t > 0 for t in found.values()), found
+
+
+@pytest.mark.parametrize(("uri", "public"), [
+    ("https://u:p@host:8443/a/data.zip?X-Amz-Signature=abc&X-Amz-Credential=k#frag", "https://host:8443/a/data.zip"),
+    ("http://token@host/data.tar.gz", "http://host/data.tar.gz"),
+    ("s3://bucket/prefix/?versionId=1", "s3://bucket/prefix/"),
+    ("https://host/data.tar.gz", "https://host/data.tar.gz"),
+    ("fashion-mnist", "fashion-mnist"),
+    ("/data/my images?/x", "/data/my images?/x"),  # a path is no URL: kept as it is
+    ("http://u:p@[::1/x.zip?sig=1", "[::1/x.zip"),  # unparsable: nothing after '?' or before '@' survives
+])
+def test_public_uri_drops_credentials_query_and_fragment(uri: str, public: str) -> None:
+    from infra.uris import public_name, public_uri
+
+    assert public_uri(uri) == public
+    assert "p@" not in public_name(uri) and "sig" not in public_name(uri)

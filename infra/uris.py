@@ -1,0 +1,26 @@
+"""What may be recorded of a URI. A dataset URL can carry credentials (``https://user:pass@host/...``) or a
+signed query string (a presigned S3 URL's ``X-Amz-Signature``); requests use the URL as given, and every
+copy that is written down (MLflow params, tags and datasets, the manifest, Prefect artifacts and run names,
+logs, error lines) goes through ``public_uri`` first."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without its userinfo, query string and fragment: ``https://u:p@host/a.zip?sig=x`` ->
+    ``https://host/a.zip``. A path, or text that is no URL, comes back as it is."""
+    if "://" not in uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:  # an unparsable URL: keep only what precedes anything that could hold a secret
+        return uri.split("?", 1)[0].split("#", 1)[0].split("@")[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def public_name(uri: str) -> str:
+    """The last path segment of ``uri``'s public form (a file or dataset name for run names and logs)."""
+    return public_uri(uri).rstrip("/").rsplit("/", 1)[-1] or public_uri(uri)
