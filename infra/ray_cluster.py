@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 # Ray maps 127.0.0.1 to the machine's routable address unless told this is a single-host setup; this is
 # Ray's own switch for that (named for desktop OSes), and keeps every Ray socket on the loopback interface.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # Training, read by each raylet when it starts and by Train's controller (docs/performance.md has what each
 # cost): Ray starts worker processes at nice 15 so they yield to its daemons, but a training worker is what
 # the machine is for; at nice 15 every service on a small box preempted it. The controller polls its
@@ -114,15 +114,16 @@ def driver_node_argv(address: str, temp_dir: Path, ports: PortPicker) -> list[st
             *_node_flags(DRIVER_RESOURCE, 0, ports)]
 
 
-def alive_node_resources(dashboard_url: str, timeout: float = 3.0) -> dict[str, str]:
+def alive_node_resources(dashboard_url: str, timeout: float = 3.0, token: str | None = None) -> dict[str, str]:
     """{marker resource: node id} of the ALIVE nodes carrying a ``headbench_*`` resource, read from the
-    dashboard's state API ({} while it does not answer)."""
+    dashboard's state API ({} while it does not answer). ``token``: the cluster's (RAY_AUTH_TOKEN)."""
     import urllib.error
     import urllib.request
 
-    url = f"{dashboard_url}/api/v0/nodes?limit=1000&detail=1"
+    request = urllib.request.Request(f"{dashboard_url}/api/v0/nodes?limit=1000&detail=1",  # noqa: S310 - ours
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
             rows = json.loads(resp.read())["data"]["result"]["result"]
     except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
         return {}
@@ -130,10 +131,11 @@ def alive_node_resources(dashboard_url: str, timeout: float = 3.0) -> dict[str, 
             for name in row.get("resources_total", {}) if name.startswith("headbench_")}
 
 
-def alive_nodes(dashboard_url: str, timeout: float = 3.0) -> dict[int, str]:
+def alive_nodes(dashboard_url: str, timeout: float = 3.0, token: str | None = None) -> dict[int, str]:
     """{node index: node id} of the ALIVE nodes carrying a ``headbench_node_<i>`` resource."""
     prefix = NODE_RESOURCE.format("")
-    return {int(name[len(prefix):]): node for name, node in alive_node_resources(dashboard_url, timeout).items()
+    return {int(name[len(prefix):]): node
+            for name, node in alive_node_resources(dashboard_url, timeout, token).items()
             if name.startswith(prefix) and name[len(prefix):].isdigit()}
 
 
@@ -145,44 +147,62 @@ class RayCluster:
     address: str
     dashboard_url: str
     launcher_pids: tuple[int, ...]
+    token: str | None = None  # RAY_AUTH_TOKEN: the dashboard and every RPC refuse requests without it
 
     def node_ids(self) -> dict[int, str]:
-        return alive_nodes(self.dashboard_url)
+        return alive_nodes(self.dashboard_url, token=self.token)
 
     def driver_node_id(self) -> str | None:
-        return alive_node_resources(self.dashboard_url).get(DRIVER_RESOURCE)
+        return alive_node_resources(self.dashboard_url, token=self.token).get(DRIVER_RESOURCE)
 
 
 class PlacementError(HeadbenchError):
     """A resource request the Ray cluster can never hold (Ray itself would wait for it forever)."""
 
 
-def init_ray(settings: Settings) -> None:
+def init_ray(settings: Settings) -> str | None:
     """Connect to ``RAY_ADDRESS`` when set, else start a private local instance bound to 127.0.0.1
-    (never attach to a cluster by accident, never listen on other interfaces)."""
+    (never attach to a cluster by accident, never listen on other interfaces), both with token auth
+    (``auth_env``). Returns the dashboard's URL (None when this process was connected already). Call it before
+    anything imports ray: Ray reads its auth mode and token from the environment once, when it starts up."""
     local = not settings.ray_address or settings.ray_address.split(":")[0] in ("127.0.0.1", "localhost")
     # read by ray at import time, by a private Ray's raylet and by Train's controller: set before all three
     for key, value in (LOOPBACK_ENV | LOCAL_TRAINING_ENV | LOG_MONITOR_ENV | TRAINING_ENV if local
                        else TRAINING_ENV).items():
         os.environ.setdefault(key, value)
+    os.environ.update(auth_env(settings))
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     settings.export_env()  # a private Ray's workers inherit this environment: their S3 credentials included
     if settings.ray_address:
         # several nodes on this host (the stack's cluster): attach to the one whose temp dir is named, the
         # driver node; otherwise Ray picks the head
-        ray.init(address=settings.ray_address, log_to_driver=settings.ray_logs, logging_level="WARNING",
-                 _temp_dir=str(settings.ray_temp_dir) if settings.ray_temp_dir else None)
+        context = ray.init(address=settings.ray_address, log_to_driver=settings.ray_logs, logging_level="WARNING",
+                           _temp_dir=str(settings.ray_temp_dir) if settings.ray_temp_dir else None)
     else:
         # The dashboard process serves Ray's state API, which Train V2's placement-group cleaner (and the
         # fault-injection tests) query; it binds 127.0.0.1 only. The processes ray.init starts inherit this
         # environment, and each asks the state API of the cluster its RAY_ADDRESS names (own_address_env).
         with own_address_env(f"{HOST}:{free_port()}"):
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host=HOST,
-                     _node_ip_address=HOST, log_to_driver=settings.ray_logs, logging_level="WARNING")
+            context = ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True,
+                               dashboard_host=HOST, _node_ip_address=HOST, log_to_driver=settings.ray_logs,
+                               logging_level="WARNING")
+    return f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+def auth_env(settings: Settings) -> dict[str, str]:
+    """Ray's token auth for this process and what it starts: the settings' token (the stack's, RAY_AUTH_TOKEN);
+    for a private Ray without one, a fresh token that only this process and its Ray know. A cluster named by
+    RAY_ADDRESS without a token in the settings is joined as the environment says."""
+    token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
+    if token is None and not settings.ray_address:
+        import secrets
+
+        token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token} if token else {}
 
 
 @contextmanager

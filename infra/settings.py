@@ -17,9 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".headbench")
 # Every variable ``standard_env`` may export: what a process clears before it points itself at one stack
-STANDARD_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING",
-                      "RAY_ADDRESS", "HEADBENCH_RAY_TEMP_DIR")
+STANDARD_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                      "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                      "AWS_DEFAULT_REGION", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "RAY_ADDRESS",
+                      "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "HEADBENCH_RAY_TEMP_DIR")
 
 
 class StackPorts(BaseSettings):
@@ -55,6 +56,10 @@ class Settings(BaseSettings):
                        description="state directory of the local stack: data, logs, pid files, env file")
 
     mlflow_tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
+    mlflow_tracking_username: str | None = Field(None, validation_alias="MLFLOW_TRACKING_USERNAME")
+    mlflow_tracking_password: SecretStr | None = Field(
+        None, validation_alias="MLFLOW_TRACKING_PASSWORD",
+        description="the MLflow server's login (`headbench up` generates the admin password per stack)")
     mlflow_s3_endpoint_url: str | None = Field(None, validation_alias="MLFLOW_S3_ENDPOINT_URL")
     s3_endpoint_url: str | None = Field(
         None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
@@ -66,6 +71,10 @@ class Settings(BaseSettings):
         None, validation_alias="PREFECT_API_AUTH_STRING",
         description="the Prefect server's basic-auth string (`headbench up` generates one per stack)")
     ray_address: str | None = Field(None, validation_alias="RAY_ADDRESS")
+    ray_auth_mode: str | None = Field(None, validation_alias="RAY_AUTH_MODE")
+    ray_auth_token: SecretStr | None = Field(
+        None, validation_alias="RAY_AUTH_TOKEN",
+        description="Ray's token (RAY_AUTH_MODE=token): the stack's cluster and every private per-run Ray use it")
     ray_temp_dir: Path | None = Field(None, validation_alias="HEADBENCH_RAY_TEMP_DIR",
                                       description="with RAY_ADDRESS: attach to the node on this host started with "
                                       "this --temp-dir (the stack's 0-CPU driver node) when several share it")
@@ -119,6 +128,9 @@ class Settings(BaseSettings):
         """The standard variables this settings object resolved, for child processes and libraries."""
         values = {
             "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "MLFLOW_TRACKING_USERNAME": self.mlflow_tracking_username,
+            "MLFLOW_TRACKING_PASSWORD": (self.mlflow_tracking_password.get_secret_value()
+                                         if self.mlflow_tracking_password else None),
             "MLFLOW_S3_ENDPOINT_URL": self.mlflow_s3_endpoint_url,
             "AWS_ENDPOINT_URL_S3": self.s3_endpoint_url,
             "AWS_ACCESS_KEY_ID": self.aws_access_key_id.get_secret_value() if self.aws_access_key_id else None,
@@ -129,6 +141,8 @@ class Settings(BaseSettings):
             "PREFECT_API_AUTH_STRING": (self.prefect_api_auth_string.get_secret_value()
                                         if self.prefect_api_auth_string else None),
             "RAY_ADDRESS": self.ray_address,
+            "RAY_AUTH_MODE": self.ray_auth_mode,
+            "RAY_AUTH_TOKEN": self.ray_auth_token.get_secret_value() if self.ray_auth_token else None,
             "HEADBENCH_RAY_TEMP_DIR": str(self.ray_temp_dir) if self.ray_temp_dir else None,
         }
         return {k: v for k, v in values.items() if v}

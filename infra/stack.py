@@ -50,6 +50,9 @@ SERVICE_PORTS = {"s3": [f for f in StackPorts.model_fields if f.startswith(("s3"
                  "prefect": ["prefect"], "worker": ["prefect_worker"], "ray-head": ["ray_gcs", "ray_dashboard"]}
 MAX_RAY_NODES = 16  # one host: each node is a raylet, an object store and agents (~0.3 GB each)
 MAX_NODE_CPUS = 1024
+MLFLOW_ADMIN = "admin"  # the MLflow UI's login name (MLFLOW_TRACKING_USERNAME)
+# SeaweedFS's JWT keys: volume writes and reads, the filer's HTTP API writes and reads
+JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
 
 
 class StackError(HeadbenchError):
@@ -134,6 +137,12 @@ class LocalStack:
         self.access_key = saved.get("access_key") if saved else None
         self.secret_key = saved.get("secret_key") if saved else None
         self.prefect_auth = saved.get("prefect_auth") if saved else None  # the Prefect API's basic-auth string
+        # MLflow's admin password and its Flask secret (CSRF), Ray's token, SeaweedFS's JWT signing keys: made by
+        # the first `up`, kept in the 0600 state file, handed to clients by environment only
+        self.mlflow_password: str | None = saved.get("mlflow_password")
+        self.mlflow_flask_key: str | None = saved.get("mlflow_flask_key")
+        self.ray_token: str | None = saved.get("ray_token")
+        self.jwt_keys: dict[str, str] = saved.get("jwt_keys") or {}
         # sqlite (default, files under $HEADBENCH_HOME) or postgres: the choice sticks to the stack's state
         self.backend = backend or saved.get("backend", "sqlite")
         # argv is world-readable (ps): the URL, which may hold a password, can come from the environment
@@ -226,14 +235,38 @@ class LocalStack:
         if not self.ray_address:
             return None
         pids = [self._pid(spec.name) for spec in self.ray_services()]
-        return RayCluster(self.ray_address, self.ray_dashboard_url, tuple(p for p in pids if p is not None))
+        return RayCluster(self.ray_address, self.ray_dashboard_url, tuple(p for p in pids if p is not None),
+                          self.ray_token)
+
+    def secrets(self) -> list[str]:
+        """Every credential this stack generated (what must never be recorded outside its 0600 files)."""
+        return [s for s in (self.access_key, self.secret_key, self.prefect_auth, self.mlflow_password,
+                            self.mlflow_flask_key, self.ray_token, *self.jwt_keys.values()) if s]
+
+    def _generate_secrets(self) -> None:
+        """The credentials a stack needs, made once (an existing stack keeps its own)."""
+        if not self.access_key or not self.secret_key:
+            self.access_key, self.secret_key = "hb" + secrets.token_hex(8), secrets.token_urlsafe(24)
+        if not self.prefect_auth:  # `user:password`, what the UI's login box takes
+            self.prefect_auth = f"headbench:{secrets.token_urlsafe(24)}"
+        self.mlflow_password = self.mlflow_password or secrets.token_urlsafe(24)
+        self.mlflow_flask_key = self.mlflow_flask_key or secrets.token_hex(32)
+        self.ray_token = self.ray_token or secrets.token_hex(32)  # what `ray get-auth-token --generate` makes
+        self.jwt_keys = {name: self.jwt_keys.get(name) or secrets.token_urlsafe(32) for name in JWT_SECTIONS}
+
+    def credential_env(self) -> dict[str, str]:
+        """The logins every client of this stack needs besides the S3 keys: MLflow's and Ray's (standard
+        variables)."""
+        return ({"MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN, "MLFLOW_TRACKING_PASSWORD": self.mlflow_password}
+                if self.mlflow_password else {}) | (
+               {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.ray_token} if self.ray_token else {})
 
     def standard_env(self) -> dict[str, str]:
         """What the env file exports: the standard variable of each tool, pointing at this stack."""
         assert self.access_key and self.secret_key
         ray = {"RAY_ADDRESS": self.ray_address, "HEADBENCH_RAY_TEMP_DIR": str(self.ray_temp_dirs[1])} \
             if self.ray_address else {}
-        return ray | {
+        return ray | self.credential_env() | {
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
             "AWS_ENDPOINT_URL_S3": self.s3_url,
@@ -337,29 +370,35 @@ class LocalStack:
         # checkpoint filesystem is pickled without them (infra.s3.ray_storage). RAY_ADDRESS: Ray's own code in
         # the workers (Train's placement-group cleaner) asks the state API of the cluster it names, else of the
         # host's last `ray start` with the default temp dir (infra.ray_cluster.own_address_env)
-        env = NODE_ENV | {"AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or "",
-                          "AWS_DEFAULT_REGION": self.settings.aws_region, "RAY_ADDRESS": self.ray_gcs_address}
+        # MLflow's login: Train's controller logs each epoch to the run; Ray's token: every node and client
+        env = NODE_ENV | self.credential_env() | {
+            "AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or "",
+            "AWS_DEFAULT_REGION": self.settings.aws_region, "RAY_ADDRESS": self.ray_gcs_address}
+        token = self.ray_token
         specs = [ServiceSpec("ray-head", head_argv(self.ports.ray_gcs, self.ports.ray_dashboard, self.ray_node_cpus[0],
                                                    temp_dir, picker),
-                             dict(env), lambda: 0 in alive_nodes(dashboard), dashboard, "--head",
+                             dict(env), lambda: 0 in alive_nodes(dashboard, token=token), dashboard, "--head",
                              leader_first=True)]
         for index in range(1, self.ray_nodes):
             argv = node_argv(self.ray_gcs_address, index, self.ray_node_cpus[index], picker)
             specs.append(ServiceSpec(f"ray-node-{index}", argv,
-                                     dict(env), functools.partial(lambda i: i in alive_nodes(dashboard),
+                                     dict(env), functools.partial(lambda i: i in alive_nodes(dashboard, token=token),
                                                                            index),
                                      dashboard, "infra.ray_cluster", leader_first=True, after=("ray-head",)))
         specs.append(ServiceSpec("ray-driver", driver_node_argv(self.ray_gcs_address, driver_temp_dir, picker),
-                                 dict(env), lambda: DRIVER_RESOURCE in alive_node_resources(dashboard), dashboard,
-                                 "infra.ray_cluster", leader_first=True, after=("ray-head",)))
+                                 dict(env), lambda: DRIVER_RESOURCE in alive_node_resources(dashboard, token=token),
+                                 dashboard, "infra.ray_cluster", leader_first=True, after=("ray-head",)))
         return specs
 
     def services(self) -> list[ServiceSpec]:
         p, home = self.ports, self.home
         keys = {"AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or ""}
+        # The S3 gateway, with its keys, is the way in: no master or filer HTTP API (-disableHttp), no admin UI,
+        # and the volume servers and the filer refuse requests without a JWT signed with the stack's keys
+        # (security.toml in the working directory, written by `up`; docs/reliability.md)
         weed = [
-            str(BIN / "weed"), "mini", f"-dir={home / 's3'}", f"-ip={HOST}", f"-ip.bind={HOST}",
-            "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            str(BIN / "weed"), "mini", f"-dir={home / 's3'}", f"-ip={HOST}", f"-ip.bind={HOST}", "-disableHttp",
+            "-admin.ui=false", "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.port={p.s3}", f"-s3.port.grpc={p.s3_grpc}",
             f"-master.port={p.weed_master}", f"-master.port.grpc={p.weed_master_grpc}",
             f"-volume.port={p.weed_volume}", f"-volume.port.grpc={p.weed_volume_grpc}",
@@ -370,7 +409,7 @@ class LocalStack:
         ]
         mlflow = [
             str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(p.mlflow), "--workers", "1",
-            "--artifacts-destination", f"s3://{self.settings.mlflow_bucket}",
+            "--artifacts-destination", f"s3://{self.settings.mlflow_bucket}", "--app-name", "basic-auth",
         ]  # the backend store URI goes by environment: it may hold a password, argv is world-readable
         prefect = [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(p.prefect),
                    "--analytics-off"]
@@ -384,7 +423,13 @@ class LocalStack:
             ServiceSpec("s3", weed, keys, self._s3_healthy, self.s3_url, "weed"),
             ServiceSpec("mlflow", mlflow,
                         {**keys, "MLFLOW_S3_ENDPOINT_URL": self.s3_url, "MLFLOW_BACKEND_STORE_URI": self.mlflow_store,
-                         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "AWS_DEFAULT_REGION": "us-east-1"},
+                         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "AWS_DEFAULT_REGION": "us-east-1",
+                         # every request but /health needs the login; the admin is created with this password
+                         # on the first start (MLflow has no default one) and the auth store lives beside ours
+                         "MLFLOW_AUTH_CONFIG_PATH": str(self.mlflow_auth_config),
+                         "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_ADMIN,
+                         "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_password or "",
+                         "MLFLOW_FLASK_SERVER_SECRET_KEY": self.mlflow_flask_key or ""},
                         lambda: http_ok(f"{self.mlflow_url}/health"), self.mlflow_url, "mlflow"),
             ServiceSpec("prefect", prefect,
                         {"PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -492,12 +537,24 @@ class LocalStack:
             if reported < len(specs):
                 time.sleep(0.5)
 
+    @property
+    def mlflow_auth_config(self) -> Path:
+        return self.home / "mlflow" / "basic_auth.ini"
+
+    def _write_service_configs(self) -> None:
+        """MLflow's auth config (no secret in it: the password goes by environment) and SeaweedFS's
+        security.toml (the JWT keys), both 0600."""
+        self._write_private(self.mlflow_auth_config, "[mlflow]\ndefault_permission = READ\n"
+                            f"database_uri = sqlite:///{self.home / 'mlflow' / 'basic_auth.db'}\n"
+                            f"admin_username = {MLFLOW_ADMIN}\n"
+                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        self._write_private(self.home / "security.toml", "".join(
+            f'[{section}]\nkey = "{self.jwt_keys[section]}"\nexpires_after_seconds = 10\n'
+            for section in JWT_SECTIONS))
+
     def up(self, timeout: float = 180.0, on_ready: Callable[[str, str, bool], None] | None = None) -> None:
         """Start what is not running (idempotent), wait for health, create buckets, write the env file."""
-        if not self.access_key or not self.secret_key:
-            self.access_key, self.secret_key = "hb" + secrets.token_hex(8), secrets.token_urlsafe(24)
-        if not self.prefect_auth:  # `user:password`, what the UI's login box takes
-            self.prefect_auth = f"headbench:{secrets.token_urlsafe(24)}"
+        self._generate_secrets()
         saved = self._read_state()
         if saved and (saved.get("ray_nodes", 0), saved.get("ray_cpus")) != (self.ray_nodes, self.ray_cpus_option):
             # another cluster shape: stop the old Ray nodes, and the worker whose runs train on them
@@ -505,8 +562,11 @@ class LocalStack:
             self._stop([s for s in previous.services() if s.name.startswith("ray-") or s.name == "worker"])
         self._write_private(self.state_file, json.dumps(
             {"ports": self.ports.all(), "access_key": self.access_key, "secret_key": self.secret_key,
-             "prefect_auth": self.prefect_auth, "backend": self.backend, "database_url": self.database_url,
+             "prefect_auth": self.prefect_auth, "mlflow_password": self.mlflow_password,
+             "mlflow_flask_key": self.mlflow_flask_key, "ray_token": self.ray_token, "jwt_keys": self.jwt_keys,
+             "backend": self.backend, "database_url": self.database_url,
              "ray_nodes": self.ray_nodes, "ray_cpus": self.ray_cpus_option}, indent=2))
+        self._write_service_configs()
         if self.backend == "postgres":
             self._create_databases()
         self._start_all(self.services(), timeout, on_ready)

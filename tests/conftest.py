@@ -11,7 +11,7 @@ import pytest
 from infra.ray_cluster import LOOPBACK_ENV
 
 # What points a process at a stack: the standard variables of each tool and headbench's own.
-STACK_VARIABLES = ("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS", "HEADBENCH_")
+STACK_VARIABLES = ("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS", "RAY_AUTH_", "HEADBENCH_")
 
 
 def env_without_stack() -> dict[str, str]:

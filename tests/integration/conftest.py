@@ -43,18 +43,22 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("stack")
     local = LocalStack(load_settings(home), free_ports(), ray_nodes=len(RAY_NODE_CPUS), ray_cpus=RAY_NODE_CPUS)
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_MODE",
+             "RAY_AUTH_TOKEN")
+    saved = {name: os.environ.get(name) for name in names}
     try:
         local.up(timeout=240)
         # MLflow's fluent loaders, and MlflowClient.list_artifacts on a run with a logged model, resolve models
-        # through the environment's tracking URI (not the client's): without it they open ./mlflow.db
-        os.environ["MLFLOW_TRACKING_URI"] = local.mlflow_url
+        # through the environment's tracking URI (not the client's): without it they open ./mlflow.db. Every
+        # MLflow client reads the login, and every Ray client the token, from the environment too.
+        os.environ.update({"MLFLOW_TRACKING_URI": local.mlflow_url} | local.credential_env())
         yield Stack(local, load_settings(home))
     finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         local.down()
 
 

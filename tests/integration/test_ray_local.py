@@ -18,17 +18,32 @@ from tests.conftest import env_without_stack
 from tests.integration.conftest import Stack
 
 PROBE = r'''
-import json, os
+import json, os, urllib.error, urllib.request
 from infra.procs import descendants, listening
-from infra.ray_cluster import cluster_node_cpus
+from infra.ray_cluster import init_ray, node_cpus
 from infra.settings import Settings
-cpus = sum(cluster_node_cpus(Settings(RAY_ADDRESS=None)))
+dashboard = init_ray(Settings(RAY_ADDRESS=None))
+cpus = sum(node_cpus())
 mine = {os.getpid(), *(p.pid for p in descendants(os.getpid()))}
-print(json.dumps({"cpus": cpus, "addresses": listening(mine)}))
+
+def status(path, token=None, body=None):
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(dashboard + path, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+job = json.dumps({"entrypoint": "touch /tmp/headbench-job-ran"}).encode()
+print(json.dumps({"cpus": cpus, "addresses": listening(mine), "mode": os.environ.get("RAY_AUTH_MODE"),
+                  "jobs": status("/api/jobs/"), "submit": status("/api/jobs/", body=job),
+                  "wrong": status("/api/jobs/", "0" * 64), "token": status("/api/jobs/", os.environ["RAY_AUTH_TOKEN"]),
+                  "token_file": os.path.exists(os.path.expanduser("~/.ray/auth_token"))}))
 '''
 
 
-def test_private_ray_listens_on_loopback_only() -> None:
+def test_private_ray_listens_on_loopback_only_and_refuses_requests_without_its_token() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=180, env=env,
                           check=False)
@@ -38,15 +53,19 @@ def test_private_ray_listens_on_loopback_only() -> None:
     assert report["addresses"], "expected Ray's own listening sockets"
     outside = [a for a in report["addresses"] if a[0] not in LOOPBACK_IPS]
     assert outside == []
+    # a private Ray makes a token of its own, known to its processes only (no file in the home folder)
+    assert report["mode"] == "token" and not report["token_file"]
+    assert (report["jobs"], report["submit"], report["wrong"], report["token"]) == (401, 401, 403, 200), report
 
 
 # An actor asks the state API about itself with no address, as Train's PlacementGroupCleaner asks about the
 # run's controller once a second: it must reach the cluster it runs in.
 OWN_CLUSTER = r'''
 import json, os, time
-import ray
 from infra.ray_cluster import init_ray
 from infra.settings import load_settings
+init_ray(load_settings())  # RAY_ADDRESS (the stack's cluster) or a private Ray; before `import ray` (its auth mode)
+import ray
 
 @ray.remote(num_cpus=0)
 class Asker:
@@ -59,7 +78,6 @@ class Asker:
             state = type(exc).__name__
         return {"state": state, "seconds": time.time() - start}
 
-init_ray(load_settings())  # RAY_ADDRESS (the stack's cluster) or a private Ray
 asker = Asker.remote()
 print(json.dumps(ray.get(asker.ask.remote(asker._actor_id.hex()), timeout=60)))
 '''

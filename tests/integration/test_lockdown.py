@@ -1,0 +1,141 @@
+"""Every local service of the stack refuses a caller without the stack's credentials, as a process of another
+user on the machine would call it (no env file): MLflow (its basic-auth login), the Ray cluster's dashboard,
+job API and GCS (its token), and SeaweedFS beyond its S3 gateway (no master or filer HTTP API, no admin UI,
+JWT-signed volume access). With the credentials, the clients headbench starts work (the whole suite's runs),
+and so does `mlflow models serve` on a registered model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import numpy as np
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from infra.procs import free_port
+from infra.ray_cluster import RayCluster
+from tests.conftest import env_without_stack
+from tests.integration.conftest import Stack
+
+BIN = Path(sys.executable).parent
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_mlflow_needs_the_stacks_login(stack: Stack, e2e_run: dict[str, str]) -> None:
+    mlflow, password = stack.stack.mlflow_url, stack.stack.mlflow_password
+    assert password and stack.settings.mlflow_tracking_password
+    assert stack.settings.mlflow_tracking_password.get_secret_value() == password
+    env_file = stack.stack.env_file.read_text()
+    assert "MLFLOW_TRACKING_USERNAME=admin" in env_file and f"MLFLOW_TRACKING_PASSWORD={password}" in env_file
+    search = f"{mlflow}/api/2.0/mlflow/runs/get"
+    run = {"run_id": e2e_run["run_id"]}
+    assert httpx.get(f"{mlflow}/health", timeout=10).status_code == 200  # the probe stays open
+    assert httpx.get(search, params=run, timeout=10).status_code == 401
+    assert httpx.get(mlflow, timeout=10).status_code == 401  # the UI asks for the login
+    for wrong in (("admin", "password1234"), ("admin", password[:-1]), ("headbench", password)):  # the default too
+        assert httpx.get(search, params=run, headers=_basic(*wrong), timeout=10).status_code == 401, wrong
+    # moving the champion alias, which the next warm start loads, is refused without the login
+    alias = {"name": "e2e-test", "alias": "champion", "version": "1"}
+    assert httpx.post(f"{mlflow}/api/2.0/mlflow/registered-models/alias", json=alias,
+                      timeout=10).status_code == 401
+    ok = httpx.get(search, params=run, headers=_basic("admin", password), timeout=10)
+    assert ok.status_code == 200 and ok.json()["run"]["info"]["run_id"] == e2e_run["run_id"]
+
+
+def test_mlflow_models_serve_loads_a_registered_model_with_the_login(stack: Stack, e2e_run: dict[str, str]) -> None:
+    """The stack's login in the environment (the env file's variables) is all `mlflow models serve` needs."""
+    port = free_port()
+    env = env_without_stack() | stack.stack.standard_env() | {"PATH": f"{BIN}:{os.environ['PATH']}"}
+    serve = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/e2e-test/1", "--env-manager",
+                              "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and serve.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert serve.poll() is None, (serve.stdout.read() if serve.stdout else b"")[-3000:]
+        images = np.zeros((2, 32, 32), dtype=np.uint8).tolist()
+        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images}, timeout=60)
+        assert answer.status_code == 200, answer.text[:500]
+        predictions = answer.json()["predictions"]
+        assert len(predictions) == 2 and all(len(p["probabilities"]) == 3 for p in predictions)
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)  # mlflow and the uvicorn it started, in their own session
+        serve.wait(timeout=30)
+
+
+def test_the_ray_clusters_dashboard_jobs_and_gcs_need_the_token(stack: Stack, ray_cluster: RayCluster) -> None:
+    token = stack.stack.ray_token
+    assert token and ray_cluster.token == token and f"RAY_AUTH_TOKEN={token}" in stack.stack.env_file.read_text()
+    jobs = f"{ray_cluster.dashboard_url}/api/jobs/"
+    job = {"entrypoint": "touch /tmp/headbench-lockdown-job-ran"}
+    assert httpx.get(jobs, timeout=10).status_code == 401
+    assert httpx.post(jobs, json=job, timeout=10).status_code == 401
+    assert httpx.get(f"{ray_cluster.dashboard_url}/api/v0/nodes", timeout=10).status_code == 401
+    assert httpx.get(jobs, headers={"Authorization": "Bearer " + "0" * 64}, timeout=10).status_code == 403
+    listed = httpx.get(jobs, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert listed.status_code == 200 and all(j.get("entrypoint") != job["entrypoint"] for j in listed.json())
+    # the GCS itself: a driver without the token is turned away (Ray's own client, not only its HTTP API)
+    env = {k: v for k, v in env_without_stack().items() if not k.startswith("RAY_")}
+    probe = "import ray; ray.init(address=__import__('sys').argv[1], logging_level='ERROR'); print('joined')"
+    done = subprocess.run([sys.executable, "-c", probe, ray_cluster.address], capture_output=True, text=True,
+                          timeout=180, env=env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, check=False)
+    assert done.returncode != 0 and "joined" not in done.stdout
+    assert "Authentication token is missing or incorrect" in done.stderr or "Unauthenticated" in done.stderr, \
+        done.stderr[-2000:]
+
+
+def test_seaweedfs_is_reached_only_through_its_s3_gateway_with_the_keys(stack: Stack) -> None:
+    p, host = stack.stack.ports, "http://127.0.0.1"
+    refused = {
+        "filer PUT": httpx.put(f"{host}:{p.weed_filer}/buckets/{stack.settings.model_bucket}/planted.txt",
+                               content=b"x", timeout=10).status_code,
+        "filer GET": httpx.get(f"{host}:{p.weed_filer}/buckets/{stack.settings.model_bucket}/", timeout=10
+                               ).status_code,
+        "filer DELETE": httpx.delete(f"{host}:{p.weed_filer}/buckets/{stack.settings.model_bucket}",
+                                     params={"recursive": "true"}, timeout=10).status_code,
+        "master delete collection": httpx.get(f"{host}:{p.weed_master}/col/delete",
+                                              params={"collection": stack.settings.model_bucket},
+                                              timeout=10).status_code,
+        "master assign": httpx.get(f"{host}:{p.weed_master}/dir/assign", timeout=10).status_code,
+        "volume GET": httpx.get(f"{host}:{p.weed_volume}/1,0123456789", timeout=10).status_code,
+        "volume PUT": httpx.post(f"{host}:{p.weed_volume}/1,0123456789", files={"file": b"x"},
+                                 timeout=10).status_code,
+        "admin UI": httpx.get(f"{host}:{p.weed_admin}/files", timeout=10).status_code,
+    }
+    assert all(code in (401, 404) for code in refused.values()), refused
+    assert refused["volume GET"] == refused["volume PUT"] == 401  # the JWT check, not a missing route
+
+    def s3(key: str, secret: str):
+        return boto3.client("s3", endpoint_url=stack.stack.s3_url, aws_access_key_id=key,
+                            aws_secret_access_key=secret, region_name="us-east-1",
+                            config=Config(retries={"max_attempts": 1}))
+    with pytest.raises(ClientError) as err:
+        s3(stack.stack.access_key or "", "not-the-secret").list_objects_v2(Bucket=stack.settings.model_bucket)
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(ClientError):
+        s3("nobody", "nothing").put_object(Bucket=stack.settings.model_bucket, Key="planted.txt", Body=b"x")
+    keyed = s3(stack.stack.access_key or "", stack.stack.secret_key or "")
+    keyed.put_object(Bucket=stack.settings.data_bucket, Key="lockdown/probe.json", Body=json.dumps({"ok": 1}))
+    body = keyed.get_object(Bucket=stack.settings.data_bucket, Key="lockdown/probe.json")["Body"].read()
+    assert json.loads(body) == {"ok": 1}
+    keyed.delete_object(Bucket=stack.settings.data_bucket, Key="lockdown/probe.json")
+    planted = keyed.list_objects_v2(Bucket=stack.settings.model_bucket, Prefix="planted")
+    assert planted.get("KeyCount", 0) == 0  # nothing got in by the side doors
