@@ -300,9 +300,6 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1
     checkpoint each epoch) on one Train worker with every core (and the GPU with ``gpu``), or on ``workers``
     DDP workers of 1 CPU each, on the Ray this process already uses or a private one, checkpoints in a local
     folder. Steady img/s as B2's."""
-    import ray
-    from ray.train import RunConfig
-
     from infra.interrupts import fit_interruptibly
     from infra.ray_cluster import init_ray
     from infra.ray_train import build_trainer, final_checkpoint
@@ -311,8 +308,10 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1
     from models import build_model
 
     with tempfile.TemporaryDirectory(prefix="headbench-ray-alone-") as tmp:
-        if not ray.is_initialized():
-            init_ray(load_settings(Path(tmp)).model_copy(update={"ray_address": None}))
+        # a no-op when this process already uses a Ray; before anything imports ray (its auth mode, init_ray)
+        init_ray(load_settings(Path(tmp)).model_copy(update={"ray_address": None}))
+        from ray.train import RunConfig
+
         cpus = (os.cpu_count() or 1) if workers == 1 else 1
         train_cfg = TrainConfig(arch=cfg.arch, strategy="replace-fc", num_classes=10, epochs=cfg.epochs,
                                 batch_size=cfg.batch_size, lr=0.01, workers=workers, cpus_per_worker=cpus,

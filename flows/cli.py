@@ -102,9 +102,11 @@ def up(home: HomeOpt = None,
        backend: Annotated[str | None, typer.Option(help="store of MLflow and Prefect: sqlite (files under "
                                                    "$HEADBENCH_HOME) or postgres [default: sqlite, or what this "
                                                    "stack was started with]")] = None,
-       database_url: Annotated[str | None, typer.Option(help="postgres: postgresql://user[:password]@host:5432/"
-                                                        "name; databases name_mlflow and name_prefect are "
-                                                        "created when missing")] = None,
+       database_url: Annotated[str | None, typer.Option(help="postgres: postgresql://user@host:5432/name; "
+                                                        "databases name_mlflow and name_prefect are created when "
+                                                        "missing. A URL with a password goes in "
+                                                        "HEADBENCH_DATABASE_URL (a command line is readable by "
+                                                        "every user)")] = None,
        ray_nodes: Annotated[int | None, typer.Option(help="a Ray cluster of a head and N-1 worker nodes on this "
                                                      "machine, which every run trains on (RAY_ADDRESS in the env "
                                                      "file); 0 = a private Ray per run [default: 0, or what this "
@@ -114,10 +116,11 @@ def up(home: HomeOpt = None,
                                                     "[default: the machine's CPUs shared evenly]")] = None) -> None:
     """Start SeaweedFS S3, MLflow, Prefect, a Prefect worker and (--ray-nodes N) a Ray cluster on 127.0.0.1
     (idempotent) and write $HEADBENCH_HOME/env."""
-    from infra.stack import LocalStack
+    from infra.stack import LocalStack, check_no_password
 
     started = time.perf_counter()
     try:
+        check_no_password(database_url)
         stack = LocalStack(_settings(home), backend=backend, database_url=database_url, ray_nodes=ray_nodes,
                            ray_cpus=ray_cpus)
         stack.up(on_ready=lambda name, url, already: say(
@@ -125,7 +128,8 @@ def up(home: HomeOpt = None,
     except HeadbenchError as exc:
         fail(str(exc))
     console.print(f"stack up in {time.perf_counter() - started:.1f} s")
-    say(f"  MLflow UI  : {stack.mlflow_url}")
+    say(f"  MLflow UI  : {stack.mlflow_url}  (log in as MLFLOW_TRACKING_USERNAME with MLFLOW_TRACKING_PASSWORD "
+        "from the env file)")
     say(f"  Prefect UI : {stack.prefect_url}  (log in with PREFECT_API_AUTH_STRING from the env file)")
     say(f"  S3 endpoint: {stack.s3_url}")
     if stack.backend == "postgres":

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from infra.cache import touch
+from infra.cache import touch, writer_temp
 from infra.datasets import DatasetError, RawDataset, Sources, digest_lines, sha256_hex
 from infra.s3 import s3_errors, split_uri
 
 log = logging.getLogger(__name__)
 
 MAX_CORRUPT_FRACTION = 0.1
+ETAGS_FILE = ".etags.json"  # beside a mirrored tree's class folders: the ETag each file was fetched with
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -128,9 +131,17 @@ def inside(root: Path, rel: str, where: str) -> Path:
 
 
 def _download_prefix(client: Any, uri: str, dest: Path, endpoint: str | None) -> Path:
+    """Mirror ``uri`` into ``dest``: an object is fetched when the mirror has no copy or its ETag (the object's
+    checksum, which an edit of the same size changes too) differs from the one recorded when it was fetched,
+    and a file whose object is gone is removed. The ETags live in ``dest/.etags.json``."""
     bucket, prefix = split_uri(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    count = 0
+    index = dest / ETAGS_FILE
+    try:
+        known: dict[str, str] = json.loads(index.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        known = {}
+    listed: dict[str, str] = {}
     with s3_errors(endpoint, f"listing {uri}"):
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
@@ -139,12 +150,18 @@ def _download_prefix(client: Any, uri: str, dest: Path, endpoint: str | None) ->
                     continue
                 target = inside(dest, rel, f"s3://{bucket}/{obj['Key']}")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if not (target.is_file() and target.stat().st_size == obj["Size"]):
+                if not (target.is_file() and known.get(rel) == obj["ETag"]):
                     client.download_file(bucket, obj["Key"], str(target))
-                count += 1
-    if count == 0:
+                listed[rel] = obj["ETag"]
+    if not listed:
         raise DatasetError(f"dataset URI {uri} holds no objects; expected an ImageFolder tree "
                            "(<class>/<image> or train|test/<class>/<image>)")
+    for path in [p for p in dest.rglob("*") if p.is_file() and p != index]:
+        if path.relative_to(dest).as_posix() not in listed and not path.name.startswith(f".{ETAGS_FILE}."):
+            path.unlink(missing_ok=True)  # removed from the prefix since the last mirror
+    tmp = writer_temp(index)
+    tmp.write_text(json.dumps(listed))
+    os.replace(tmp, index)
     return dest
 
 

@@ -39,6 +39,7 @@ from infra.ray_cluster import (
     head_argv,
     node_argv,
 )
+from infra.seaweedfs_security import JWT_SECTIONS, ensure_grpc_certificates, security_toml
 from infra.settings import Settings, StackPorts
 
 __all__ = ["HOST", "LocalStack", "StackError", "free_port", "free_ports", "http_ok", "parse_node_cpus",
@@ -51,8 +52,6 @@ SERVICE_PORTS = {"s3": [f for f in StackPorts.model_fields if f.startswith(("s3"
 MAX_RAY_NODES = 16  # one host: each node is a raylet, an object store and agents (~0.3 GB each)
 MAX_NODE_CPUS = 1024
 MLFLOW_ADMIN = "admin"  # the MLflow UI's login name (MLFLOW_TRACKING_USERNAME)
-# SeaweedFS's JWT keys: volume writes and reads, the filer's HTTP API writes and reads
-JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
 
 
 class StackError(HeadbenchError):
@@ -143,6 +142,7 @@ class LocalStack:
         self.mlflow_flask_key: str | None = saved.get("mlflow_flask_key")
         self.ray_token: str | None = saved.get("ray_token")
         self.jwt_keys: dict[str, str] = saved.get("jwt_keys") or {}
+        self.ray_tmp: list[str] = saved.get("ray_tmp") or []  # mkdtemp's folders for Ray (ray_temp_dirs)
         # sqlite (default, files under $HEADBENCH_HOME) or postgres: the choice sticks to the stack's state
         self.backend = backend or saved.get("backend", "sqlite")
         # argv is world-readable (ps): the URL, which may hold a password, can come from the environment
@@ -297,7 +297,8 @@ class LocalStack:
         assert self.database_url
         url = urlsplit(self.database_url)
         base = database_name(self.database_url)
-        return urlunsplit(url._replace(path=f"/{name or f'{base}_{service}'}"))
+        # postgres:// is libpq's alias, which SQLAlchemy (MLflow's store) does not take
+        return urlunsplit(url._replace(scheme="postgresql", path=f"/{name or f'{base}_{service}'}"))
 
     @property
     def mlflow_store(self) -> str:
@@ -352,11 +353,15 @@ class LocalStack:
     @property
     def ray_temp_dirs(self) -> tuple[Path, Path]:
         """Temp dirs of the cluster's nodes and of its driver node. Ray's unix sockets live under them, and a
-        socket path must stay under 108 bytes."""
+        socket path must stay under 108 bytes: under a long $HEADBENCH_HOME they are two private folders that
+        ``mkdtemp`` made under the system's temp dir (never a name another user could guess and create first),
+        remembered in the state file."""
         base = self.home / "ray"
-        if len(str(base)) > 44:
-            base = Path(tempfile.gettempdir()) / f"hbray-{self.ports.ray_gcs}"
-        return base, base.with_name(base.name + "-d")
+        if len(str(base)) <= 44:
+            return base, base.with_name(base.name + "-d")
+        if not self.ray_tmp:
+            self.ray_tmp = [tempfile.mkdtemp(prefix="hbray-"), tempfile.mkdtemp(prefix="hbray-d-")]
+        return Path(self.ray_tmp[0]), Path(self.ray_tmp[1])
 
     def ray_services(self) -> list[ServiceSpec]:
         """The Ray head, its worker nodes and the 0-CPU driver node (``infra.ray_cluster``), every port picked
@@ -393,9 +398,10 @@ class LocalStack:
     def services(self) -> list[ServiceSpec]:
         p, home = self.ports, self.home
         keys = {"AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or ""}
-        # The S3 gateway, with its keys, is the way in: no master or filer HTTP API (-disableHttp), no admin UI,
-        # and the volume servers and the filer refuse requests without a JWT signed with the stack's keys
-        # (security.toml in the working directory, written by `up`; docs/reliability.md)
+        # The S3 gateway, with its keys, is the way in: no master or filer HTTP API (-disableHttp), no admin UI;
+        # the volume servers and the filer refuse requests without a JWT signed with the stack's keys, and every
+        # gRPC port a client without the stack's certificate (security.toml in the working directory, written
+        # by `up`: infra.seaweedfs_security; docs/reliability.md)
         weed = [
             str(BIN / "weed"), "mini", f"-dir={home / 's3'}", f"-ip={HOST}", f"-ip.bind={HOST}", "-disableHttp",
             "-admin.ui=false", "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -543,18 +549,24 @@ class LocalStack:
 
     def _write_service_configs(self) -> None:
         """MLflow's auth config (no secret in it: the password goes by environment) and SeaweedFS's
-        security.toml (the JWT keys), both 0600."""
+        security.toml (JWT keys, gRPC certificates: ``infra.seaweedfs_security``), all 0600."""
         self._write_private(self.mlflow_auth_config, "[mlflow]\ndefault_permission = READ\n"
                             f"database_uri = sqlite:///{self.home / 'mlflow' / 'basic_auth.db'}\n"
                             f"admin_username = {MLFLOW_ADMIN}\n"
-                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        self._write_private(self.home / "security.toml", "".join(
-            f'[{section}]\nkey = "{self.jwt_keys[section]}"\nexpires_after_seconds = 10\n'
-            for section in JWT_SECTIONS))
+                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                            # a checked login is remembered for 10 minutes: each check is a deliberately slow
+                            # password hash, and a run makes hundreds of requests (one server worker, so no
+                            # other worker keeps a stale entry)
+                            "auth_cache_ttl_seconds = 600\n")
+        self._private_dirs()
+        certificates = ensure_grpc_certificates(self.home / "s3" / "tls")
+        self._write_private(self.home / "security.toml", security_toml(self.jwt_keys, *certificates))
 
     def up(self, timeout: float = 180.0, on_ready: Callable[[str, str, bool], None] | None = None) -> None:
         """Start what is not running (idempotent), wait for health, create buckets, write the env file."""
         self._generate_secrets()
+        if self.ray_nodes:
+            self.ray_temp_dirs  # noqa: B018 - made now (a long home's mkdtemp folders), so the state keeps them
         saved = self._read_state()
         if saved and (saved.get("ray_nodes", 0), saved.get("ray_cpus")) != (self.ray_nodes, self.ray_cpus_option):
             # another cluster shape: stop the old Ray nodes, and the worker whose runs train on them
@@ -564,6 +576,7 @@ class LocalStack:
             {"ports": self.ports.all(), "access_key": self.access_key, "secret_key": self.secret_key,
              "prefect_auth": self.prefect_auth, "mlflow_password": self.mlflow_password,
              "mlflow_flask_key": self.mlflow_flask_key, "ray_token": self.ray_token, "jwt_keys": self.jwt_keys,
+             "ray_tmp": self.ray_tmp,
              "backend": self.backend, "database_url": self.database_url,
              "ray_nodes": self.ray_nodes, "ray_cpus": self.ray_cpus_option}, indent=2))
         self._write_service_configs()
@@ -635,6 +648,14 @@ def check_database_url(url: str) -> None:
     if not DATABASE_NAME.match(name):
         raise StackError(f"--database-url: database name {name[:60]!r} is not allowed; allowed: letters, digits and "
                          "_ (not first), at most 41 characters")
+
+
+def check_no_password(url: str | None) -> None:
+    """``--database-url`` on a command line, which every user can read (ps): a URL with a password is refused,
+    naming the variable that takes it instead."""
+    if url and urlsplit(url).password is not None:
+        raise StackError(f"--database-url {redact_url(url)!r} carries a password, and a command line is readable "
+                         "by every user; allowed: the URL without it, or the whole URL in HEADBENCH_DATABASE_URL")
 
 
 def quote_ident(name: str) -> str:

@@ -25,6 +25,9 @@ for _name in list(os.environ):
     if _name.startswith(STACK_VARIABLES):
         del os.environ[_name]
 os.environ.update(LOOPBACK_ENV)
+# Ray reads its auth mode once, when it is imported (by whichever test module comes first): token, as every
+# Ray the suite starts requires; the stack fixture supplies the token itself (RAY_AUTH_TOKEN) before any call
+os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 

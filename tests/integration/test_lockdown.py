@@ -1,29 +1,29 @@
 """Every local service of the stack refuses a caller without the stack's credentials, as a process of another
 user on the machine would call it (no env file): MLflow (its basic-auth login), the Ray cluster's dashboard,
 job API and GCS (its token), and SeaweedFS beyond its S3 gateway (no master or filer HTTP API, no admin UI,
-JWT-signed volume access). With the credentials, the clients headbench starts work (the whole suite's runs),
-and so does `mlflow models serve` on a registered model."""
+JWT-signed volume access, mutual TLS on gRPC). With the credentials, the clients headbench starts work (the whole
+suite's runs), and so does `mlflow models serve` on a registered model (test_mlflow_model.py)."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import boto3
+import grpc
 import httpx
-import numpy as np
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from infra.procs import free_port
-from infra.ray_cluster import RayCluster
+from infra.ray_cluster import LOOPBACK_ENV, RayCluster
 from tests.conftest import env_without_stack
 from tests.integration.conftest import Stack
 
@@ -55,32 +55,6 @@ def test_mlflow_needs_the_stacks_login(stack: Stack, e2e_run: dict[str, str]) ->
     assert ok.status_code == 200 and ok.json()["run"]["info"]["run_id"] == e2e_run["run_id"]
 
 
-def test_mlflow_models_serve_loads_a_registered_model_with_the_login(stack: Stack, e2e_run: dict[str, str]) -> None:
-    """The stack's login in the environment (the env file's variables) is all `mlflow models serve` needs."""
-    port = free_port()
-    env = env_without_stack() | stack.stack.standard_env() | {"PATH": f"{BIN}:{os.environ['PATH']}"}
-    serve = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/e2e-test/1", "--env-manager",
-                              "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and serve.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        assert serve.poll() is None, (serve.stdout.read() if serve.stdout else b"")[-3000:]
-        images = np.zeros((2, 32, 32), dtype=np.uint8).tolist()
-        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images}, timeout=60)
-        assert answer.status_code == 200, answer.text[:500]
-        predictions = answer.json()["predictions"]
-        assert len(predictions) == 2 and all(len(p["probabilities"]) == 3 for p in predictions)
-    finally:
-        os.killpg(serve.pid, signal.SIGTERM)  # mlflow and the uvicorn it started, in their own session
-        serve.wait(timeout=30)
-
-
 def test_the_ray_clusters_dashboard_jobs_and_gcs_need_the_token(stack: Stack, ray_cluster: RayCluster) -> None:
     token = stack.stack.ray_token
     assert token and ray_cluster.token == token and f"RAY_AUTH_TOKEN={token}" in stack.stack.env_file.read_text()
@@ -92,14 +66,28 @@ def test_the_ray_clusters_dashboard_jobs_and_gcs_need_the_token(stack: Stack, ra
     assert httpx.get(jobs, headers={"Authorization": "Bearer " + "0" * 64}, timeout=10).status_code == 403
     listed = httpx.get(jobs, headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert listed.status_code == 200 and all(j.get("entrypoint") != job["entrypoint"] for j in listed.json())
-    # the GCS itself: a driver without the token is turned away (Ray's own client, not only its HTTP API)
+    # the GCS itself: a driver with a wrong token is turned away by Ray's own client, which then keeps retrying:
+    # read its log until the refusal shows, then stop it
     env = {k: v for k, v in env_without_stack().items() if not k.startswith("RAY_")}
-    probe = "import ray; ray.init(address=__import__('sys').argv[1], logging_level='ERROR'); print('joined')"
-    done = subprocess.run([sys.executable, "-c", probe, ray_cluster.address], capture_output=True, text=True,
-                          timeout=180, env=env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, check=False)
-    assert done.returncode != 0 and "joined" not in done.stdout
-    assert "Authentication token is missing or incorrect" in done.stderr or "Unauthenticated" in done.stderr, \
-        done.stderr[-2000:]
+    probe = "import ray; ray.init(address=__import__('sys').argv[1]); print('joined', flush=True)"
+    driver = subprocess.Popen([sys.executable, "-c", probe, ray_cluster.address], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env=env | LOOPBACK_ENV | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64})
+    seen: list[str] = []
+    watchdog = threading.Timer(120, os.killpg, (driver.pid, signal.SIGKILL))  # a driver that says nothing
+    watchdog.start()
+    try:
+        assert driver.stdout is not None
+        for line in driver.stdout:  # ends when the driver exits, or at the refusal
+            seen.append(line)
+            if "Authentication token is missing or incorrect" in line or line.startswith("joined"):
+                break
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    assert "Authentication token is missing or incorrect" in seen[-1], "".join(seen)[-3000:]
 
 
 def test_seaweedfs_is_reached_only_through_its_s3_gateway_with_the_keys(stack: Stack) -> None:
@@ -139,3 +127,24 @@ def test_seaweedfs_is_reached_only_through_its_s3_gateway_with_the_keys(stack: S
     keyed.delete_object(Bucket=stack.settings.data_bucket, Key="lockdown/probe.json")
     planted = keyed.list_objects_v2(Bucket=stack.settings.model_bucket, Prefix="planted")
     assert planted.get("KeyCount", 0) == 0  # nothing got in by the side doors
+
+
+@pytest.mark.parametrize("port", ["weed_master_grpc", "weed_volume_grpc", "weed_filer_grpc", "s3_grpc"])
+def test_seaweedfs_grpc_ports_need_the_stacks_certificate(stack: Stack, port: str) -> None:
+    """`weed shell` and every other gRPC client: plaintext, or TLS without a client certificate, never gets a
+    channel; the stack's own certificate (what SeaweedFS's components present to each other) does."""
+    tls = stack.home / "s3" / "tls"
+    target = f"127.0.0.1:{getattr(stack.stack.ports, port)}"
+    ca, cert, key = ((tls / name).read_bytes() for name in ("ca.crt", "tls.crt", "tls.key"))
+
+    def ready(channel: grpc.Channel) -> bool:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=5)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            channel.close()
+    assert not ready(grpc.insecure_channel(target))
+    assert not ready(grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca)))
+    assert ready(grpc.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert)))

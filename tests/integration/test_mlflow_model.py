@@ -158,7 +158,8 @@ def _png(value: int) -> bytes:
 @pytest.mark.slow
 def test_skip_if_unchanged_trains_only_when_the_s3_imagefolder_changed(stack: Stack) -> None:
     """An ImageFolder prefix in S3: the first run trains; the second finds the champion's data digest and
-    params unchanged and trains nothing; one more image in the prefix, and the third trains again."""
+    params unchanged and trains nothing; one image edited in place at the same size and one removed, and the
+    third trains again on exactly what the prefix now holds."""
     s3 = s3_client(stack.settings)
     bucket, prefix = stack.settings.data_bucket, "skiptest/flowers"
     rng = np.random.default_rng(0)
@@ -177,9 +178,14 @@ def test_skip_if_unchanged_trains_only_when_the_s3_imagefolder_changed(stack: St
     assert time.monotonic() - started < 60
     client = _client(stack)
     assert len(client.search_model_versions("name='skiptest'")) == 1  # nothing trained, nothing published
-    s3.put_object(Bucket=bucket, Key=f"{prefix}/rose/extra.png", Body=_png(230))
+    old = s3.get_object(Bucket=bucket, Key=f"{prefix}/rose/0.png")["Body"].read()
+    new = next(png for v in range(256) if len(png := _png(v)) == len(old) and png != old)
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/rose/0.png", Body=new)  # same size, other pixels
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/daisy/13.png")
     third = headbench_run(stack, *args)
     assert "training data changed since champion v1" in third["stdout"]
     assert len(client.search_model_versions("name='skiptest'")) == 2
-    assert client.get_run(third["run_id"]).data.params["data_sha256"] != client.get_run(
-        first["run_id"]).data.params["data_sha256"]
+    before, after = client.get_run(first["run_id"]).data.params, client.get_run(third["run_id"]).data.params
+    assert after["data_sha256"] != before["data_sha256"]
+    sizes = [sum(int(p[f"{split}_size"]) for split in ("train", "val", "test")) for p in (before, after)]
+    assert sizes == [28, 27]  # the removed image is gone from the local mirror too

@@ -124,11 +124,12 @@ def test_the_stacks_ray_actors_ask_their_own_cluster(stack: Stack) -> None:
 PRESTART = r'''
 import json, sys, tempfile, time
 from pathlib import Path
+from infra.ray_cluster import init_ray
+from infra.settings import Settings
+init_ray(Settings(RAY_ADDRESS=None))  # before `import ray`: Ray reads its auth mode when it starts up
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from infra.ray_cluster import init_ray
 from infra.ray_prestart import prestart_train_workers, worker_runtime_env
-from infra.settings import Settings
 
 def fn(config):
     entered = time.time()
@@ -137,7 +138,6 @@ def fn(config):
     Path(config["out"]).write_text(json.dumps({"started": process_started_at(), "preloaded": worker._preloaded_at,
                                                "entered": entered}))
 
-init_ray(Settings(RAY_ADDRESS=None))
 asked = prestart_train_workers(int(sys.argv[1]), worker_runtime_env())
 time.sleep(2)  # the raylet starts the process within this (Train's controller alone takes longer to start)
 out = tempfile.mktemp()

@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -224,3 +227,41 @@ def test_public_uri_drops_credentials_query_and_fragment(uri: str, public: str) 
 
     assert public_uri(uri) == public
     assert "p@" not in public_name(uri) and "sig" not in public_name(uri)
+
+
+def test_a_database_password_on_the_command_line_is_refused_and_postgres_urls_are_normalised(tmp_path: Path) -> None:
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, StackError, check_no_password
+
+    with pytest.raises(StackError) as err:
+        check_no_password("postgresql://hb:s3cret@db:5432/team")
+    assert "s3cret" not in str(err.value) and "HEADBENCH_DATABASE_URL" in str(err.value)
+    check_no_password("postgresql://hb@db:5432/team")  # no password: fine
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "up", "--home", str(tmp_path), "--backend", "postgres",
+                           "--database-url", "postgresql://hb:s3cret@127.0.0.1:1/team"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "carries a password" in done.stderr and "s3cret" not in done.stderr + done.stdout
+    assert not (tmp_path / "stack.json").exists()  # refused before anything started
+    stack = LocalStack(load_settings(tmp_path), backend="postgres", database_url="postgres://hb@127.0.0.1/team")
+    assert stack.mlflow_store == "postgresql://hb@127.0.0.1/team_mlflow"
+
+
+def test_ray_temp_dirs_under_a_long_home_are_private_mkdtemp_folders_kept_by_the_state(tmp_path: Path) -> None:
+    import json
+    import stat
+
+    from infra.settings import load_settings
+    from infra.stack import LocalStack, free_ports
+
+    home = tmp_path / ("h" * 60)
+    stack = LocalStack(load_settings(home), free_ports(), ray_nodes=1)
+    base, driver = stack.ray_temp_dirs
+    try:
+        assert base.parent == driver.parent == Path(tempfile.gettempdir()) and base != driver
+        assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in (base, driver))
+        assert stack.ray_temp_dirs == (base, driver)  # stable
+        stack._write_private(stack.state_file, json.dumps({"ports": stack.ports.all(), "ray_tmp": stack.ray_tmp}))
+        assert LocalStack(load_settings(home)).ray_temp_dirs == (base, driver)  # and remembered
+    finally:
+        for d in (base, driver):
+            d.rmdir()

@@ -31,7 +31,8 @@ SETTINGS_VARS = _settings_variables()  # every variable headbench reads, plus (b
 SERVER_VARS = {"MLFLOW_BACKEND_STORE_URI", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_SERVER_ANALYTICS_ENABLED",
                "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY",
                "NCCL_DEBUG", "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED",
-               "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"}
+               "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+               "MLFLOW_FLASK_SERVER_SECRET_KEY"}
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:
@@ -65,6 +66,13 @@ def test_compose_variables_ports_and_commands_agree_with_the_code() -> None:
     assert env["HEADBENCH_WORK_POOL"] == pool and env["RAY_ADDRESS"].endswith(":6379")
     assert env["MLFLOW_TRACKING_URI"].endswith(":5000") and env["PREFECT_API_URL"].endswith(":4200/api")
     assert "--port=6379" in services["ray-head"]["command"]
+    # every Ray node and client has the token; MLflow requires its login, and every client has it
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
+    mlflow = services["mlflow"]
+    assert mlflow["command"][-2:] == ["--app-name", "basic-auth"]
+    assert _env(mlflow)["MLFLOW_AUTH_ADMIN_PASSWORD"] == env["MLFLOW_TRACKING_PASSWORD"]
+    for node in ("ray-head", "ray-worker", "prefect-worker"):
+        assert _env(services[node])["RAY_AUTH_TOKEN"] == env["RAY_AUTH_TOKEN"]
     # the Prefect server is locked down as `headbench up` locks down its own
     server = _env(services["prefect-server"])
     assert server["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
@@ -94,7 +102,10 @@ def test_kubernetes_manifests_agree_with_the_code() -> None:
     assert config["kind"] == "ConfigMap" and secret["kind"] == "Secret"
     assert set(config["data"]) <= SETTINGS_VARS
     assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "PREFECT_API_URL", "RAY_ADDRESS"} <= set(config["data"])
-    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD",
+                                         "RAY_AUTH_TOKEN"}
+    # token auth on every Ray container and flow-run pod (all read both), MLflow's login for every client
+    assert config["data"]["RAY_AUTH_MODE"] == "token" and config["data"]["MLFLOW_TRACKING_USERNAME"] == "admin"
     assert RAY_CLUSTER["apiVersion"] == "ray.io/v1" and RAY_CLUSTER["kind"] == "RayCluster"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     ray_pin = next(d for d in project["dependencies"] if d.startswith("ray["))
