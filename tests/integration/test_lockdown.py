@@ -137,9 +137,9 @@ def test_seaweedfs_grpc_ports_need_the_stacks_certificate(stack: Stack, port: st
     target = f"127.0.0.1:{getattr(stack.stack.ports, port)}"
     ca, cert, key = ((tls / name).read_bytes() for name in ("ca.crt", "tls.crt", "tls.key"))
 
-    def ready(channel: grpc.Channel) -> bool:
+    def ready(channel: grpc.Channel, wait: float = 2.0) -> bool:
         try:
-            grpc.channel_ready_future(channel).result(timeout=5)
+            grpc.channel_ready_future(channel).result(timeout=wait)
             return True
         except grpc.FutureTimeoutError:
             return False
@@ -147,4 +147,4 @@ def test_seaweedfs_grpc_ports_need_the_stacks_certificate(stack: Stack, port: st
             channel.close()
     assert not ready(grpc.insecure_channel(target))
     assert not ready(grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca)))
-    assert ready(grpc.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert)))
+    assert ready(grpc.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert)), wait=30)
