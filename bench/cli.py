@@ -80,3 +80,13 @@ def quality(tiny: Annotated[bool, typer.Option(help="a seconds-long setting (tes
 
     raise typer.Exit(main(QualityArgs(tiny=tiny, epochs=epochs, no_demo=no_demo, demo_only=demo_only, home=home,
                                       json=json, doc=doc, report_only=report_only)))
+
+
+@app.command()
+def lockdown(repeats: Annotated[int, typer.Option(min=1, max=1000, help="tries per figure (median)")] = 20,
+             home: HomeOpt = None) -> None:
+    """How long each refusal of docs/reliability.md's *Attacks tried* takes (hostile archives and downloads,
+    each service asked without the stack's credentials), and what MLflow's login costs a request."""
+    from bench.lockdown import main
+
+    raise typer.Exit(main(repeats, home))

@@ -41,6 +41,7 @@ from infra.ray_cluster import (
 )
 from infra.seaweedfs_security import JWT_SECTIONS, ensure_grpc_certificates, security_toml
 from infra.settings import Settings, StackPorts
+from infra.uris import redact_url
 
 __all__ = ["HOST", "LocalStack", "StackError", "free_port", "free_ports", "http_ok", "parse_node_cpus",
            "redact_url"]
@@ -661,12 +662,3 @@ def check_no_password(url: str | None) -> None:
 def quote_ident(name: str) -> str:
     """A PostgreSQL identifier, double-quoted with embedded quotes doubled (the names are also checked)."""
     return '"' + name.replace('"', '""') + '"'
-
-
-def redact_url(url: str) -> str:
-    """postgresql://user:secret@host -> postgresql://user:***@host (for error messages)."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if at and ":" in creds:
-        creds = creds.split(":", 1)[0] + ":***"
-    return f"{scheme}{sep}{creds}{at}{host}"

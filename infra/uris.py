@@ -21,6 +21,16 @@ def public_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def redact_url(url: str) -> str:
+    """postgresql://user:secret@host -> postgresql://user:***@host: a server URL in an error line, the user
+    kept (which login failed), the password never shown."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if at and ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{creds}{at}{host}"
+
+
 def public_name(uri: str) -> str:
     """The last path segment of ``uri``'s public form (a file or dataset name for run names and logs)."""
     return public_uri(uri).rstrip("/").rsplit("/", 1)[-1] or public_uri(uri)

@@ -59,7 +59,11 @@ def main() -> int:
     deployment_url = deploy_small(settings)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        # MLflow's login, as a person types it into the browser's sign-in dialog (sent to MLflow's origin only)
+        password = settings.mlflow_tracking_password
+        context = browser.new_context(viewport={"width": 1600, "height": 1000}, http_credentials={
+            "username": settings.mlflow_tracking_username or "", "origin": uri,
+            "password": password.get_secret_value() if password else ""})
         log_in_to_prefect(context, settings)
         page = context.new_page()
         for name, url, expected in pages:

@@ -16,7 +16,7 @@ from tests.integration.conftest import Stack
 TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".csv", ".log")
 
 
-def _bucket_texts(stack: Stack, bucket: str) -> list[tuple[str, str]]:
+def bucket_texts(stack: Stack, bucket: str) -> list[tuple[str, str]]:
     """Every text object of ``bucket``, read straight from S3, several at a time."""
     client = s3_client(stack.settings)
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
@@ -49,8 +49,8 @@ def haystacks(stack: Stack, cli_output: str, *, flow_parameters: bool = True) ->
     assert runs
     found += [(f"run {run.info.run_id} params/tags/datasets", repr(run.data.params) + repr(run.data.tags) +
                repr([d.dataset.source for d in run.inputs.dataset_inputs])) for run in runs]
-    found += _bucket_texts(stack, stack.settings.mlflow_bucket)
-    found += _bucket_texts(stack, stack.settings.model_bucket)  # the published manifests
+    found += bucket_texts(stack, stack.settings.mlflow_bucket)
+    found += bucket_texts(stack, stack.settings.model_bucket)  # the published manifests
     for model in client.search_registered_models():
         for version in client.search_model_versions(f"name = '{model.name}'"):
             found.append((f"model {model.name} v{version.version}", repr(version.tags) + str(version.description)))

@@ -53,6 +53,8 @@ def test_mlflow_needs_the_stacks_login(stack: Stack, e2e_run: dict[str, str]) ->
                       timeout=10).status_code == 401
     ok = httpx.get(search, params=run, headers=_basic("admin", password), timeout=10)
     assert ok.status_code == 200 and ok.json()["run"]["info"]["run_id"] == e2e_run["run_id"]
+    ui = httpx.get(mlflow, headers=_basic("admin", password), timeout=10)  # what the browser's sign-in sends
+    assert ui.status_code == 200 and "<title>MLflow</title>" in ui.text
 
 
 def test_the_ray_clusters_dashboard_jobs_and_gcs_need_the_token(stack: Stack, ray_cluster: RayCluster) -> None:

@@ -6,13 +6,13 @@ dataset test scans the same places for a dataset URL's credentials and signed qu
 from __future__ import annotations
 
 from tests.integration.conftest import Stack
-from tests.integration.scan import _bucket_texts, find_secrets
+from tests.integration.scan import bucket_texts, find_secrets
 
 
 def test_no_secret_in_mlflow_prefect_or_logs(stack: Stack, e2e_run: dict[str, str]) -> None:
     secrets = stack.stack.secrets()
     assert len(secrets) >= 5  # S3 keys, Prefect's auth string, MLflow's admin password, Ray's token, JWT keys
     # the store holds the e2e run's artifacts: the scan reads real ones
-    assert any(e2e_run["run_id"] in where for where, _ in _bucket_texts(stack, stack.settings.mlflow_bucket))
+    assert any(e2e_run["run_id"] in where for where, _ in bucket_texts(stack, stack.settings.mlflow_bucket))
     leaks = find_secrets(stack, secrets, e2e_run["stdout"])
     assert not leaks, f"credentials found in: {leaks[:10]}"
