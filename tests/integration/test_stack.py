@@ -5,6 +5,7 @@ Prefect's stores in PostgreSQL (127.0.0.1:5432, trust auth; SQLite, the default,
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import stat
 import subprocess
@@ -59,7 +60,9 @@ def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
         assert f"Prefect UI : http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}" in first.stdout
         again = cli("up")  # remembers --ray-nodes
         assert again.returncode == 0 and again.stdout.count("already running") == 7, again.stdout
-        nodes = alive_nodes(f"http://127.0.0.1:{dashboard}")
+        token = json.loads((tmp_path / "stack.json").read_text())["ray_token"]
+        assert alive_nodes(f"http://127.0.0.1:{dashboard}") == {}  # the dashboard refuses a caller without it
+        nodes = alive_nodes(f"http://127.0.0.1:{dashboard}", token=token)
         assert sorted(nodes) == [0, 1] and len(set(nodes.values())) == 2  # two raylets, two node ids
 
         env_file = tmp_path / "env"
