@@ -360,9 +360,15 @@ class LocalStack:
         base = self.home / "ray"
         if len(str(base)) <= 44:
             return base, base.with_name(base.name + "-d")
-        if not self.ray_tmp:
-            self.ray_tmp = [tempfile.mkdtemp(prefix="hbray-"), tempfile.mkdtemp(prefix="hbray-d-")]
+        if not self.ray_tmp:  # not made yet (`up` makes them): names no one creates, for argv shown before that
+            unmade = Path(tempfile.gettempdir()) / "hbray-not-made-yet"
+            return unmade, unmade.with_name(unmade.name + "-d")
         return Path(self.ray_tmp[0]), Path(self.ray_tmp[1])
+
+    def _make_ray_temp_dirs(self) -> None:
+        """The long-home case of ``ray_temp_dirs``: two ``mkdtemp`` folders, made once (the state keeps them)."""
+        if len(str(self.home / "ray")) > 44 and not self.ray_tmp:
+            self.ray_tmp = [tempfile.mkdtemp(prefix="hbray-"), tempfile.mkdtemp(prefix="hbray-d-")]
 
     def ray_services(self) -> list[ServiceSpec]:
         """The Ray head, its worker nodes and the 0-CPU driver node (``infra.ray_cluster``), every port picked
@@ -567,7 +573,7 @@ class LocalStack:
         """Start what is not running (idempotent), wait for health, create buckets, write the env file."""
         self._generate_secrets()
         if self.ray_nodes:
-            self.ray_temp_dirs  # noqa: B018 - made now (a long home's mkdtemp folders), so the state keeps them
+            self._make_ray_temp_dirs()  # before the state is written: it keeps them
         saved = self._read_state()
         if saved and (saved.get("ray_nodes", 0), saved.get("ray_cpus")) != (self.ray_nodes, self.ray_cpus_option):
             # another cluster shape: stop the old Ray nodes, and the worker whose runs train on them

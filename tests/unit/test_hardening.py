@@ -255,6 +255,8 @@ def test_ray_temp_dirs_under_a_long_home_are_private_mkdtemp_folders_kept_by_the
 
     home = tmp_path / ("h" * 60)
     stack = LocalStack(load_settings(home), free_ports(), ray_nodes=1)
+    assert not stack.ray_temp_dirs[0].exists()  # nothing is made before `up` (status, down, argv for display)
+    stack._make_ray_temp_dirs()
     base, driver = stack.ray_temp_dirs
     try:
         assert base.parent == driver.parent == Path(tempfile.gettempdir()) and base != driver
