@@ -587,6 +587,8 @@ def demo(home: HomeOpt = None,
         "runs and press Compare to see them side by side; Models: 'demo-source-fashion-0-4'")
     say(f"Prefect UI : {stack.prefect_url}  flow runs 'retrain' and 'compare-heads' (Artifacts: head-comparison)")
     say(f"S3 models  : s3://{settings.model_bucket}/  (model.safetensors + manifest.json per run)")
+    say(f"logins     : in {stack.env_file}: MLflow user MLFLOW_TRACKING_USERNAME, password "
+        "MLFLOW_TRACKING_PASSWORD; Prefect's login box takes PREFECT_API_AUTH_STRING")
     say("stop it all: headbench down")
 
 
