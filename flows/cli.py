@@ -226,12 +226,37 @@ def require_up(name: str, url: str | None) -> None:
         raise HeadbenchError(f"{name} unreachable at {url} (is it running? `headbench up`)")
 
 
+def require_mlflow_login(settings: Settings, tracking_uri: str) -> None:
+    """One line when the MLflow server refuses this process's login (MLFLOW_TRACKING_USERNAME/PASSWORD, or none):
+    its health probe answers anyone, its API does not."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    password = settings.mlflow_tracking_password.get_secret_value() if settings.mlflow_tracking_password else ""
+    headers = {"Authorization": "Basic " + base64.b64encode(
+        f"{settings.mlflow_tracking_username}:{password}".encode()).decode()} \
+        if settings.mlflow_tracking_username else {}
+    url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - the configured tracking URI
+    try:
+        urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 - the configured tracking URI
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise HeadbenchError(f"MLflow at {tracking_uri} refused the login (HTTP {exc.code}); check "
+                                 "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (a local stack's are in "
+                                 "$HEADBENCH_HOME/env)") from None
+    except (urllib.error.URLError, OSError, ValueError):
+        pass  # unreachable: require_up said so already, or a transient fault the run's retries handle
+
+
 def preflight(settings: Settings) -> None:
-    """Fail fast, before any download or training, when a server is missing or unreachable."""
+    """Fail fast, before any download or training, when a server is missing, unreachable or refuses the login."""
     from infra.settings import require_servers
 
     tracking_uri, s3_url = require_servers(settings)
     require_up("MLflow tracking server", tracking_uri)
+    require_mlflow_login(settings, tracking_uri)
     if settings.prefect_api_url:  # unset: Prefect runs the flow against a temporary local server
         require_up("Prefect API", settings.prefect_api_url)
     from infra.s3 import s3_client, s3_errors

@@ -360,19 +360,22 @@ def test_two_retrains_at_once_get_two_runs_prefixes_and_versions(stack: Stack, r
     assert state["alias"] == (second if beat else first[0])
 
 
-@pytest.mark.parametrize("case", ["wrong-secret", "missing-bucket"])
+@pytest.mark.parametrize("case", ["wrong-secret", "missing-bucket", "wrong-mlflow-password"])
 def test_wrong_credentials_or_missing_bucket_fail_before_any_work(stack: Stack, tmp_path: Path, case: str) -> None:
     wrong = "not-the-secret-" + "x" * 20
     extra = {"wrong-secret": {"AWS_SECRET_ACCESS_KEY": wrong, "AWS_ACCESS_KEY_ID": stack.stack.access_key or "",
                               "AWS_ENDPOINT_URL_S3": stack.stack.s3_url},
-             "missing-bucket": {"HEADBENCH_MODEL_BUCKET": "no-such-bucket"}}[case]
-    expected = {"wrong-secret": "rejected the credentials", "missing-bucket": "S3 bucket missing"}[case]
+             "missing-bucket": {"HEADBENCH_MODEL_BUCKET": "no-such-bucket"},
+             "wrong-mlflow-password": {"MLFLOW_TRACKING_PASSWORD": wrong}}[case]
+    expected = {"wrong-secret": "rejected the credentials", "missing-bucket": "S3 bucket missing",
+                "wrong-mlflow-password": "refused the login (HTTP 401)"}[case]
+    where = stack.stack.mlflow_url if case == "wrong-mlflow-password" else stack.stack.s3_url
     cache = tmp_path / "cache"
     done = subprocess.run([HEADBENCH, "run", *SMALL, "--model-name", "fault-creds"], capture_output=True,
                           text=True, timeout=120, check=False,
                           env=stack.cli_env(**extra, HEADBENCH_DATA_CACHE=str(cache)))
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert expected in last and stack.stack.s3_url in last, last
+    assert expected in last and where in last, last
     assert wrong not in done.stdout + done.stderr  # the bad secret is not echoed either
     assert not cache.exists()
