@@ -100,13 +100,15 @@ def _settings(home: Path | None) -> Settings:
 @app.command()
 def up(home: HomeOpt = None,
        backend: Annotated[str | None, typer.Option(help="store of MLflow and Prefect: sqlite (files under "
-                                                   "$HEADBENCH_HOME) or postgres [default: sqlite, or what this "
+                                                   "$HEADBENCH_HOME) or postgres (a PostgreSQL server the stack "
+                                                   "runs, data under $HEADBENCH_HOME/postgres, unless "
+                                                   "--database-url names one) [default: sqlite, or what this "
                                                    "stack was started with]")] = None,
-       database_url: Annotated[str | None, typer.Option(help="postgres: postgresql://user@host:5432/name; "
-                                                        "databases name_mlflow and name_prefect are created when "
-                                                        "missing. A URL with a password goes in "
-                                                        "HEADBENCH_DATABASE_URL (a command line is readable by "
-                                                        "every user)")] = None,
+       database_url: Annotated[str | None, typer.Option(help="postgres on an external server: "
+                                                        "postgresql://user@host:5432/name; databases name_mlflow "
+                                                        "and name_prefect are created when missing. A URL with a "
+                                                        "password goes in HEADBENCH_DATABASE_URL (a command line is "
+                                                        "readable by every user)")] = None,
        ray_nodes: Annotated[int | None, typer.Option(help="a Ray cluster of a head and N-1 worker nodes on this "
                                                      "machine, which every run trains on (RAY_ADDRESS in the env "
                                                      "file); 0 = a private Ray per run [default: 0, or what this "
@@ -114,8 +116,8 @@ def up(home: HomeOpt = None,
        ray_cpus: Annotated[str | None, typer.Option(help="CPUs each Ray node offers: one count for every node, "
                                                     "or a comma list with one per node, head first (2,1) "
                                                     "[default: the machine's CPUs shared evenly]")] = None) -> None:
-    """Start SeaweedFS S3, MLflow, Prefect, a Prefect worker and (--ray-nodes N) a Ray cluster on 127.0.0.1
-    (idempotent) and write $HEADBENCH_HOME/env."""
+    """Start SeaweedFS S3, MLflow, Prefect, a Prefect worker, (--ray-nodes N) a Ray cluster and (--backend
+    postgres) a PostgreSQL server on 127.0.0.1 (idempotent) and write $HEADBENCH_HOME/env."""
     from infra.stack import LocalStack, check_no_password
 
     started = time.perf_counter()

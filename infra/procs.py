@@ -191,11 +191,13 @@ def child_groups(pid: int) -> list[int]:
 
 
 def stop_group(pid: int, timeout: float = 20.0, leader_first: bool = False,
-               child_groups_first: bool = False) -> None:
+               child_groups_first: bool = False, leader_signal: int = signal.SIGTERM) -> None:
     """SIGTERM the process group led by ``pid`` (started with start_new_session), SIGKILL after timeout.
 
     ``leader_first``: SIGTERM only the leader and give it the timeout to shut its children down in order
-    (a Ray node drains through its GCS, which a group-wide signal would kill first), then the group.
+    (a Ray node drains through its GCS, which a group-wide signal would kill first), then the group;
+    ``leader_signal`` is what the leader gets (PostgreSQL's fast shutdown is SIGINT: its SIGTERM waits for
+    every client to leave).
     ``child_groups_first``: first stop, each as a group with the same timeout, the children that lead groups
     of their own: Prefect's process worker starts every flow run in a new session, and SIGKILLs them when it
     is itself interrupted, so a flow run gets its SIGTERM (and its clean-up) only from us."""
@@ -214,7 +216,7 @@ def stop_group(pid: int, timeout: float = 20.0, leader_first: bool = False,
     deadline = time.monotonic() + timeout
     if leader_first:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, leader_signal)
         except ProcessLookupError:
             pass
         while time.monotonic() < deadline and alive(pid):

@@ -44,6 +44,7 @@ class StackPorts(BaseSettings):
     weed_admin_grpc: int = 33646
     ray_gcs: int = 6390  # `up --ray-nodes N`: the head's GCS, what RAY_ADDRESS holds (Ray's 6379 is Redis's)
     ray_dashboard: int = 8265
+    postgres: int = 15432  # `up --backend postgres` without --database-url: the stack's own server
 
     def all(self) -> dict[str, int]:
         return self.model_dump()

@@ -1,6 +1,8 @@
 """The embedded local stack on 127.0.0.1: SeaweedFS S3, an MLflow tracking server, a Prefect server, a
-Prefect worker polling the ``process`` work pool that ``headbench deploy`` targets and, with
-``--ray-nodes N``, a Ray cluster of a head and N-1 worker nodes that every run trains on.
+Prefect worker polling the ``process`` work pool that ``headbench deploy`` targets, with
+``--ray-nodes N`` a Ray cluster of a head and N-1 worker nodes that every run trains on, and with
+``--backend postgres`` (no ``--database-url``) a PostgreSQL server holding MLflow's and Prefect's stores
+(``infra.postgres``).
 
 All state lives under one directory (``$HEADBENCH_HOME``, default ``.headbench/``): data, logs, pid files,
 ``stack.json`` (ports and the generated S3 keys, mode 0600) and ``env`` (sourceable ``export`` lines with
@@ -16,6 +18,7 @@ import os
 import re
 import secrets
 import shlex
+import signal
 import subprocess
 import tempfile
 import time
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from infra import postgres
 from infra.errors import HeadbenchError
 from infra.procs import BIN, HOST, free_port, pid_alive, port_taken, stop_group
 from infra.ray_cluster import (
@@ -48,7 +52,8 @@ __all__ = ["HOST", "LocalStack", "StackError", "free_port", "free_ports", "http_
 
 BACKENDS = ("sqlite", "postgres")
 # the StackPorts fields each service listens on
-SERVICE_PORTS = {"s3": [f for f in StackPorts.model_fields if f.startswith(("s3", "weed"))], "mlflow": ["mlflow"],
+SERVICE_PORTS = {"postgres": ["postgres"],
+                 "s3": [f for f in StackPorts.model_fields if f.startswith(("s3", "weed"))], "mlflow": ["mlflow"],
                  "prefect": ["prefect"], "worker": ["prefect_worker"], "ray-head": ["ray_gcs", "ray_dashboard"]}
 MAX_RAY_NODES = 16  # one host: each node is a raylet, an object store and agents (~0.3 GB each)
 MAX_NODE_CPUS = 1024
@@ -70,6 +75,8 @@ class ServiceSpec:
     leader_first: bool = False  # stop: SIGTERM the leader alone first (a Ray node drains through its GCS)
     child_groups_first: bool = False  # stop: first the children in groups of their own (a worker's flow runs)
     after: tuple[str, ...] = ()  # start once these are healthy (a Ray node needs its head's GCS)
+    leader_signal: int = signal.SIGTERM  # with leader_first: what the leader gets
+    prepare: Callable[[], None] | None = None  # once healthy, before what comes after it starts (databases)
 
 
 @dataclass(frozen=True)
@@ -148,14 +155,13 @@ class LocalStack:
         self.backend = backend or saved.get("backend", "sqlite")
         # argv is world-readable (ps): the URL, which may hold a password, can come from the environment
         url_from_env = settings.database_url.get_secret_value() if settings.database_url else None
-        self.database_url = database_url or saved.get("database_url") or url_from_env
+        # an external server's URL; none with --backend postgres: the stack runs its own (infra.postgres)
+        self.external_database_url: str | None = database_url or saved.get("database_url") or url_from_env
+        self.pg_password: str | None = saved.get("pg_password")  # the own server's login, made by `up`
         if self.backend not in BACKENDS:
             raise StackError(f"unknown --backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
-        if self.backend == "postgres" and not self.database_url:
-            raise StackError("--backend postgres needs --database-url postgresql://user[:password]@host:5432/name "
-                             "(or HEADBENCH_DATABASE_URL)")
-        if self.backend == "postgres" and self.database_url:
-            check_database_url(self.database_url)
+        if self.backend == "postgres" and self.external_database_url:
+            check_database_url(self.external_database_url)
         # 0: no cluster, each run starts a private Ray; N >= 1: a head and N-1 worker nodes, RAY_ADDRESS set
         self.ray_nodes = saved.get("ray_nodes", 0) if ray_nodes is None else ray_nodes
         if not 0 <= self.ray_nodes <= MAX_RAY_NODES:
@@ -242,7 +248,7 @@ class LocalStack:
     def secrets(self) -> list[str]:
         """Every credential this stack generated (what must never be recorded outside its 0600 files)."""
         return [s for s in (self.access_key, self.secret_key, self.prefect_auth, self.mlflow_password,
-                            self.mlflow_flask_key, self.ray_token, *self.jwt_keys.values()) if s]
+                            self.mlflow_flask_key, self.ray_token, self.pg_password, *self.jwt_keys.values()) if s]
 
     def _generate_secrets(self) -> None:
         """The credentials a stack needs, made once (an existing stack keeps its own)."""
@@ -254,6 +260,8 @@ class LocalStack:
         self.mlflow_flask_key = self.mlflow_flask_key or secrets.token_hex(32)
         self.ray_token = self.ray_token or secrets.token_hex(32)  # what `ray get-auth-token --generate` makes
         self.jwt_keys = {name: self.jwt_keys.get(name) or secrets.token_urlsafe(32) for name in JWT_SECTIONS}
+        if self.own_postgres:
+            self.pg_password = self.pg_password or secrets.token_urlsafe(24)
 
     def credential_env(self) -> dict[str, str]:
         """The logins every client of this stack needs besides the S3 keys: MLflow's and Ray's (standard
@@ -292,6 +300,18 @@ class LocalStack:
             return False
 
     # ------------------------------------------------------------------ backend stores
+    @property
+    def own_postgres(self) -> bool:
+        """--backend postgres with no external server named: the stack runs PostgreSQL itself."""
+        return self.backend == "postgres" and not self.external_database_url
+
+    @property
+    def database_url(self) -> str | None:
+        """The PostgreSQL server of the stores: the external one, or the stack's own; None for sqlite."""
+        if self.own_postgres:
+            return postgres.server_url(self.ports.postgres, self.pg_password)
+        return self.external_database_url if self.backend == "postgres" else None
+
     def database(self, service: str, name: str | None = None) -> str:
         """postgresql://.../<name>?<query> -> the URL of database ``<name>_<service>`` (one per server), its
         query string (``sslmode=...``) kept; ``name`` replaces the database name (the maintenance db)."""
@@ -402,6 +422,17 @@ class LocalStack:
                                  dashboard, "infra.ray_cluster", leader_first=True, after=("ray-head",)))
         return specs
 
+    def postgres_services(self) -> list[ServiceSpec]:
+        """The stack's own PostgreSQL, when it runs one: healthy once it takes the stack's login; the stores'
+        databases are created then, before MLflow and Prefect start. Stopped last, by SIGINT (fast shutdown)."""
+        if not self.own_postgres:
+            return []
+        maintenance = self.database("", name="postgres")
+        return [ServiceSpec("postgres", postgres.server_argv(postgres.data_dir(self.home), self.ports.postgres), {},
+                            functools.partial(postgres.accepts_logins, maintenance),
+                            redact_url(self.database_url or ""), "postgres", leader_first=True,
+                            leader_signal=signal.SIGINT, prepare=self._create_databases)]
+
     def services(self) -> list[ServiceSpec]:
         p, home = self.ports, self.home
         keys = {"AWS_ACCESS_KEY_ID": self.access_key or "", "AWS_SECRET_ACCESS_KEY": self.secret_key or ""}
@@ -432,7 +463,10 @@ class LocalStack:
         worker = [str(BIN / "prefect"), "worker", "start", "--pool", self.settings.work_pool, "--type", "process",
                   "--name", f"headbench-{p.prefect}", "--with-healthcheck"]
         ray = self.ray_services()
+        stores = self.postgres_services()
+        store_after = tuple(spec.name for spec in stores)
         return [
+            *stores,
             ServiceSpec("s3", weed, keys, self._s3_healthy, self.s3_url, "weed"),
             ServiceSpec("mlflow", mlflow,
                         {**keys, "MLFLOW_S3_ENDPOINT_URL": self.s3_url, "MLFLOW_BACKEND_STORE_URI": self.mlflow_store,
@@ -443,7 +477,7 @@ class LocalStack:
                          "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_ADMIN,
                          "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_password or "",
                          "MLFLOW_FLASK_SERVER_SECRET_KEY": self.mlflow_flask_key or ""},
-                        lambda: http_ok(f"{self.mlflow_url}/health"), self.mlflow_url, "mlflow"),
+                        lambda: http_ok(f"{self.mlflow_url}/health"), self.mlflow_url, "mlflow", after=store_after),
             ServiceSpec("prefect", prefect,
                         {"PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                          **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.prefect_store}
@@ -456,7 +490,8 @@ class LocalStack:
                              "PREFECT_API_AUTH_STRING": self.prefect_auth} if self.prefect_auth else {}),
                          "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
                          "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": self.prefect_url},
-                        lambda: http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect"),
+                        lambda: http_ok(f"{self.prefect_url}/api/health"), self.prefect_url, "prefect",
+                        after=store_after),
             *ray,
             # last: a flow run it picks up finds the servers and the whole Ray cluster there
             ServiceSpec("worker", worker, self.worker_env() if self.access_key else {},
@@ -531,6 +566,8 @@ class LocalStack:
                     continue
                 alive, deadline = waiting[spec.name]
                 if spec.health():
+                    if spec.prepare:
+                        spec.prepare()
                     del waiting[spec.name]
                     ready[spec.name] = False
                 elif not alive():
@@ -584,10 +621,12 @@ class LocalStack:
              "prefect_auth": self.prefect_auth, "mlflow_password": self.mlflow_password,
              "mlflow_flask_key": self.mlflow_flask_key, "ray_token": self.ray_token, "jwt_keys": self.jwt_keys,
              "ray_tmp": self.ray_tmp,
-             "backend": self.backend, "database_url": self.database_url,
+             "backend": self.backend, "database_url": self.external_database_url, "pg_password": self.pg_password,
              "ray_nodes": self.ray_nodes, "ray_cpus": self.ray_cpus_option}, indent=2))
         self._write_service_configs()
-        if self.backend == "postgres":
+        if self.own_postgres:
+            postgres.init_cluster(postgres.data_dir(self.home), self.pg_password or "")
+        elif self.backend == "postgres":
             self._create_databases()
         self._start_all(self.services(), timeout, on_ready)
         self._write_private(self.env_file, "".join(
@@ -631,7 +670,7 @@ class LocalStack:
             pid = self._pid(spec.name)
             if pid is not None and pid_alive(pid, spec.marker):
                 stop_group(pid, timeout, leader_first=spec.leader_first,
-                           child_groups_first=spec.child_groups_first)
+                           child_groups_first=spec.child_groups_first, leader_signal=spec.leader_signal)
                 stopped.append(spec.name)
             self.pid_file(spec.name).unlink(missing_ok=True)
         return stopped

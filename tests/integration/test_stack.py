@@ -1,34 +1,40 @@
 """`headbench up | status | run | down` as a user runs them on a stack of their own: idempotent, loopback only,
 stops exactly what it started, with a two-node Ray cluster (`--ray-nodes 2`) among the services and MLflow's and
-Prefect's stores in PostgreSQL (127.0.0.1:5432, trust auth; SQLite, the default, is every other test's)."""
+Prefect's stores in the stack's own PostgreSQL server (`--backend postgres`; SQLite, the default, is every other
+test's). Nothing here reaches a PostgreSQL server the stack did not start."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import asyncpg
+import pytest
 
+from infra.postgres import data_dir
 from infra.procs import LOOPBACK_IPS, cmdline, free_port, group_members, listening, pid_alive
 from infra.ray_cluster import alive_nodes
-from infra.settings import StackPorts
+from infra.settings import Settings, StackPorts
+from infra.stack import LocalStack
 from tests.conftest import env_without_stack
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
-SERVER = "postgresql://postgres@127.0.0.1:5432"
 
 
-async def _sql(database: str, query: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(f"{SERVER}/{database}", timeout=10)
+async def _sql(server: str, database: str, query: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(f"{server}/{database}", timeout=10)
     try:
         return await conn.fetch(query, *args)
     finally:
         await conn.close()
+
+
+def sql(server: str, database: str, query: str, *args: object) -> list[asyncpg.Record]:
+    return asyncio.run(_sql(server, database, query, *args))
 
 
 def _listening(pid_group: int) -> list[tuple[str, int]]:
@@ -36,16 +42,17 @@ def _listening(pid_group: int) -> list[tuple[str, int]]:
     return listening(group_members(pid_group))
 
 
-SERVICES = {"s3": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "worker", "ray-head": "--head",
-            "ray-node-1": "infra.ray_cluster", "ray-driver": "infra.ray_cluster"}  # service -> a word of its argv
+SERVICES = {"postgres": "postgres", "s3": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "worker",
+            "ray-head": "--head", "ray-node-1": "infra.ray_cluster",
+            "ray-driver": "infra.ray_cluster"}  # service -> a word of its argv
 
 
 def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
-    name = f"hbtest_{secrets.token_hex(4)}"
     # nothing of the session's stack: its run would otherwise train on that stack's cluster (RAY_ADDRESS)
     env = env_without_stack() | {"HEADBENCH_HOME": str(tmp_path), "COLUMNS": "200"}
+    env = {k: v for k, v in env.items() if not k.startswith(("PG", "HEADBENCH_DATABASE_URL"))}  # no other server
     env |= {f"HEADBENCH_PORT_{port.upper()}": str(free_port()) for port in StackPorts.model_fields}
-    env["HEADBENCH_DATABASE_URL"] = f"{SERVER}/{name}"  # from the environment: never on a command line
+    port = env["HEADBENCH_PORT_POSTGRES"]
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([HEADBENCH, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -53,14 +60,28 @@ def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
     try:
         first = cli("up", "--backend", "postgres", "--ray-nodes", "2", "--ray-cpus", "1,1")
         assert first.returncode == 0, first.stdout + first.stderr
-        assert f"stores     : PostgreSQL {SERVER}/{name}_mlflow, {SERVER}/{name}_prefect" in first.stdout
+        shown = f"postgresql://headbench:***@127.0.0.1:{port}/headbench"
+        assert f"stores     : PostgreSQL {shown}_mlflow, {shown}_prefect" in first.stdout
         gcs, dashboard = env["HEADBENCH_PORT_RAY_GCS"], env["HEADBENCH_PORT_RAY_DASHBOARD"]
         assert f"Ray cluster: RAY_ADDRESS=127.0.0.1:{gcs}, 2 node(s), CPUs 1,1" in first.stdout
         assert f"MLflow UI  : http://127.0.0.1:{env['HEADBENCH_PORT_MLFLOW']}" in first.stdout
         assert f"Prefect UI : http://127.0.0.1:{env['HEADBENCH_PORT_PREFECT']}" in first.stdout
-        again = cli("up")  # remembers --ray-nodes
-        assert again.returncode == 0 and again.stdout.count("already running") == 7, again.stdout
-        token = json.loads((tmp_path / "stack.json").read_text())["ray_token"]
+        again = cli("up")  # remembers --backend and --ray-nodes
+        assert again.returncode == 0 and again.stdout.count("already running") == 8, again.stdout
+        state = json.loads((tmp_path / "stack.json").read_text())
+        token, password = state["ray_token"], state["pg_password"]
+        server = f"postgresql://headbench:{password}@127.0.0.1:{port}"
+        # the stores' server is the stack's own: its port, its data folder, scram logins only
+        assert sql(server, "postgres", "SELECT inet_server_port() AS p, current_setting('data_directory') AS d, "
+                                       "current_setting('password_encryption') AS e")[0][:] == (
+            int(port), str(data_dir(tmp_path)), "scram-sha-256")
+        hba = sql(server, "postgres", "SELECT DISTINCT auth_method FROM pg_hba_file_rules")
+        assert [r["auth_method"] for r in hba] == ["scram-sha-256"]  # no trust line, for any address
+        for login in (f"postgresql://headbench@127.0.0.1:{port}", f"postgresql://headbench:wrong@127.0.0.1:{port}",
+                      f"postgresql://postgres@127.0.0.1:{port}"):
+            with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+                sql(login, "postgres", "SELECT 1")
+        assert password not in cmdline(int((tmp_path / "pids" / "postgres.pid").read_text()))
         assert alive_nodes(f"http://127.0.0.1:{dashboard}") == {}  # the dashboard refuses a caller without it
         nodes = alive_nodes(f"http://127.0.0.1:{dashboard}", token=token)
         assert sorted(nodes) == [0, 1] and len(set(nodes.values())) == 2  # two raylets, two node ids
@@ -75,37 +96,50 @@ def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
         assert exported["RAY_ADDRESS"] == f"127.0.0.1:{gcs}" and exported["HEADBENCH_RAY_TEMP_DIR"]
 
         status = cli("status")
-        assert status.returncode == 0 and status.stdout.count("healthy") == 7, status.stdout
+        assert status.returncode == 0 and status.stdout.count("healthy") == 8, status.stdout
 
         pids = {name: int((tmp_path / "pids" / f"{name}.pid").read_text()) for name in SERVICES}
         for service, pid in pids.items():
             addresses = _listening(pid)
             assert addresses, service
             assert all(ip in LOOPBACK_IPS for ip, _ in addresses), (service, addresses)
-            assert "postgresql" not in cmdline(pid)  # the database URL stays in the 0600 state file
+            assert "postgresql:" not in cmdline(pid)  # the database URL stays in the 0600 state file
 
         # a retrain on this stack trains on its cluster and lands in both PostgreSQL databases, none in SQLite
         run = cli("run", "--classes", "0-1", "--limit", "80", "--test-limit", "40", "--image-size", "32",
                   "--epochs", "1", "--batch-size", "32", "--workers", "1", "--model-name", "pg-test")
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         run_id = run.stdout.split("MLflow run : ", 1)[1].split()[0].rsplit("/", 1)[-1]
-        runs = asyncio.run(_sql(f"{name}_mlflow", "SELECT status FROM runs WHERE run_uuid = $1", run_id))
+        runs = sql(server, "headbench_mlflow", "SELECT status FROM runs WHERE run_uuid = $1", run_id)
         assert [r["status"] for r in runs] == ["FINISHED"]
-        versions = asyncio.run(_sql(f"{name}_mlflow", "SELECT version FROM model_versions WHERE name = 'pg-test'"))
+        versions = sql(server, "headbench_mlflow", "SELECT version FROM model_versions WHERE name = 'pg-test'")
         assert [r["version"] for r in versions] == [1]
-        flows = asyncio.run(_sql(f"{name}_prefect", "SELECT fr.state_type FROM flow_run fr JOIN flow f ON "
-                                                     "f.id = fr.flow_id WHERE f.name = 'retrain'"))
+        flows = sql(server, "headbench_prefect", "SELECT fr.state_type FROM flow_run fr JOIN flow f ON "
+                                                 "f.id = fr.flow_id WHERE f.name = 'retrain'")
         assert [str(r["state_type"]) for r in flows] == ["COMPLETED"]
         assert not (tmp_path / "mlflow" / "mlflow.db").exists() and not (tmp_path / "prefect" / "prefect.db").exists()
+
+        # --database-url names an external server instead: its databases <name>_mlflow/_prefect are created
+        external = LocalStack(Settings(home=tmp_path / "external"), backend="postgres",
+                              database_url=f"{server}/team")
+        assert not external.own_postgres and external.postgres_services() == []
+        external._create_databases()
+        names = sql(server, "postgres", "SELECT datname FROM pg_database WHERE datname LIKE 'team%' ORDER BY 1")
+        assert [r["datname"] for r in names] == ["team_mlflow", "team_prefect"]
     finally:
         down = cli("down")
-        for service in ("mlflow", "prefect"):
-            asyncio.run(_sql("postgres", f'DROP DATABASE IF EXISTS "{name}_{service}" WITH (FORCE)'))
-    # the worker first, then Ray's driver and worker nodes before the head that holds its GCS
+    # the worker first, then Ray's driver and worker nodes before the head that holds its GCS; the stores last
     assert down.returncode == 0, down.stdout + down.stderr
-    assert "stopped: worker, ray-driver, ray-node-1, ray-head, prefect, mlflow, s3" in down.stdout
+    assert "stopped: worker, ray-driver, ray-node-1, ray-head, prefect, mlflow, s3, postgres" in down.stdout
     for service, pid in pids.items():
         assert not pid_alive(pid, SERVICES[service]), service
         assert _listening(pid) == []
     after = cli("status")
-    assert after.returncode == 3 and after.stdout.count("stopped") == 7
+    assert after.returncode == 3 and after.stdout.count("stopped") == 8
+    # a second `up` finds its data: the run recorded before `down` is still there
+    again = cli("up")
+    try:
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert [r["status"] for r in sql(server, "headbench_mlflow", "SELECT status FROM runs")] == ["FINISHED"]
+    finally:
+        cli("down")

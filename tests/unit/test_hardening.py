@@ -166,9 +166,9 @@ def test_cli_commands_create_private_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("url, message", [
-    ("postgresql://u@127.0.0.1:5432/bad-name", "database name 'bad-name' is not allowed"),
-    ('postgresql://u@127.0.0.1:5432/x"; DROP DATABASE y; --', "is not allowed"),
-    ("postgresql://u@127.0.0.1:5432/" + "a" * 50, "at most 41 characters"),
+    ("postgresql://u@127.0.0.1:6543/bad-name", "database name 'bad-name' is not allowed"),
+    ('postgresql://u@127.0.0.1:6543/x"; DROP DATABASE y; --', "is not allowed"),
+    ("postgresql://u@127.0.0.1:6543/" + "a" * 50, "at most 41 characters"),
     ("mysql://u@127.0.0.1/x", "expected postgresql://"),
 ])
 def test_database_names_must_be_identifiers(tmp_path: Path, url: str, message: str) -> None:
@@ -184,11 +184,11 @@ def test_database_url_keeps_its_query_and_can_come_from_the_environment(tmp_path
     from infra.settings import load_settings
     from infra.stack import LocalStack
 
-    monkeypatch.setenv("HEADBENCH_DATABASE_URL", "postgresql://hb:s3cret@db.internal:5432/team?sslmode=require")
+    monkeypatch.setenv("HEADBENCH_DATABASE_URL", "postgresql://hb:s3cret@db.internal:6543/team?sslmode=require")
     stack = LocalStack(load_settings(tmp_path), backend="postgres")
-    assert stack.database("mlflow") == "postgresql://hb:s3cret@db.internal:5432/team_mlflow?sslmode=require"
-    assert stack.prefect_store == "postgresql+asyncpg://hb:s3cret@db.internal:5432/team_prefect?ssl=require"
-    assert stack.database("", name="postgres") == "postgresql://hb:s3cret@db.internal:5432/postgres?sslmode=require"
+    assert stack.database("mlflow") == "postgresql://hb:s3cret@db.internal:6543/team_mlflow?sslmode=require"
+    assert stack.prefect_store == "postgresql+asyncpg://hb:s3cret@db.internal:6543/team_prefect?ssl=require"
+    assert stack.database("", name="postgres") == "postgresql://hb:s3cret@db.internal:6543/postgres?sslmode=require"
 
 
 def test_every_task_and_flow_has_a_timeout() -> None:
@@ -234,9 +234,9 @@ def test_a_database_password_on_the_command_line_is_refused_and_postgres_urls_ar
     from infra.stack import LocalStack, StackError, check_no_password
 
     with pytest.raises(StackError) as err:
-        check_no_password("postgresql://hb:s3cret@db:5432/team")
+        check_no_password("postgresql://hb:s3cret@db:6543/team")
     assert "s3cret" not in str(err.value) and "HEADBENCH_DATABASE_URL" in str(err.value)
-    check_no_password("postgresql://hb@db:5432/team")  # no password: fine
+    check_no_password("postgresql://hb@db:6543/team")  # no password: fine
     done = subprocess.run([sys.executable, "-m", "flows.cli", "up", "--home", str(tmp_path), "--backend", "postgres",
                            "--database-url", "postgresql://hb:s3cret@127.0.0.1:1/team"], capture_output=True,
                           text=True, timeout=120, check=False)

@@ -107,9 +107,9 @@ def test_the_port_setting_the_busy_port_error_names_moves_that_port_of_a_saved_s
     assert ports.all() | {"ray_dashboard": saved.ray_dashboard} == saved.all()  # every other port as saved
 
 @pytest.mark.parametrize("url, shown", [
-    ("postgresql://hb:s3cr%40t@127.0.0.1:5432/headbench", "postgresql://hb:***@127.0.0.1:5432/headbench"),
+    ("postgresql://hb:s3cr%40t@127.0.0.1:6543/headbench", "postgresql://hb:***@127.0.0.1:6543/headbench"),
     ("postgresql://hb@127.0.0.1/headbench", "postgresql://hb@127.0.0.1/headbench"),  # no password: unchanged
-    ("postgresql://127.0.0.1:5432/headbench", "postgresql://127.0.0.1:5432/headbench"),
+    ("postgresql://127.0.0.1:6543/headbench", "postgresql://127.0.0.1:6543/headbench"),
     ("postgresql://u:p@ss:word@host/db", "postgresql://u:***@host/db"),  # the last @ ends the credentials
 ])
 def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
@@ -121,9 +121,9 @@ def test_postgres_databases_are_one_per_server_and_the_url_stays_off_argv(tmp_pa
     from infra.stack import LocalStack, free_ports
 
     stack = LocalStack(load_settings(tmp_path), free_ports(), backend="postgres",
-                       database_url="postgresql://hb:secret@127.0.0.1:5432/hbtest")
-    assert stack.database("mlflow") == "postgresql://hb:secret@127.0.0.1:5432/hbtest_mlflow"
-    assert stack.prefect_store == "postgresql+asyncpg://hb:secret@127.0.0.1:5432/hbtest_prefect"
+                       database_url="postgresql://hb:secret@127.0.0.1:6543/hbtest")
+    assert stack.database("mlflow") == "postgresql://hb:secret@127.0.0.1:6543/hbtest_mlflow"
+    assert stack.prefect_store == "postgresql+asyncpg://hb:secret@127.0.0.1:6543/hbtest_prefect"
     stack.access_key, stack.secret_key = "k", "s"
     assert not any("secret" in " ".join(spec.argv) for spec in stack.services())
 
