@@ -18,8 +18,8 @@ test: bootstrap  ## ruff, the import-layer contract, then the whole suite: unit 
 test-unit: bootstrap  ## the unit tests alone: no servers, no Ray cluster
 	$(BIN)/python -m pytest tests/unit
 
-test-fast: bootstrap  ## the suite without the tests marked slow (fault injection, deployments, bench)
-	$(BIN)/python -m pytest -m "not slow"
+test-fast: bootstrap  ## no training: the unit tests, then one stack's CLI and API checks (tests marked training left out)
+	$(BIN)/python -m pytest -m "not training"
 
 bench: bootstrap  ## the pipeline benchmark: B1 plain PyTorch vs Ray Train alone vs B2 headbench, overheads, memory (~9 min)
 	$(BIN)/python -m bench --ray-alone

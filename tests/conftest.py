@@ -1,5 +1,6 @@
 """Test-wide environment (no foreign endpoints leak in, every Ray socket stays on 127.0.0.1) and the tiers:
-every test under tests/integration/ is marked ``integration`` here, by path."""
+every test under tests/integration/ is marked ``integration`` here, by path, and every test that uses a training
+run's fixture ``training`` (the others that train carry the mark themselves)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,13 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 INTEGRATION = Path(__file__).parent / "integration"
+# the session and module fixtures that are training runs: a test that looks at one needs it trained
+RUN_FIXTURES = {"e2e_run", "compare_run", "twin_runs"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION in item.path.parents:
             item.add_marker(pytest.mark.integration)
+        if RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.training)

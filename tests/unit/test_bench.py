@@ -70,10 +70,11 @@ def test_samplers_take_no_sample_while_b1_trains_in_their_process(monkeypatch: p
         def sample(self) -> None:
             Counter.taken += 1
 
+    with Sampler.quiet():  # entered first: no race with the sampler's first tick
+        with Counter().sampling():
+            time.sleep(0.3)  # ~30 ticks
+        assert Counter.taken == 0
     with Counter().sampling():
-        with Sampler.quiet():
-            time.sleep(0.3)
-            assert Counter.taken == 0
         time.sleep(0.3)
     assert Counter.taken > 0
 

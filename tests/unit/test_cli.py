@@ -116,14 +116,38 @@ def test_no_stack_configured_says_what_to_do(tmp_path: Path) -> None:
     assert "MLFLOW_TRACKING_URI is not set and no local stack env file was found" in result.stderr
 
 
-def test_help_on_every_command() -> None:
+COMMANDS = ["bench", "compare", "datasets", "demo", "deploy", "down", "gc", "predict", "run", "status",
+            "strategies", "up"]
+
+
+def test_help_on_every_command_names_its_purpose_and_every_option() -> None:
+    """Each of the 12 commands and bench's 3 (a new one must be added here) has a help page with its summary line and
+    every option and argument it takes, wrapped or not."""
+    import typer
+    from click import Command
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    for command in ("up", "down", "status", "run", "compare", "demo", "strategies"):
-        result = CliRunner().invoke(app, [command, "--help"])
-        assert result.exit_code == 0 and "Usage" in result.output, command
+    top: dict[str, Command] = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert sorted(top) == COMMANDS
+    commands = dict(top) | {f"{group} {sub}": command for group in top
+                            for sub, command in getattr(top[group], "commands", {}).items()}
+    assert sorted(set(commands) - set(top)) == ["bench ddp-options", "bench lockdown", "bench quality"]
+    for name, command in commands.items():
+        result = CliRunner().invoke(app, [*name.split(), "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+        assert result.exit_code == 0, (name, result.output)
+        shown = " ".join(result.output.replace("│", " ").split())  # rich's box, its line breaks
+        assert f"Usage: root {name} " in shown or f"Usage: headbench {name} " in shown, (name, shown[:200])
+        summary = " ".join((command.help or "").split("\n\n")[0].split())
+        assert summary and summary[:60] in shown, (name, summary, shown[:400])
+        for param in command.params:
+            if param.name == "help":
+                continue
+            if param.param_type_name == "option":
+                assert any(opt in shown for opt in param.opts), (name, param.opts, shown)
+            else:  # an argument: its name in the usage line
+                assert str(param.name).lower() in shown.lower().split("[options]", 1)[1][:80], (name, shown)
 
 
 # A Prefect queue service whose items take a while (as events do when the API is slow on a loaded machine),

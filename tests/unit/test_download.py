@@ -106,7 +106,7 @@ def test_an_unreachable_host_or_a_missing_file_fails_at_once_in_one_line(served,
     started = time.monotonic()
     with pytest.raises(DownloadError) as err:
         download(f"http://127.0.0.1:{port}/data.tar.gz", tmp_path / "x")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # generous (it takes milliseconds): no retry loop with backoff
     assert f"127.0.0.1:{port}" in str(err.value) and "unreachable" in str(err.value) and "\n" not in str(err.value)
     assert not err.value.transient  # nobody listens: retrying will not help
     with pytest.raises(DownloadError, match=r"HTTP 404"):

@@ -37,7 +37,7 @@ def _split(n: int, seed: int, classes: int = 3) -> ArraySplit:
     return ArraySplit(images.astype(np.uint8), labels.astype(np.int64))
 
 
-TRAIN, VAL = _split(96, 0), _split(24, 1)
+TRAIN, VAL = _split(48, 0), _split(24, 1)
 
 
 def _fit(strategy: str = "replace-fc", seed: int = 0, **overrides: object) -> tuple[torch.nn.Module, object]:
@@ -162,7 +162,7 @@ def test_label_smoothing_and_warmup() -> None:
     # lr 0: the weights never move, so the two runs differ in the training loss's targets alone
     _, smooth = _fit(label_smoothing=0.3, augment="none", lr=0.0, epochs=1)
     _, plain = _fit(label_smoothing=0.0, augment="none", lr=0.0, epochs=1)
-    assert smooth.history[0]["train_loss"] != pytest.approx(plain.history[0]["train_loss"], rel=1e-3)
+    assert smooth.history[0]["train_loss"] != pytest.approx(plain.history[0]["train_loss"], rel=1e-4)
     assert smooth.history[0]["val_loss"] == pytest.approx(plain.history[0]["val_loss"], rel=1e-6)  # unsmoothed
 
 

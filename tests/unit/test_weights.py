@@ -157,9 +157,12 @@ def test_the_same_weights_saved_by_two_processes_hash_the_same(tmp_path: Path) -
               "[save_state_dict(build_model('resnet18', 3, s, seed=5), Path(sys.argv[1]) / f'{s}.safetensors') "
               "for s in ('mlp', 'replace-fc')]")
     digests = set()
-    for i in range(2):  # two processes, each saving both strategies
+    procs = []
+    for i in range(2):  # two processes side by side, each saving both strategies
         (tmp_path / str(i)).mkdir()
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, timeout=120)
+        procs.append(subprocess.Popen([sys.executable, "-c", script, str(tmp_path / str(i))]))
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    for i in range(2):
         for strategy in ("mlp", "replace-fc"):
             digests.add((strategy, hashlib.sha256((tmp_path / str(i) / f"{strategy}.safetensors").read_bytes())
                          .hexdigest()))
