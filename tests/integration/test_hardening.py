@@ -95,7 +95,8 @@ def test_a_run_lease_refuses_a_second_holder_renews_itself_and_is_taken_over_whe
         started = time.monotonic()
         with pytest.raises(RunBusyError, match=f"MLflow run {run_id} is already being trained by first"):
             RunLease(client, bucket, run_id, "second", stack.settings.s3_endpoint_url, ttl_s=1.5).acquire()
-        assert time.monotonic() - started < 3  # refused, not queued
+        # refused, not queued: a queued one would wait for a TTL that the renewals push back forever
+        assert time.monotonic() - started < 10
         first.check()
     finally:
         first.release()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from infra.procs import LOOPBACK_IPS, group_members, listening
 from infra.ray_cluster import RayCluster
 from tests.integration.conftest import Stack, train_actor_nodes
@@ -26,6 +28,7 @@ def test_two_raylets_with_their_own_node_ids_all_on_loopback(ray_cluster: RayClu
         assert all(ip in LOOPBACK_IPS for ip, _ in addresses), addresses
 
 
+@pytest.mark.training
 def test_pack_keeps_both_workers_on_the_node_that_holds_them(stack: Stack, ray_cluster: RayCluster) -> None:
     args = [HEADBENCH, "run", "--classes", "0-1", "--limit", "80", "--test-limit", "20", "--image-size", "32",
             "--epochs", "1", "--batch-size", "32", "--workers", "2", "--cpus-per-worker", "1",

@@ -106,8 +106,7 @@ def test_a_private_rays_actors_ask_their_own_cluster_not_the_hosts_last_ray_star
         report = _ask_own_state(env | {"RAY_TMPDIR": str(root), "HEADBENCH_HOME": str(tmp_path)})
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    assert report["state"] == "ALIVE", report  # before: RpcError after a 10 s wait for the stale GCS
-    assert report["seconds"] < 5
+    assert report["state"] == "ALIVE", report  # the stale GCS's answer would be RpcError, after a 10 s wait
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -116,7 +115,6 @@ def test_the_stacks_ray_actors_ask_their_own_cluster(stack: Stack) -> None:
     # host's last `ray start` of the default temp dir, or no cluster at all
     report = _ask_own_state(stack.cli_env())
     assert report["state"] == "ALIVE", report
-    assert report["seconds"] < 5
 
 
 # One Train worker on a private Ray, its process asked for first (as `run_training` does): Train's controller
@@ -148,6 +146,7 @@ print(json.dumps(json.loads(Path(out).read_text()) | {"asked": asked, "fit_calle
 '''
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("prestart", [1, 0])
 def test_train_takes_the_prestarted_worker_process_with_its_imports_done(prestart: int) -> None:
     env = {k: v for k, v in env_without_stack().items() if not k.startswith("RAY_")}

@@ -4,11 +4,13 @@ promise checked from the outside with boto3, MlflowClient, the Prefect API and R
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from infra.datasets import DataSpec, prepare
@@ -123,9 +125,9 @@ def test_training_ran_on_both_nodes_of_the_ray_cluster(stack: Stack, ray_cluster
 
 
 def test_a_published_runs_checkpoints_are_pruned_to_the_newest(stack: Stack, e2e_run: dict[str, str]) -> None:
-    """E2E_EPOCHS checkpoints were written (Ray keeps 2 while training); once the model is published, the
-    newest one alone stays (HEADBENCH_KEEP_CHECKPOINTS=1), whole, beside Ray's own run state."""
-    assert EPOCHS >= 2
+    """E2E_EPOCHS (2) checkpoints were written (Ray keeps 2 while training); once the model is published, the
+    newest one alone stays (HEADBENCH_KEEP_CHECKPOINTS=1), whole, beside Ray's own run state: the one of the
+    last epoch, with every epoch's history."""
     listed = s3_client(stack.settings).list_objects_v2(Bucket=stack.settings.checkpoint_bucket,
                                                        Prefix=f"ray/{e2e_run['run_id']}/")
     keys = [o["Key"].split("/", 2)[2] for o in listed.get("Contents", [])]
@@ -133,4 +135,8 @@ def test_a_published_runs_checkpoints_are_pruned_to_the_newest(stack: Stack, e2e
     assert len(folders) == 1, sorted(keys)
     [kept] = folders
     assert {f"{kept}/{WEIGHTS_FILE}", f"{kept}/{TRAIN_STATE}"} <= set(keys)
+    body = s3_client(stack.settings).get_object(Bucket=stack.settings.checkpoint_bucket,
+                                                Key=f"ray/{e2e_run['run_id']}/{kept}/{TRAIN_STATE}")["Body"].read()
+    state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    assert state["epoch"] == EPOCHS and len(state["history"]) == EPOCHS, (state["epoch"], state["history"])
     assert any(not k.startswith("checkpoint_") for k in keys)  # Ray's run state (the snapshot) is kept

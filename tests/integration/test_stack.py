@@ -47,6 +47,7 @@ SERVICES = {"postgres": "postgres", "s3": "weed", "mlflow": "mlflow", "prefect":
             "ray-driver": "infra.ray_cluster"}  # service -> a word of its argv
 
 
+@pytest.mark.training
 def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
     # nothing of the session's stack: its run would otherwise train on that stack's cluster (RAY_ADDRESS)
     env = env_without_stack() | {"HEADBENCH_HOME": str(tmp_path), "COLUMNS": "200"}
