@@ -35,7 +35,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 INTEGRATION = Path(__file__).parent / "integration"
 # the session and module fixtures that are training runs: a test that looks at one needs it trained
-RUN_FIXTURES = {"e2e_run", "compare_run", "twin_runs"}
+RUN_FIXTURES = {"e2e_run", "compare_run", "twin_runs", "imagefolder_run"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -113,3 +113,10 @@ def image_folder_archive(path: Path, classes: dict[str, int], size: int = 24, wr
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def png(value: int) -> bytes:
+    """A 24x24 RGB PNG of one grey value (a class shows in its brightness)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((24, 24, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -11,12 +11,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from infra.ray_cluster import RayCluster
+from infra.s3 import s3_client
 from infra.settings import Settings, load_settings
 from infra.stack import LocalStack, free_ports
 from tests.conftest import env_without_stack
+from tests.dataset_files import png
 
 # The cluster's shape: a head with 2 CPUs (node 0) and a worker node with 1 CPU (node 1), two raylets on
 # 127.0.0.1. PACK keeps two 1-CPU workers on the head, SPREAD puts one on each node.
@@ -75,14 +78,44 @@ def e2e_run(stack: Stack, ray_cluster: RayCluster) -> dict[str, str]:
 
 def headbench_run(stack: Stack, *args: str, timeout: float = 900) -> dict[str, str]:
     """`headbench run ARGS` against the stack, which must succeed: its MLflow run id, S3 URI and output."""
-    done = subprocess.run([HEADBENCH, "run", *args], capture_output=True, text=True, timeout=timeout, check=False,
-                          env=stack.cli_env())
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    run_url = re.search(r"MLflow run : (\S+)", done.stdout)
-    s3_uri = re.search(r"S3 model   : (\S+)", done.stdout)
-    assert run_url and s3_uri, done.stdout
-    return {"run_id": run_url.group(1).rsplit("/", 1)[-1], "s3_uri": s3_uri.group(1),
-            "stdout": done.stdout + done.stderr}
+    return headbench_runs(stack, [list(args)], timeout)[0]
+
+
+def headbench_runs(stack: Stack, runs: list[list[str]], timeout: float = 900) -> list[dict[str, str]]:
+    """Several `headbench run`s started together (each its own command, as two users would start them), all of
+    which must succeed: the run id, S3 URI and output of each."""
+    procs = [subprocess.Popen([HEADBENCH, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=stack.cli_env()) for args in runs]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, out[-4000:] + err[-4000:]
+        run_url = re.search(r"MLflow run : (\S+)", out)
+        s3_uri = re.search(r"S3 model   : (\S+)", out)
+        assert run_url and s3_uri, out
+        results.append({"run_id": run_url.group(1).rsplit("/", 1)[-1], "s3_uri": s3_uri.group(1),
+                        "stdout": out + err})
+    return results
+
+
+IMAGEFOLDER = "skiptest/flowers"  # an ImageFolder prefix in the data bucket: daisy and rose, 14 PNGs each
+
+
+@pytest.fixture(scope="session")
+def imagefolder_run(stack: Stack, ray_cluster: RayCluster) -> tuple[list[str], dict[str, str]]:
+    """The first `headbench run` on an ImageFolder in S3, 2 workers PACKed onto the 2-CPU head, promoted to
+    champion of ``skiptest``: (its arguments, its run). test_multinode checks its placement, test_mlflow_model
+    what skip_if_unchanged does with it."""
+    s3 = s3_client(stack.settings)
+    rng = np.random.default_rng(0)
+    for cls, base in (("daisy", 40), ("rose", 200)):
+        for i in range(14):
+            s3.put_object(Bucket=stack.settings.data_bucket, Key=f"{IMAGEFOLDER}/{cls}/{i}.png",
+                          Body=png(int(base + rng.integers(0, 20))))
+    args = ["--dataset", f"s3://{stack.settings.data_bucket}/{IMAGEFOLDER}", "--image-size", "32", "--epochs", "1",
+            "--workers", "2", "--cpus-per-worker", "1", "--placement-strategy", "PACK", "--batch-size", "8",
+            "--strategy", "replace-fc", "--model-name", "skiptest", "--skip-if-unchanged"]
+    return args, headbench_run(stack, *args)
 
 
 @pytest.fixture(scope="session")

@@ -60,11 +60,25 @@ assert len(outcome.trials) == 2
 ''' + CTRL_C
 
 
+PROBES = {"ray-train": TRAIN, "ray-tune": TUNE}
+
+
+@pytest.fixture(scope="module")
+def probed() -> dict[str, tuple[int, str, str]]:
+    """Both probes side by side, each on a private Ray of its own process: {probe: (status, stdout, stderr)}."""
+    procs = {name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env_without_stack()) for name, code in PROBES.items()}
+    outcomes = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        outcomes[name] = (proc.returncode, out, err)
+    return outcomes
+
+
 @pytest.mark.training
-@pytest.mark.parametrize("probe", [TRAIN, TUNE], ids=["ray-train", "ray-tune"])
-def test_ctrl_c_after_a_finished_fit_still_interrupts(probe: str) -> None:
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, check=False,
-                          env=env_without_stack())  # a private Ray, this process's own
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("probe", PROBES)
+def test_ctrl_c_after_a_finished_fit_still_interrupts(probed: dict[str, tuple[int, str, str]], probe: str) -> None:
+    status, out, err = probed[probe]
+    assert status == 0, out[-3000:] + err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
     assert report == {"interrupted": True, "controllers": []}

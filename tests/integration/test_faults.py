@@ -352,31 +352,6 @@ def test_concurrent_promotions_move_the_alias_once_per_compare_and_set(stack: St
     assert store.client.list_objects_v2(Bucket=store.bucket, Prefix="fault-lease/").get("KeyCount", 0) == 0
 
 
-@pytest.mark.training
-def test_two_retrains_at_once_get_two_runs_prefixes_and_versions(stack: Stack, ray_cluster: RayCluster) -> None:
-    name = "fault-concurrent"
-    env = stack.cli_env()
-    procs = [subprocess.Popen([HEADBENCH, "run", *SMALL, "--model-name", name, "--seed", str(seed)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for seed in (1, 2)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
-    state = _state(stack, name)
-    manifests = [k for k in state["keys"] if k.endswith("manifest.json")]
-    assert len(manifests) == 2 and len({k.split("/")[1] for k in manifests}) == 2
-    assert state["versions"] == ["1", "2"]
-    assert state["alias"] in ("1", "2") and state["pointer"]["version"] == state["alias"]
-    # Promotions are serialized by the lease: the first to take it met no champion and was promoted; the
-    # second was compared with exactly that version, and took the alias iff it beat its score on its split.
-    tags = {v.version: v.tags for v in _mlflow(stack).search_model_versions(f"name = '{name}'")}
-    first = [v for v, t in tags.items() if "champion_version" not in t]
-    assert len(first) == 1 and tags[first[0]]["promotion"] == "champion", tags
-    (second,) = set(tags) - set(first)
-    assert tags[second]["champion_version"] == first[0], tags
-    beat = float(tags[second]["challenger_score"]) > float(tags[second]["champion_score"])
-    assert tags[second]["promotion"] == ("champion" if beat else "challenger-rejected"), tags
-    assert state["alias"] == (second if beat else first[0])
-
-
 @pytest.mark.parametrize("case", ["wrong-secret", "missing-bucket", "wrong-mlflow-password"])
 def test_wrong_credentials_or_missing_bucket_fail_before_any_work(stack: Stack, tmp_path: Path, case: str) -> None:
     wrong = "not-the-secret-" + "x" * 20

@@ -4,7 +4,6 @@ the run page lists its datasets with digests; skip_if_unchanged trains nothing u
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -20,7 +19,6 @@ import torch
 import torchvision
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
-from PIL import Image
 from safetensors.torch import load_file
 
 from infra.datasets import DataSpec, prepare
@@ -29,7 +27,8 @@ from infra.published import load_published
 from infra.s3 import fetch_model, s3_client
 from infra.sources import load_raw
 from models.data import normalize_batch
-from tests.integration.conftest import Stack, headbench_run
+from tests.dataset_files import png
+from tests.integration.conftest import IMAGEFOLDER, Stack, headbench_run
 
 CHAMPION = "models:/e2e-test@champion"
 
@@ -149,26 +148,14 @@ def test_the_run_lists_its_three_datasets_with_digests(stack: Stack, e2e_run: di
         assert "fashion-mnist" in json.loads(dataset.source)["url"]
 
 
-def _png(value: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((24, 24, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.mark.training
-def test_skip_if_unchanged_trains_only_when_the_s3_imagefolder_changed(stack: Stack) -> None:
+def test_skip_if_unchanged_trains_only_when_the_s3_imagefolder_changed(
+        stack: Stack, imagefolder_run: tuple[list[str], dict[str, str]]) -> None:
     """An ImageFolder prefix in S3: the first run trains; the second finds the champion's data digest and
     params unchanged and trains nothing; one image edited in place at the same size and one removed, and the
     third trains again on exactly what the prefix now holds."""
     s3 = s3_client(stack.settings)
-    bucket, prefix = stack.settings.data_bucket, "skiptest/flowers"
-    rng = np.random.default_rng(0)
-    for cls, base in (("daisy", 40), ("rose", 200)):
-        for i in range(14):
-            s3.put_object(Bucket=bucket, Key=f"{prefix}/{cls}/{i}.png", Body=_png(int(base + rng.integers(0, 20))))
-    args = ("--dataset", f"s3://{bucket}/{prefix}", "--image-size", "32", "--epochs", "1", "--workers", "1",
-            "--batch-size", "8", "--strategy", "replace-fc", "--model-name", "skiptest", "--skip-if-unchanged")
-    first = headbench_run(stack, *args)
+    bucket, prefix = stack.settings.data_bucket, IMAGEFOLDER
+    args, first = imagefolder_run
     assert "promotion  : champion" in first["stdout"]
     client = _client(stack)
     experiment = client.get_experiment_by_name(stack.settings.experiment).experiment_id
@@ -180,7 +167,7 @@ def test_skip_if_unchanged_trains_only_when_the_s3_imagefolder_changed(stack: St
     assert len(client.search_runs([experiment], max_results=1000)) == runs_before  # no MLflow run: no training
     assert len(client.search_model_versions("name='skiptest'")) == 1  # nothing trained, nothing published
     old = s3.get_object(Bucket=bucket, Key=f"{prefix}/rose/0.png")["Body"].read()
-    new = next(png for v in range(256) if len(png := _png(v)) == len(old) and png != old)
+    new = next(image for v in range(256) if len(image := png(v)) == len(old) and image != old)
     s3.put_object(Bucket=bucket, Key=f"{prefix}/rose/0.png", Body=new)  # same size, other pixels
     s3.delete_object(Bucket=bucket, Key=f"{prefix}/daisy/13.png")
     third = headbench_run(stack, *args)

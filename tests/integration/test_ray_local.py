@@ -146,14 +146,27 @@ print(json.dumps(json.loads(Path(out).read_text()) | {"asked": asked, "fit_calle
 '''
 
 
+@pytest.fixture(scope="module")
+def prestart_reports() -> dict[int, tuple[int, str, str]]:
+    """The script with and without the prestart, side by side, each with a private Ray of its own:
+    {prestart: (status, stdout, stderr)}."""
+    env = {k: v for k, v in env_without_stack().items() if not k.startswith("RAY_")}
+    procs = {n: subprocess.Popen([sys.executable, "-c", PRESTART, str(n)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env) for n in (1, 0)}
+    outcomes = {}
+    for n, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        outcomes[n] = (proc.returncode, out, err)
+    return outcomes
+
+
 @pytest.mark.training
 @pytest.mark.parametrize("prestart", [1, 0])
-def test_train_takes_the_prestarted_worker_process_with_its_imports_done(prestart: int) -> None:
-    env = {k: v for k, v in env_without_stack().items() if not k.startswith("RAY_")}
-    done = subprocess.run([sys.executable, "-c", PRESTART, str(prestart)], capture_output=True, text=True,
-                          timeout=300, env=env, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+def test_train_takes_the_prestarted_worker_process_with_its_imports_done(
+        prestart_reports: dict[int, tuple[int, str, str]], prestart: int) -> None:
+    status, out, err = prestart_reports[prestart]
+    assert status == 0, out[-3000:] + err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
     assert report["asked"] == prestart
     # the hook ran in the worker's process either way, before the training function
     assert report["preloaded"] is not None and report["preloaded"] <= report["entered"]

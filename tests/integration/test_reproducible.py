@@ -1,5 +1,5 @@
-"""Runs are reproducible from their seed through the whole pipeline (Ray Train, MLflow, S3), and early
-stopping publishes the epoch it kept."""
+"""Runs are reproducible from their seed through the whole pipeline (Ray Train, MLflow, S3), also when two run
+at once and publish to one model name, and early stopping publishes the epoch it kept."""
 
 from __future__ import annotations
 
@@ -15,28 +15,50 @@ from safetensors.torch import load_file
 
 from infra.published import load_published
 from infra.ray_cluster import RayCluster
-from infra.s3 import s3_client, split_uri
-from tests.integration.conftest import Stack, headbench_run
+from infra.s3 import ModelStore, s3_client, split_uri
+from tests.integration.conftest import Stack, headbench_runs
 
-
-def _run(stack: Stack, cluster: RayCluster, seed: int, *extra: str) -> tuple[str, dict[str, Any], str]:
-    """One 1-worker CPU run; (MLflow run id, published manifest, its S3 URI)."""
-    run = headbench_run(stack, "--classes", "3-5", "--limit", "120", "--test-limit", "60", "--image-size", "32",
-                        "--epochs", "2", "--workers", "1", "--batch-size", "16", "--strategy", "mlp", "--augment",
-                        "standard", "--model-name", "repro", "--promote", "never", "--seed", str(seed), *extra)
-    bucket, prefix = split_uri(run["s3_uri"])
-    body = s3_client(stack.settings).get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read()
-    return run["run_id"], json.loads(body), run["s3_uri"]
-
-
-# At this LR and seed the val loss falls, then rises at epoch 3: patience 1 stops there and keeps epoch 2.
-EARLY_STOP = ("--epochs", "4", "--lr", "0.2", "--early-stopping-patience", "1")
+MODEL = "repro"
+# 1-worker CPU runs. At this LR and seed the val loss falls, then rises at epoch 3: patience 1 stops there and
+# keeps epoch 2.
+RUN = ["--classes", "3-5", "--limit", "120", "--test-limit", "60", "--image-size", "32", "--workers", "1",
+       "--batch-size", "16", "--strategy", "mlp", "--augment", "standard", "--model-name", MODEL, "--seed", "3",
+       "--epochs", "4", "--lr", "0.2", "--early-stopping-patience", "1"]
 
 
 @pytest.fixture(scope="module")
 def twin_runs(stack: Stack, ray_cluster: RayCluster) -> list[tuple[str, dict[str, Any], str]]:
-    """The same run twice, seed 3, with early stopping: (MLflow run id, manifest, S3 URI) of each."""
-    return [_run(stack, ray_cluster, 3, *EARLY_STOP) for _ in range(2)]
+    """The same run twice, seed 3, with early stopping, both started at once on the cluster (1 CPU each of its
+    3), both publishing to one model name: (MLflow run id, manifest, S3 URI) of each."""
+    twins = []
+    for run in headbench_runs(stack, [RUN, RUN]):
+        bucket, prefix = split_uri(run["s3_uri"])
+        body = s3_client(stack.settings).get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read()
+        twins.append((run["run_id"], json.loads(body), run["s3_uri"]))
+    return twins
+
+
+def test_two_retrains_at_once_get_two_runs_prefixes_and_versions(stack: Stack, twin_runs: list[Any]) -> None:
+    """Two runs of one model name at once: two MLflow runs, two S3 prefixes, versions 1 and 2; promotions are
+    serialized by the lease, so the first to take it met no champion and was promoted, the second was compared
+    with exactly that version (the same seed's score: not better, so rejected)."""
+    client = s3_client(stack.settings)
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=stack.settings.model_bucket,
+                                                            Prefix=f"{MODEL}/").get("Contents", []))
+    manifests = [k for k in keys if k.endswith("manifest.json")]
+    assert sorted(k.split("/")[1] for k in manifests) == sorted(run_id for run_id, _, _ in twin_runs)
+    mlflow = MlflowClient(stack.settings.mlflow_tracking_uri)
+    tags = {v.version: v.tags for v in mlflow.search_model_versions(f"name = '{MODEL}'")}
+    assert sorted(tags) == ["1", "2"]
+    first = [v for v, t in tags.items() if "champion_version" not in t]
+    assert len(first) == 1 and tags[first[0]]["promotion"] == "champion", tags
+    (second,) = set(tags) - set(first)
+    assert tags[second]["champion_version"] == first[0], tags
+    assert tags[second]["challenger_score"] == tags[second]["champion_score"]  # the same model, twice
+    assert tags[second]["promotion"] == "challenger-rejected", tags
+    assert mlflow.get_model_version_by_alias(MODEL, "champion").version == first[0]
+    pointer = ModelStore(client, stack.settings.model_bucket, stack.settings.s3_endpoint_url).read_champion(MODEL)
+    assert pointer and pointer["version"] == first[0]
 
 
 def test_same_seed_same_metrics_and_same_published_weights(stack: Stack, twin_runs: list[Any]) -> None:
