@@ -5,7 +5,6 @@ stack's credentials makes them. Each figure is the median of ``repeats`` tries, 
 
 from __future__ import annotations
 
-import base64
 import io
 import stat
 import statistics
@@ -16,6 +15,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from infra.uris import basic_auth
 
 MB = 1_000_000
 
@@ -120,7 +121,7 @@ def service_refusals(settings: Any, stack: Any, repeats: int) -> dict[str, float
         return call
 
     mlflow, p = stack.mlflow_url, stack.ports
-    login = {"Authorization": "Basic " + base64.b64encode(f"admin:{stack.mlflow_password}".encode()).decode()}
+    login = basic_auth(f"admin:{stack.mlflow_password}")
     search = f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1"
     out = {
         "MLflow REST without the login (401)": _median_ms(status("GET", search, 401), repeats),

@@ -231,14 +231,14 @@ def require_up(name: str, url: str | None) -> None:
 def require_mlflow_login(settings: Settings, tracking_uri: str) -> None:
     """One line when the MLflow server refuses this process's login (MLFLOW_TRACKING_USERNAME/PASSWORD, or none):
     its health probe answers anyone, its API does not."""
-    import base64
     import urllib.error
     import urllib.request
 
+    from infra.uris import basic_auth
+
     password = settings.mlflow_tracking_password.get_secret_value() if settings.mlflow_tracking_password else ""
-    headers = {"Authorization": "Basic " + base64.b64encode(
-        f"{settings.mlflow_tracking_username}:{password}".encode()).decode()} \
-        if settings.mlflow_tracking_username else {}
+    headers = basic_auth(f"{settings.mlflow_tracking_username}:{password}" if settings.mlflow_tracking_username
+                         else None)
     url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 - the configured tracking URI
     try:

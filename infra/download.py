@@ -10,7 +10,6 @@ fails as transient (the task may retry it) only when it keeps breaking.
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import hashlib
 import http.client
@@ -28,7 +27,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from infra.errors import HeadbenchError
-from infra.uris import public_name, public_uri
+from infra.uris import basic_auth, public_name, public_uri
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +136,7 @@ def _request(url: str, headers: dict[str, str]) -> urllib.request.Request:
     auth, which urllib would otherwise take for part of the host name."""
     parts = urlsplit(url)
     if parts.username is not None:
-        login = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
-        headers = {**headers, "Authorization": f"Basic {login}"}
+        headers = {**headers, **basic_auth(f"{unquote(parts.username)}:{unquote(parts.password or '')}")}
         url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return urllib.request.Request(url, headers={"User-Agent": "headbench", **headers})  # noqa: S310 - http(s)
 

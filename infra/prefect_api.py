@@ -5,20 +5,18 @@ itself (``PREFECT_API_AUTH_STRING``); this is for scripts and tests that speak R
 
 from __future__ import annotations
 
-import base64
 import uuid
 from typing import Any
 
 import httpx
 
 from infra.settings import Settings
+from infra.uris import basic_auth
 
 
 def auth_header(auth_string: str | None) -> dict[str, str]:
     """``Authorization: Basic base64(auth string)``, the header Prefect's server checks (none without one)."""
-    if not auth_string:
-        return {}
-    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
+    return basic_auth(auth_string)
 
 
 def prefect_http(settings: Settings, **kwargs: Any) -> httpx.Client:

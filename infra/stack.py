@@ -374,9 +374,10 @@ class LocalStack:
     @property
     def ray_temp_dirs(self) -> tuple[Path, Path]:
         """Temp dirs of the cluster's nodes and of its driver node. Ray's unix sockets live under them, and a
-        socket path must stay under 108 bytes: under a long $HEADBENCH_HOME they are two private folders that
-        ``mkdtemp`` made under the system's temp dir (never a name another user could guess and create first),
-        remembered in the state file."""
+        socket path must stay under 108 bytes: under a long $HEADBENCH_HOME they are ``n`` and ``d`` in a private
+        folder that ``mkdtemp`` made under the system's temp dir (never a name another user could guess and
+        create first), remembered in the state file. Ray makes its temp dir 0777: the 0700 folder above it keeps
+        every other user out, as $HEADBENCH_HOME does for the short-home case."""
         base = self.home / "ray"
         if len(str(base)) <= 44:
             return base, base.with_name(base.name + "-d")
@@ -386,9 +387,11 @@ class LocalStack:
         return Path(self.ray_tmp[0]), Path(self.ray_tmp[1])
 
     def _make_ray_temp_dirs(self) -> None:
-        """The long-home case of ``ray_temp_dirs``: two ``mkdtemp`` folders, made once (the state keeps them)."""
+        """The long-home case of ``ray_temp_dirs``: one ``mkdtemp`` folder, made once (the state keeps it); Ray
+        makes ``n`` and ``d`` in it."""
         if len(str(self.home / "ray")) > 44 and not self.ray_tmp:
-            self.ray_tmp = [tempfile.mkdtemp(prefix="hbray-"), tempfile.mkdtemp(prefix="hbray-d-")]
+            private = Path(tempfile.mkdtemp(prefix="hbray-"))  # 0700
+            self.ray_tmp = [str(private / "n"), str(private / "d")]
 
     def ray_services(self) -> list[ServiceSpec]:
         """The Ray head, its worker nodes and the 0-CPU driver node (``infra.ray_cluster``), every port picked

@@ -1,11 +1,21 @@
 """What may be recorded of a URI. A dataset URL can carry credentials (``https://user:pass@host/...``) or a
 signed query string (a presigned S3 URL's ``X-Amz-Signature``); requests use the URL as given, and every
 copy that is written down (MLflow params, tags and datasets, the manifest, Prefect artifacts and run names,
-logs, error lines) goes through ``public_uri`` first."""
+logs, error lines) goes through ``public_uri`` first. A URL's credentials, or a service's login, travel as HTTP
+basic auth (``basic_auth``)."""
 
 from __future__ import annotations
 
+import base64
 from urllib.parse import urlsplit, urlunsplit
+
+
+def basic_auth(login: str | None) -> dict[str, str]:
+    """``{"Authorization": "Basic base64(user:password)"}`` for a ``user:password`` login (MLflow's, Prefect's auth
+    string, a URL's userinfo); no header without one."""
+    if not login:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
 
 
 def public_uri(uri: str) -> str:
