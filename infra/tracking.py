@@ -117,12 +117,25 @@ class Tracker:
         self.end("FINISHED")
 
 
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created when missing. Two runs that start together on a new server may
+    both find it missing: the one whose create loses the race reads the winner's."""
+    exp = client.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or not (exp := client.get_experiment_by_name(name)):
+            raise
+        return exp.experiment_id
+
+
 def start_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
               parent_run_id: str | None = None) -> Tracker:
     client = MlflowClient(tracking_uri)
     try:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        exp_id = experiment_id(client, experiment)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from infra.prefect_api import auth_header, prefect_http
 from infra.s3 import RunBusyError, RunLease, prune_checkpoints, ray_storage, s3_client
-from infra.tracking import register_version
+from infra.tracking import register_version, start_run
 from models.data import ArraySplit
 from tasks.promote import PROMOTED, PromotionPolicy, decide, score_champion
 from tests.integration.conftest import Stack
@@ -55,6 +55,35 @@ def test_two_first_runs_of_a_new_model_name_both_register(stack: Stack) -> None:
         t.join(60)
     assert errors == [], [str(e)[:200] for e in errors]
     assert sorted(map(int, versions)) == list(range(1, 17))
+
+
+def test_runs_that_start_together_on_a_new_experiment_all_start_in_it(stack: Stack) -> None:
+    """8 runs start at once on an experiment nobody has created: the creates race, the losers read the
+    winner's experiment, and every run lands in that one experiment."""
+    uri = stack.settings.mlflow_tracking_uri
+    assert uri
+    name = f"exp-race-{secrets.token_hex(4)}"
+    barrier = threading.Barrier(8)
+    runs: list[str] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            runs.append(start_run(uri, name, "race").run_id)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [], [str(e)[:200] for e in errors]
+    client = MlflowClient(uri)
+    [experiment] = [e for e in client.search_experiments() if e.name == name]
+    assert sorted(r.info.run_id for r in client.search_runs([experiment.experiment_id])) == sorted(runs)
+    assert len(runs) == 8
 
 
 def _put_model(stack: Stack, prefix: str, weights: bytes, sha256: str) -> str:
