@@ -62,7 +62,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        local.down()
+        # clean-up only (test_stack checks `down` itself): what has not stopped 5 s after its SIGTERM is killed
+        local.down(timeout=5)
 
 
 @pytest.fixture(scope="session")
