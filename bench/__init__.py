@@ -1,4 +1,4 @@
-"""The pipeline benchmark (`make bench`, `headbench bench`, `python -m bench`)."""
+"""The pipeline benchmark (`make bench`, `python -m bench`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`headbench bench` (also `python -m bench`): the pipeline benchmark, and `bench quality`, the quality
+"""`python -m bench` (also `make bench`): the pipeline benchmark, and `bench quality`, the quality
 benchmark. Typer options; the work is in ``bench.run`` and ``bench.quality``, imported when a command runs."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from bench import steady_img_s
-from infra.procs import HOST, free_port
+from infra.processes.supervise import HOST, free_port
 
 
 def _worker(rank: int, world: int, port: int, job: dict[str, Any], results: Any) -> None:
@@ -54,7 +54,7 @@ def b1_ddp(arch: str, batch_size: int, epochs: int, train: Any, val: Any, *, wor
     return float(results.get())
 
 
-# What `headbench bench ddp-options` tries, against plain DDP: the knobs that matter for gloo on CPU
+# What `python -m bench ddp-options` tries, against plain DDP: the knobs that matter for gloo on CPU
 DDP_VARIANTS: dict[str, dict[str, Any]] = {
     "default": {}, "gradient_as_bucket_view": {"gradient_as_bucket_view": True}, "static_graph": {"static_graph": True},
     "bucket_view + static_graph": {"gradient_as_bucket_view": True, "static_graph": True},

@@ -63,8 +63,8 @@ def local_refusals(repeats: int) -> dict[str, float]:
     import http.server
     import threading
 
-    from infra.archives import ArchiveError, extract
-    from infra.download import DownloadError, download
+    from infra.data.archives import ArchiveError, extract
+    from infra.data.download import DownloadError, download
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +149,7 @@ def ray_refusals(settings: Any, repeats: int) -> dict[str, float]:
     """A private Ray's dashboard (as every run without a cluster starts one), asked without its token."""
     import httpx
 
-    from infra.ray_cluster import init_ray
+    from infra.training.cluster import init_ray
 
     dashboard = init_ray(settings.model_copy(update={"ray_address": None}))
     import ray
@@ -165,7 +165,7 @@ def ray_refusals(settings: Any, repeats: int) -> dict[str, float]:
 
 def main(repeats: int, home: Path | None) -> int:
     from bench.run import local_stack
-    from infra.stack import LocalStack
+    from infra.stack.local import LocalStack
 
     rows = local_refusals(repeats)
     with local_stack(home) as settings:

@@ -1,4 +1,4 @@
-"""The quality benchmark (`make quality`, `headbench bench quality`): does the pipeline train as well as a
+"""The quality benchmark (`make quality`, `python -m bench quality`): does the pipeline train as well as a
 plain script, how good is the best recipe within a time budget, and what does the demo comparison say.
 
 All in one process, on one machine, one after the other:
@@ -93,8 +93,8 @@ def plain_run(recipe: Recipe, cache_dir: Path) -> tuple[float, float, list[dict[
     """The recipe as a plain script: data, ``build_model``, ``fit``, test. (accuracy, seconds, history)."""
     import torch
 
-    from infra.datasets import DataSpec, prepare
-    from infra.sources import load_raw
+    from infra.data.load import load_raw
+    from infra.data.spec import DataSpec, prepare
     from models import build_model, parse_strategy
     from models.loop import FitConfig, fit
     from tasks.evaluate import evaluate_split
@@ -168,8 +168,8 @@ def source_bn_ablation(weights_path: str, study: DemoStudy, target: dict[str, An
     """LP-FT on the demo's transfer task in one process, with the probe on target vs source BN statistics."""
     import torch
 
-    from infra.datasets import DataSpec, prepare
-    from infra.sources import load_raw
+    from infra.data.load import load_raw
+    from infra.data.spec import DataSpec, prepare
     from models import build_model
     from models.loop import FitConfig, fit
     from tasks.evaluate import evaluate_split
@@ -199,7 +199,7 @@ def demo_study(study: DemoStudy, settings: Any, figures: QualityFigures) -> None
     from flows.compare import compare_heads
     from flows.params import DEMO_SOURCE, DEMO_TARGET, CompareParams, RetrainParams
     from flows.retrain import retrain
-    from infra.tracking import run_children
+    from infra.tracking.runs import run_children
     from tasks.build import resolve_weights
 
     source = retrain(RetrainParams(**(DEMO_SOURCE | dict(study.source))))
@@ -333,7 +333,7 @@ def write_doc(f: QualityFigures, command: str, seconds: float, path: Path = QUAL
 def machine_facts() -> dict[str, Any]:
     import torch
 
-    from infra.procs import cpu_model
+    from infra.processes.supervise import cpu_model
 
     return {"cores": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
             "python": platform.python_version()}
@@ -359,7 +359,7 @@ def run_quality(recipe: Recipe, study: DemoStudy | None, home: Path | None, *, p
 
 @dataclass(frozen=True)
 class QualityArgs:
-    """The options of `headbench bench quality` (bench/cli.py)."""
+    """The options of `python -m bench quality` (bench/cli.py)."""
 
     tiny: bool = False
     epochs: int | None = None
@@ -374,7 +374,7 @@ class QualityArgs:
         """The command that reproduces this report, as the report prints it."""
         if not (self.tiny or self.epochs):
             return "make quality"  # a partial rerun keeps the other part's figures: together, `make quality`
-        return "headbench bench quality" + (" --tiny" if self.tiny else "") + \
+        return "python -m bench quality" + (" --tiny" if self.tiny else "") + \
             (f" --epochs {self.epochs}" if self.epochs else "") + (" --no-demo" if self.no_demo else "") + \
             (" --demo-only" if self.demo_only else "")
 

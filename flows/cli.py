@@ -6,31 +6,24 @@ standard variables, so `--help` is fast and Prefect reads the right API URL.
 
 from __future__ import annotations
 
-import copy
-import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bench.cli import app as bench_app
+from flows.output import console, fail, first_line, say, validation_line
+from flows.runner import require_up, run_compare, run_retrain
 from infra.errors import HeadbenchError
 from infra.settings import Settings, load_settings
-from models.data import clip
 
 app = typer.Typer(help="headbench: fine-tune pretrained ResNets with comparable head strategies "
                   "(Prefect flows, Ray Train, MLflow, S3).", no_args_is_help=True, add_completion=False)
-console = Console()
-err = Console(stderr=True)
-
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="state directory of the local stack "
                                               "[env: HEADBENCH_HOME; default .headbench]")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="also show Ray's worker output and Prefect's "
@@ -42,49 +35,6 @@ def _private_files() -> None:
     """Every file a command creates (the dataset and weights caches under $HEADBENCH_HOME, the env file) is
     private to the user: 0600 files, 0700 folders."""
     os.umask(0o077)
-
-
-def say(line: str) -> None:
-    """Print one unwrapped line (URLs stay copyable). No markup: lines carry user text (paths, class names,
-    URIs) in which ``[x]`` or ``[/]`` would be eaten or crash Rich's markup parser."""
-    console.print(line, soft_wrap=True, highlight=False, markup=False)
-
-
-def drain_prefect(timeout_s: float = 5.0) -> None:
-    """Deliver what Prefect still queues (events, API log lines) now. Its own drain runs at interpreter exit
-    and, when the queue is not yet empty (a loaded machine), logs 'Still processing items: N items
-    remaining...', which would land after the error line."""
-    if "prefect" not in sys.modules:
-        return
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for service in (EventsWorker, APILogWorker):
-        service.drain_all(timeout=timeout_s, at_exit=False)
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """The one-line error contract: ``error: <message>`` on stderr, exit ``code``, as the last line (Prefect's
-    queues are drained first); the message is user text."""
-    drain_prefect()
-    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
-
-
-def validation_line(exc: ValidationError) -> str:
-    """First pydantic error as one line: the field (as its CLI option), the reason and the bad value."""
-    e = exc.errors()[0]
-    field = ".".join(str(p) for p in e["loc"])
-    msg = str(e["msg"]).removeprefix("Value error, ")
-    option = f"--{field.replace('_', '-')}: " if field else ""
-    got = e.get("input")
-    suffix = f" (got {clip(repr(got), 80)})" if field and not isinstance(got, dict) else ""
-    return f"{option}{msg}{suffix}"
 
 
 def _settings(home: Path | None) -> Settings:
@@ -118,7 +68,8 @@ def up(home: HomeOpt = None,
                                                     "[default: the machine's CPUs shared evenly]")] = None) -> None:
     """Start SeaweedFS S3, MLflow, Prefect, a Prefect worker, (--ray-nodes N) a Ray cluster and (--backend
     postgres) a PostgreSQL server on 127.0.0.1 (idempotent) and write $HEADBENCH_HOME/env."""
-    from infra.stack import LocalStack, check_no_password
+    from infra.stack.local import LocalStack
+    from infra.stack.postgres import check_no_password
 
     started = time.perf_counter()
     try:
@@ -135,7 +86,7 @@ def up(home: HomeOpt = None,
     say(f"  Prefect UI : {stack.prefect_url}  (log in with PREFECT_API_AUTH_STRING from the env file)")
     say(f"  S3 endpoint: {stack.s3_url}")
     if stack.backend == "postgres":
-        from infra.stack import redact_url
+        from infra.uris import redact_url
 
         say(f"  stores     : PostgreSQL {redact_url(stack.database('mlflow'))}, "
             f"{redact_url(stack.database('prefect'))}")
@@ -149,7 +100,7 @@ def up(home: HomeOpt = None,
 @app.command()
 def down(home: HomeOpt = None) -> None:
     """Stop what `up` started (by pid; workers before servers)."""
-    from infra.stack import LocalStack
+    from infra.stack.local import LocalStack
 
     stopped = LocalStack(_settings(home)).down()
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
@@ -158,7 +109,7 @@ def down(home: HomeOpt = None) -> None:
 @app.command()
 def status(home: HomeOpt = None) -> None:
     """Show the local stack's services, pids, health and URLs (exit 3 unless all are healthy)."""
-    from infra.stack import LocalStack
+    from infra.stack.local import LocalStack
 
     rows = LocalStack(_settings(home)).status()
     table = Table("service", "pid", "state", "url")
@@ -179,7 +130,7 @@ def gc(home: HomeOpt = None,
        dry_run: Annotated[bool, typer.Option(help="list what would go, remove nothing")] = False) -> None:
     """Remove the least recently used ImageFolder mirrors and weight copies from the local cache until it
     fits the limit (each can be fetched again from S3; built-in datasets are kept)."""
-    from infra.cache import cache_entries, collect, human
+    from infra.data.cache import cache_entries, collect, human
 
     for name, value in (("--limit-gb", limit_gb), ("--grace-s", grace_s)):
         if value is not None and not value >= 0:  # NaN too
@@ -196,188 +147,6 @@ def gc(home: HomeOpt = None,
 
 # ------------------------------------------------------------------------------------------- runs
 
-
-class _NoTraceback(logging.Formatter):
-    """Formats a copy of each record without its traceback: the terminal gets one line per failure,
-    while Prefect's API log handler (the UI) still receives the full traceback."""
-
-    def __init__(self, inner: logging.Formatter | None) -> None:
-        super().__init__()
-        self.inner = inner or logging.Formatter()
-
-    def format(self, record: logging.LogRecord) -> str:
-        bare = copy.copy(record)
-        bare.exc_info, bare.exc_text, bare.stack_info = None, None, None
-        return self.inner.format(bare)
-
-
-def console_without_tracebacks() -> None:
-    from prefect.logging.configuration import setup_logging
-
-    setup_logging()
-    for handler in logging.getLogger().handlers:
-        if not isinstance(handler.formatter, _NoTraceback):
-            handler.setFormatter(_NoTraceback(handler.formatter))
-
-
-def require_up(name: str, url: str | None) -> None:
-    """One line naming the URL when a server's health endpoint does not answer (a few seconds at most)."""
-    from infra.stack import http_ok
-
-    if not url or not http_ok(f"{url.rstrip('/')}/health"):
-        raise HeadbenchError(f"{name} unreachable at {url} (is it running? `headbench up`)")
-
-
-def require_mlflow_login(settings: Settings, tracking_uri: str) -> None:
-    """One line when the MLflow server refuses this process's login (MLFLOW_TRACKING_USERNAME/PASSWORD, or none):
-    its health probe answers anyone, its API does not."""
-    import urllib.error
-    import urllib.request
-
-    from infra.uris import basic_auth
-
-    password = settings.mlflow_tracking_password.get_secret_value() if settings.mlflow_tracking_password else ""
-    headers = basic_auth(f"{settings.mlflow_tracking_username}:{password}" if settings.mlflow_tracking_username
-                         else None)
-    url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - the configured tracking URI
-    try:
-        urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 - the configured tracking URI
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            raise HeadbenchError(f"MLflow at {tracking_uri} refused the login (HTTP {exc.code}); check "
-                                 "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (a local stack's are in "
-                                 "$HEADBENCH_HOME/env)") from None
-    except (urllib.error.URLError, OSError, ValueError):
-        pass  # unreachable: require_up said so already, or a transient fault the run's retries handle
-
-
-def preflight(settings: Settings) -> None:
-    """Fail fast, before any download or training, when a server is missing, unreachable or refuses the login."""
-    from infra.settings import require_servers
-
-    tracking_uri, s3_url = require_servers(settings)
-    require_up("MLflow tracking server", tracking_uri)
-    require_mlflow_login(settings, tracking_uri)
-    if settings.prefect_api_url:  # unset: Prefect runs the flow against a temporary local server
-        require_up("Prefect API", settings.prefect_api_url)
-    from infra.s3 import s3_client, s3_errors
-
-    with s3_errors(s3_url, f"checking the model bucket {settings.model_bucket!r}"):
-        s3_client(settings, max_attempts=2).head_bucket(Bucket=settings.model_bucket)
-
-
-def quiet_console(verbose: bool) -> None:
-    """Before Prefect, MLflow and Ray are imported: by default the terminal gets the live display and errors
-    only (Prefect's INFO lines still reach its API, Ray's output its log files); ``verbose`` forwards all."""
-    if verbose:
-        os.environ["HEADBENCH_RAY_LOGS"] = "1"
-        return
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-
-
-INTERRUPTED_EXIT = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
-
-
-def _interrupt_once(signum: int, frame: object) -> None:
-    """First Ctrl-C: KeyboardInterrupt, which the flow turns into an orderly abort; later ones are ignored,
-    so that a second press cannot cut that clean-up short (it takes a few seconds)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-def run_flow(settings: Settings, kind: str, values: dict[str, Any], verbose: bool = False) -> Any:
-    """Validate, preflight, then run a flow (`retrain` or `compare`) in this process against the servers."""
-    settings.export_env()  # before prefect is imported: it reads PREFECT_API_URL once
-    quiet_console(verbose)
-    from flows.params import CompareParams, RetrainParams
-
-    params_cls = RetrainParams if kind == "retrain" else CompareParams
-    try:
-        params = params_cls(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as exc:
-        fail(validation_line(exc))
-    try:
-        preflight(settings)
-    except HeadbenchError as exc:
-        fail(str(exc))
-
-    from flows.console import LiveProgress
-    from flows.stages import listening
-    from infra.download import watching
-
-    console_without_tracebacks()
-    if kind == "retrain":
-        from flows.retrain import retrain as flow_fn
-    else:
-        from flows.compare import compare_heads as flow_fn
-
-    from prefect.exceptions import CancelledRun
-
-    from infra.interrupts import interrupt
-
-    signal.signal(signal.SIGINT, _interrupt_once)
-    with LiveProgress(console, settings.mlflow_tracking_uri, settings.experiment) as live:
-        try:
-            with listening(live.on_stage), watching(live.on_download):
-                return flow_fn(params)
-        except (KeyboardInterrupt, CancelledRun):  # the flow ended its runs KILLED/CANCELLED, Ray aborted
-            live.progress.stop()
-            interrupt()
-            err.print(Text.assemble(("error:", "bold red"), " interrupted: the Ray job was aborted, the MLflow run "
-                                    "is KILLED and the Prefect flow run CANCELLED; nothing was published"),
-                      highlight=False, soft_wrap=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            # exit now: this driver's end is what aborts its Ray job (Ray kills the job's actors), and the
-            # threads still blocked in Ray calls must not hold the process open
-            os._exit(INTERRUPTED_EXIT)
-        except (HeadbenchError, ValueError) as exc:
-            live.progress.stop()
-            fail(first_line(exc))
-        except Exception as exc:  # noqa: BLE001 - one line here; the full traceback is in the Prefect UI logs
-            live.progress.stop()
-            fail(f"{exc.__class__.__name__}: {first_line(exc)}")
-
-
-def run_retrain(settings: Settings, values: dict[str, Any], verbose: bool = False) -> Any:
-    result = run_flow(settings, "retrain", values, verbose)
-    if result.skipped:
-        say(f"{result.promotion_reason}; champion is v{result.champion_version}")
-        say(f"MLflow run : {result.run_url}  (the champion's)")
-        say(f"S3 model   : {result.s3_uri}")
-        return result
-    m = result.test_metrics
-    top5 = f"  top-5 {m['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in m else ""
-    say(f"test accuracy {result.test_accuracy:.4f}  macro-F1 {result.test_macro_f1:.4f}  ECE {m['test_ece']:.4f}"
-        f"{top5}")
-    say(f"inference  : {m['latency_p50_ms']:.1f} ms p50, {m['latency_p95_ms']:.1f} ms p95 at batch 1; "
-        f"{m['throughput_b64_img_s']:.0f} img/s at batch 64 (CPU)")
-    say(f"MLflow run : {result.run_url}")
-    say(f"MLflow model: {result.model_uri}")
-    say(f"S3 model   : {result.s3_uri}")
-    say(f"registered : {result.registered_model} version {result.version}")
-    if result.freshness:
-        say(f"trained    : {result.freshness}")
-    say(f"promotion  : {result.promotion} ({result.promotion_reason}); champion is "
-        f"{'v' + result.champion_version if result.champion_version else 'unset'}")
-    return result
-
-
-def run_compare(settings: Settings, values: dict[str, Any], verbose: bool = False) -> Any:
-    result = run_flow(settings, "compare", values, verbose)
-    from flows.console import comparison_table
-
-    console.print(comparison_table(result.table, console.width))
-    say(result.verdict)
-    say(f"MLflow parent run : {result.parent_run_url}  ({len(result.children)} child runs)")
-    return result
-
-
-# Options shared by `run` and `compare` (typer needs them in each signature; the types live here once).
 Dataset = Annotated[str, typer.Option(help="a named dataset (`headbench datasets`), a local ImageFolder dir, "
                                             "s3://bucket/prefix, or an http(s) URL of an ImageFolder archive "
                                             "(.tar.gz, .tgz, .tar, .zip)")]
@@ -479,7 +248,7 @@ def compare(
 @app.command()
 def datasets() -> None:
     """List the named datasets: classes, channels, native size, split sizes and where they download from."""
-    from infra.catalogue import CATALOGUE
+    from infra.data.catalogue import CATALOGUE
 
     mirror = _settings(None).dataset_mirror
     table = Table("dataset", "classes", "channels", "size", "train / test", "source")
@@ -564,7 +333,7 @@ def predict(
     """Classify image files with a published model, preprocessing as its manifest says; prints top-k."""
     settings = _settings(home)
     settings.export_env()
-    from infra.published import load_published, publication_of
+    from infra.publishing.load import load_published, publication_of
     from models.predict import load_images, top_k
 
     if not model.startswith(("models:/", "s3://")):
@@ -605,7 +374,7 @@ def demo(home: HomeOpt = None,
         weights = source.s3_uri
     console.rule(Text(f"2/2 target task: classes 5-9 from {weights}"))
     result = run_compare(settings, DEMO_TARGET | {"weights": weights}, verbose)
-    from infra.stack import LocalStack
+    from infra.stack.local import LocalStack
 
     stack = LocalStack(settings)
     console.rule(f"where to look (demo took {time.perf_counter() - started:.0f} s)")
@@ -618,9 +387,6 @@ def demo(home: HomeOpt = None,
         "MLFLOW_TRACKING_PASSWORD; Prefect's login box takes PREFECT_API_AUTH_STRING")
     say("stop it all: headbench down")
 
-
-# `headbench bench` and `headbench bench quality`: the benchmarks' own typer app (bench/cli.py), mounted here
-app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -16,9 +16,9 @@ from pydantic import BaseModel
 from flows.params import CompareParams
 from flows.retrain import prefect_context, run_params, versions
 from flows.stages import cancel_on_interrupt, stage
-from infra.ray_cluster import cluster_node_cpus, workers_that_fit
 from infra.settings import load_settings, require_servers
-from infra.tracking import flatten, run_url, start_run
+from infra.tracking.runs import flatten, run_url, start_run
+from infra.training.cluster import cluster_node_cpus, workers_that_fit
 from infra.uris import public_uri
 from tasks import FLOW_TIMEOUT_S
 from tasks.build import resolve_weights

@@ -1,7 +1,7 @@
 """The live progress display of `headbench run`, `compare` and `demo`: the flow's stage, then one bar per
 training run (the retrain run, or each running child of a comparison) with its loss, accuracy and ETA.
 
-Progress is read from MLflow (``infra.progress``), where Train's controller logs every epoch; none of Ray's
+Progress is read from MLflow (``infra.tracking.progress``), where Train's controller logs every epoch; none of Ray's
 worker output is needed on the terminal (`--verbose` forwards it). On a terminal the display redraws in place; in
 a pipe or a log file it prints one line per stage and per epoch instead.
 """
@@ -18,8 +18,8 @@ from rich.table import Table
 from rich.text import Text
 
 from flows.stages import STAGES
-from infra.download import DownloadProgress, every
-from infra.progress import ProgressReader, RunProgress
+from infra.data.download import DownloadProgress, every
+from infra.tracking.progress import ProgressReader, RunProgress
 from infra.uris import public_name
 
 POLL_S = 2.0  # each poll is a few MLflow queries; on a small machine the training shares the cores with them
@@ -86,7 +86,7 @@ class LiveProgress:
                 self._thread.start()
 
     def on_download(self, note: DownloadProgress) -> None:
-        """A download listener (``infra.download.watching``): a bar per file (bytes, rate, ETA) on a terminal,
+        """A download listener (``infra.data.download.watching``): a bar per file (bytes, rate, ETA) on a terminal,
         a line every 5 s and at the end in a pipe."""
         if not self.interactive:
             self._download_lines(note)

@@ -10,15 +10,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra.archives import archive_suffix
-from infra.catalogue import CATALOGUE
-from infra.datasets import DataSpec
-from infra.ray_cluster import PLACEMENT_STRATEGIES
-from infra.ray_worker import TrainConfig
+from infra.data.archives import archive_suffix
+from infra.data.catalogue import CATALOGUE
+from infra.data.spec import DataSpec
+from infra.training.cluster import PLACEMENT_STRATEGIES
+from infra.training.worker import TrainConfig
 from infra.uris import public_uri
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
-from models.data import parse_class_ranges, parse_classes
-from models.loop import AUGMENTATIONS, check_batch_split
+from models.augment import AUGMENTATIONS
+from models.data import check_batch_split, parse_class_ranges, parse_classes
 from models.schedules import plan
 from models.strategies import DEMO_STRATEGIES, all_strategies
 

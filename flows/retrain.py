@@ -20,10 +20,10 @@ from pydantic import BaseModel
 
 from flows.params import RetrainParams
 from flows.stages import cancel_on_interrupt, stage
-from infra.lineage import lineage, log_datasets
-from infra.s3 import RunLease, run_lease
 from infra.settings import Settings, load_settings, require_servers
-from infra.tracking import CHAMPION_ALIAS, Tracker, alias_version, flatten, reopen_run, run_url, start_run
+from infra.storage.leases import RunLease, run_lease
+from infra.tracking.lineage import lineage, log_datasets
+from infra.tracking.runs import CHAMPION_ALIAS, Tracker, alias_version, flatten, reopen_run, run_url, start_run
 from infra.uris import public_name, public_uri
 from models import parse_strategy
 from models.schedules import describe_plan, phase_params

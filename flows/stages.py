@@ -8,10 +8,10 @@ never hear each other, and a flow run from a deployment, with nobody listening, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
+
+from infra.listeners import Listeners
 
 if TYPE_CHECKING:
     from prefect.states import State
@@ -22,23 +22,15 @@ R = TypeVar("R")
 STAGES = ("download", "build", "tune", "train", "evaluate", "publish", "promote", "done")
 
 Listener = Callable[[str], object]
-_listeners: ContextVar[tuple[Listener, ...]] = ContextVar("headbench_stage_listeners", default=())
-
-
-@contextmanager
-def listening(listener: Listener) -> Iterator[None]:
-    """Call ``listener(stage)`` at each stage of the flows run inside this block (in this context)."""
-    token = _listeners.set((*_listeners.get(), listener))
-    try:
-        yield
-    finally:
-        _listeners.reset(token)
+_listeners: Listeners[Listener] = Listeners("headbench_stage_listeners")
+# ``with listening(fn): flow(params)``: ``fn(stage)`` at each stage of the flows run inside the block
+listening = _listeners.subscribed
 
 
 def stage(name: str) -> None:
     """Announce that the flow run has reached ``name`` (one of ``STAGES``)."""
     assert name in STAGES, name
-    for listener in _listeners.get():
+    for listener in _listeners.current():
         listener(name)
 
 
@@ -48,7 +40,7 @@ def cancel_on_interrupt(body: Callable[[P], R], params: P) -> R | State:
     instead of Prefect's CRASHED."""
     from prefect.states import Cancelled
 
-    from infra.interrupts import interrupt, is_interrupt
+    from infra.processes.interrupts import interrupt, is_interrupt
 
     try:
         return body(params)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -157,3 +158,41 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[i], self.labels[i]
+
+
+# --------------------------------------------------------------------------------------------- loaders
+
+
+MIN_BATCH_PER_WORKER = 2  # BatchNorm in train mode needs more than one value per channel
+
+
+def check_batch_split(batch_size: int, world: int, train_size: int | None = None) -> None:
+    """Refuse a global batch (or a training split) that leaves some process a training batch of one sample.
+
+    Each of ``world`` processes takes ``batch_size // world``; ``epoch_loader`` drops the last partial batch
+    whenever a process has a full one, otherwise the process's only batch is its whole sampler share,
+    ``ceil(train_size / world)``. BatchNorm raises on a batch of one, deep inside the worker."""
+    per = batch_size // world
+    if per < MIN_BATCH_PER_WORKER:
+        raise ValueError(f"batch_size {batch_size} over {world} workers leaves {per} sample(s) per worker; "
+                         f"allowed: batch_size >= {MIN_BATCH_PER_WORKER * world} (or fewer workers)")
+    if train_size is not None and -(-train_size // world) < MIN_BATCH_PER_WORKER:
+        raise ValueError(f"a training split of {train_size} sample(s) over {world} workers leaves each worker "
+                         f"fewer than {MIN_BATCH_PER_WORKER}; allowed: workers <= {max(1, train_size // 2)} or a "
+                         "larger --limit")
+
+
+def epoch_loader(dataset: Dataset[Any], batch_size: int, *, rank: int, world: int, seed: int, shuffle: bool,
+                 pin_memory: bool = False) -> DataLoader[Any]:
+    """This rank's loader: a seeded ``DistributedSampler`` (also for one process, so a seed means the same
+    order everywhere); ``set_epoch`` before each epoch gives each epoch its own order. Training drops the
+    ragged last batch (BatchNorm cannot normalise a batch of one) unless a rank's share is under one batch."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    drop_last = shuffle and len(dataset) // world >= batch_size  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, pin_memory=pin_memory)
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)

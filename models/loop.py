@@ -21,11 +21,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from models.data import ArrayDataset, ArraySplit, normalize_batch
-from models.schedules import Phase, apply_phase, param_groups, phase_at, plan
+from models.augment import Prepare, feature_input, image_input
+from models.data import ArrayDataset, ArraySplit, epoch_loader, set_epoch
+from models.schedules import Phase, apply_phase, param_groups, phase_at, plan, warmup_cosine
 
 # --------------------------------------------------------------------------------------------- inputs
 
@@ -55,64 +55,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def random_hflip(images: torch.Tensor) -> torch.Tensor:
-    """Flip a random half of the batch left-right: (N, C, H, W) -> (N, C, H, W)."""
-    flip = torch.rand(images.shape[0], device="cpu").lt(0.5).to(images.device)
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
-def random_resized_crop_flip(images: torch.Tensor, scale: tuple[float, float] = (0.35, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """RandomResizedCrop + horizontal flip for a whole batch in one ``grid_sample``:
-    (N, C, S, S) float -> (N, C, S, S). Each image gets its own crop box (area share in ``scale``, aspect
-    in ``ratio``, inside the image) resampled bilinearly to the full size, mirrored with probability 1/2."""
-    n = images.shape[0]
-    area = torch.empty(n).uniform_(*scale)
-    log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    aspect = log_ratio.exp()
-    w = (area * aspect).sqrt().clamp(max=1.0)  # box width / image width
-    h = (area / aspect).sqrt().clamp(max=1.0)
-    cx = (torch.rand(n) * 2 - 1) * (1 - w)  # box centre in [-1, 1] coordinates, box stays inside
-    cy = (torch.rand(n) * 2 - 1) * (1 - h)
-    sign = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    theta = theta.to(images.device, images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-# Training-time augmentation of normalised float batches, by name (``--augment``).
-AUGMENTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
-    "none": None,
-    "flip": random_hflip,
-    "standard": random_resized_crop_flip,
-}
-
-Prepare = Callable[[torch.Tensor, bool], torch.Tensor]
-
-
-def image_input(channels_last: bool = False, augment: str = "flip") -> Prepare:
-    """uint8 images -> normalised float (N, 3, S, S) -> (augmentation when training)."""
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
-    transform = AUGMENTATIONS[augment]
-
-    def prepare(images: torch.Tensor, training: bool) -> torch.Tensor:
-        x = normalize_batch(images)
-        if training and transform is not None:
-            x = transform(x)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-    return prepare
-
-
-def feature_input(features: torch.Tensor, training: bool) -> torch.Tensor:
-    """Cached backbone features (N, F, h, w) go to the head as they are."""
-    return features
 
 
 # --------------------------------------------------------------------------------------------- epochs
@@ -356,57 +298,10 @@ class FitResult:
 # DistributedDataParallel options of every data-parallel runner (Ray Train's workers, the bench's torch DDP
 # baseline). gradient_as_bucket_view: gradients are views into the all-reduce buckets, not a second copy of
 # every gradient (a model's worth of memory less per worker); no option changed the speed beyond the noise
-# on CPU (`headbench bench ddp-options`, docs/performance.md).
+# on CPU (`python -m bench ddp-options`, docs/performance.md).
 DDP_OPTIONS: dict[str, Any] = {"gradient_as_bucket_view": True}
 
 PROBE_BN_BATCHES = 20  # batches that estimate target BN statistics before a frozen phase (at least)
-
-
-MIN_BATCH_PER_WORKER = 2  # BatchNorm in train mode needs more than one value per channel
-
-
-def check_batch_split(batch_size: int, world: int, train_size: int | None = None) -> None:
-    """Refuse a global batch (or a training split) that leaves some process a training batch of one sample.
-
-    Each of ``world`` processes takes ``batch_size // world``; ``epoch_loader`` drops the last partial batch
-    whenever a process has a full one, otherwise the process's only batch is its whole sampler share,
-    ``ceil(train_size / world)``. BatchNorm raises on a batch of one, deep inside the worker."""
-    per = batch_size // world
-    if per < MIN_BATCH_PER_WORKER:
-        raise ValueError(f"batch_size {batch_size} over {world} workers leaves {per} sample(s) per worker; "
-                         f"allowed: batch_size >= {MIN_BATCH_PER_WORKER * world} (or fewer workers)")
-    if train_size is not None and -(-train_size // world) < MIN_BATCH_PER_WORKER:
-        raise ValueError(f"a training split of {train_size} sample(s) over {world} workers leaves each worker "
-                         f"fewer than {MIN_BATCH_PER_WORKER}; allowed: workers <= {max(1, train_size // 2)} or a "
-                         "larger --limit")
-
-
-def epoch_loader(dataset: Dataset[Any], batch_size: int, *, rank: int, world: int, seed: int, shuffle: bool,
-                 pin_memory: bool = False) -> DataLoader[Any]:
-    """This rank's loader: a seeded ``DistributedSampler`` (also for one process, so a seed means the same
-    order everywhere); ``set_epoch`` before each epoch gives each epoch its own order. Training drops the
-    ragged last batch (BatchNorm cannot normalise a batch of one) unless a rank's share is under one batch."""
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-    drop_last = shuffle and len(dataset) // world >= batch_size  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, pin_memory=pin_memory)
-
-
-def set_epoch(loader: Any, epoch: int) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler):
-        sampler.set_epoch(epoch)
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier per step: linear from 1/warmup to 1 over ``warmup_steps``, then cosine to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ parameter group, and whether the head trains from backbone features computed onc
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,3 +157,15 @@ def phase_params(phases: list[dict[str, Any]]) -> dict[str, str]:
         out[f"phase{p['phase']}"] = (f"{p['name']} x{p['epochs']} epochs{frozen}: {groups} "
                                      f"({p['trainable_params']:,} params)")
     return out
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier per step: linear from 1/warmup to 1 over ``warmup_steps``, then cosine to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor

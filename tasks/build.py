@@ -9,11 +9,12 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from infra.cache import touch
+from infra.data.cache import touch
 from infra.errors import retry_transient
-from infra.s3 import fetch_model, s3_client
+from infra.publishing.store import fetch_model
 from infra.settings import Settings
-from infra.tracking import resolve_registered
+from infra.storage.s3 import s3_client
+from infra.tracking.runs import resolve_registered
 from models import HeadNet, build_model, trainable_parameters
 from tasks import TIMEOUT_S
 from tasks.data import trim_cache

@@ -16,14 +16,14 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from infra.datasets import PreparedData
-from infra.plots import learning_curves_png
-from infra.ray_cluster import init_ray
-from infra.ray_train import TrainConfig, run_training
-from infra.s3 import ray_storage
+from infra.data.spec import PreparedData
 from infra.settings import Settings
-from infra.tracking import Tracker, start_run
-from infra.tuning import TUNE_METRIC, lr_grid, tune_lr
+from infra.storage.checkpoints import ray_storage
+from infra.tracking.plots import learning_curves_png
+from infra.tracking.runs import Tracker, start_run
+from infra.training.cluster import init_ray
+from infra.training.trainer import TrainConfig, run_training
+from infra.training.tuning import TUNE_METRIC, lr_grid, tune_lr
 from models import build_model, parse_strategy
 from models.schedules import describe_plan, phase_params
 from models.stats import Interval, paired_difference

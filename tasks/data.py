@@ -8,13 +8,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from infra.cache import collect, human
-from infra.datasets import DataSpec, PreparedData, Sources, prepare
-from infra.download import every, watching
+from infra.data.cache import collect, human
+from infra.data.download import every, watching
+from infra.data.load import load_raw
+from infra.data.spec import DataSpec, PreparedData, Sources, prepare
 from infra.errors import retry_transient
-from infra.s3 import s3_client
 from infra.settings import Settings
-from infra.sources import load_raw
+from infra.storage.s3 import s3_client
 from tasks import TIMEOUT_S
 
 

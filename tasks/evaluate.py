@@ -13,8 +13,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from infra.plots import confusion_png, learning_curves_png, misclassified_png, reliability_png
-from infra.tracking import Tracker, class_metric_keys
+from infra.tracking.plots import confusion_png, learning_curves_png, misclassified_png, reliability_png
+from infra.tracking.runs import Tracker, class_metric_keys
 from models.data import ArrayDataset, ArraySplit
 from models.loop import evaluate
 from models.metrics import Calibration, ClassificationReport, calibration, classification_report, top_k_accuracy

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.errors import retry_transient
-from infra.tracking import CHAMPION_ALIAS, alias_version
+from infra.tracking.runs import CHAMPION_ALIAS, alias_version
 from tasks import TIMEOUT_S
 
 DATA_DIGEST_PARAM = "data_sha256"  # the run param holding the digest of every file the run read

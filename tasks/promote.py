@@ -27,10 +27,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.errors import HeadbenchError, is_transient, retry_transient
-from infra.published import load_published
-from infra.s3 import ModelStore, s3_client
+from infra.publishing.load import load_published
+from infra.publishing.store import ModelStore
 from infra.settings import Settings
-from infra.tracking import CHAMPION_ALIAS, Tracker, alias_version, set_alias, set_version_tags
+from infra.storage.s3 import s3_client
+from infra.tracking.runs import CHAMPION_ALIAS, Tracker, alias_version, set_alias, set_version_tags
 from models.data import ArraySplit, resize_uint8
 from tasks import TIMEOUT_S
 from tasks.evaluate import evaluate_split

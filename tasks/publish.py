@@ -17,11 +17,13 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from infra.errors import retry_transient
-from infra.mlflow_models import fail_logged_model, finish_logged_model, input_example, start_logged_model
-from infra.ray_train import RAY_TRAIN_PREFIX
-from infra.s3 import ModelStore, S3Error, prune_checkpoints, s3_client
+from infra.publishing.logged_model import fail_logged_model, finish_logged_model, input_example, start_logged_model
+from infra.publishing.store import ModelStore
 from infra.settings import Settings
-from infra.tracking import Tracker, register_version
+from infra.storage.checkpoints import prune_checkpoints
+from infra.storage.s3 import S3Error, s3_client
+from infra.tracking.runs import Tracker, register_version
+from infra.training.trainer import RAY_TRAIN_PREFIX
 from models import HeadNet
 from models.data import IMAGENET_MEAN, IMAGENET_STD
 from models.weights import WEIGHTS_FILE, save_state_dict

@@ -1,4 +1,4 @@
-"""The train task: data-parallel fine-tuning on Ray Train (``infra.ray_train.run_training``), checkpointed to
+"""The train task: data-parallel fine-tuning on Ray Train (``infra.training.trainer.run_training``), checkpointed to
 S3 every epoch, resumed from the last checkpoint when the same run key runs again."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from infra.progress import epoch_lines
-from infra.ray_train import TrainConfig, TrainOutcome, run_training
 from infra.settings import Settings
+from infra.tracking.progress import epoch_lines
+from infra.training.trainer import TrainConfig, TrainOutcome, run_training
 from models.data import ArraySplit
 from tasks import TIMEOUT_S
 

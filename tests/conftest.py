@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.ray_cluster import LOOPBACK_ENV
+from infra.training.cluster import LOOPBACK_ENV
 
 # What points a process at a stack: the standard variables of each tool and headbench's own.
 STACK_VARIABLES = ("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS", "RAY_AUTH_", "HEADBENCH_")

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.procs import HOST
+from infra.processes.supervise import HOST
 
 
 @dataclass

@@ -31,7 +31,8 @@ def main() -> int:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
-    from flows.cli import run_compare, up
+    from flows.cli import up
+    from flows.runner import run_compare
     from infra.settings import load_settings
 
     up(None, None, None)
@@ -104,7 +105,7 @@ def custom_run_through_the_dashboard(page: Any, settings: Any, deployment_url: s
     """Run -> Custom run in the UI with epochs changed to 2; wait for the worker; check the outcome."""
     from mlflow.tracking import MlflowClient
 
-    from infra.prefect_api import prefect_http
+    from infra.stack.prefect_api import prefect_http
 
     api = prefect_http(settings)
     before = {r["id"] for r in api.post("/flow_runs/filter", json={"limit": 200}).json()}

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infra.ray_cluster import RayCluster
-from infra.s3 import s3_client
 from infra.settings import Settings, load_settings
-from infra.stack import LocalStack, free_ports
+from infra.stack.local import LocalStack, free_ports
+from infra.stack.ray_nodes import RayCluster
+from infra.storage.s3 import s3_client
 from tests.conftest import env_without_stack
 from tests.dataset_files import png
 

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mlflow.tracking import MlflowClient
 
-from infra.prefect_api import prefect_http
-from infra.s3 import s3_client
+from infra.stack.prefect_api import prefect_http
+from infra.storage.s3 import s3_client
 from tests.integration.conftest import Stack
 
 TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".csv", ".log")

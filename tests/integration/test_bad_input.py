@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from infra.s3 import s3_client
+from infra.storage.s3 import s3_client
 from tests.integration.conftest import Stack
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from bench.run import END_SEGMENTS
-from infra.procs import cmdline, free_port
+from infra.processes.supervise import cmdline, free_port
 from tests.conftest import env_without_stack
 from tests.integration.conftest import Stack
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.prefect_api import prefect_http
-from infra.ray_cluster import RayCluster
+from infra.stack.prefect_api import prefect_http
+from infra.stack.ray_nodes import RayCluster
 from tests.integration.conftest import Stack
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")

@@ -1,7 +1,7 @@
 """Ctrl-C still stops the process after a Ray Train or Ray Tune fit has finished in it. Called on the main
 thread, both install a SIGINT handler that outlives the fit: Train's aborts the finished run's controller (which
 its closure keeps alive) and swallows the Ctrl-C; Tune's sets its finished experiment's stop flag. Every fit
-here runs through ``infra.interrupts.fit_interruptibly``, so the next Ctrl-C is a KeyboardInterrupt."""
+here runs through ``infra.processes.interrupts.fit_interruptibly``, so the next Ctrl-C is a KeyboardInterrupt."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from pathlib import Path
 # Ctrl-C as at a terminal: a test runner started in the background by a shell without job control hands its
 # children SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from bench.run import BenchConfig, bench_data
+from bench.config import BenchConfig
+from bench.run import bench_data
 cfg = BenchConfig.tiny()
 data = bench_data(cfg, Path(tempfile.mkdtemp()))
 '''
@@ -44,10 +45,10 @@ assert ray_alone(cfg, data.train, data.val, 0) > 0  # a TorchTrainer run, as the
 ''' + CTRL_C
 
 TUNE = SETUP + r'''
-from infra.ray_cluster import init_ray
-from infra.ray_worker import TrainConfig
+from infra.training.cluster import init_ray
+from infra.training.worker import TrainConfig
 from infra.settings import load_settings
-from infra.tuning import tune_lr
+from infra.training.tuning import tune_lr
 from models import build_model
 home = Path(tempfile.mkdtemp())
 init_ray(load_settings(home).model_copy(update={"ray_address": None}))

@@ -19,13 +19,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from flows.deploy import PROJECT_ROOT
-from infra.catalogue import load_fashion_mnist
-from infra.datasets import DataSpec, prepare
-from infra.prefect_api import prefect_http
-from infra.published import load_published
-from infra.ray_cluster import RayCluster
-from infra.s3 import s3_client, split_uri
-from infra.sources import load_raw
+from infra.data.catalogue import load_fashion_mnist
+from infra.data.load import load_raw
+from infra.data.spec import DataSpec, prepare
+from infra.publishing.load import load_published
+from infra.stack.prefect_api import prefect_http
+from infra.stack.ray_nodes import RayCluster
+from infra.storage.s3 import s3_client, split_uri
 from models.strategies import all_strategies
 from tasks.evaluate import evaluate_split
 from tests.integration.conftest import Stack, train_actor_nodes

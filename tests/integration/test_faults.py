@@ -16,10 +16,11 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from infra.prefect_api import prefect_http
-from infra.procs import free_port, stop_group
-from infra.ray_cluster import RayCluster
-from infra.s3 import ModelStore, s3_client
+from infra.processes.supervise import free_port, stop_group
+from infra.publishing.store import ModelStore
+from infra.stack.prefect_api import prefect_http
+from infra.stack.ray_nodes import RayCluster
+from infra.storage.s3 import s3_client
 from tests.integration.conftest import Stack
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
@@ -119,7 +120,7 @@ def _alive_train_workers(cluster: RayCluster) -> list[Any]:
 
 
 def _flow_run_state(stack: Stack, flow_run_id: str) -> str:
-    from infra.prefect_api import prefect_http
+    from infra.stack.prefect_api import prefect_http
 
     with prefect_http(stack.settings) as client:
         return str(client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()["state"]["type"])
@@ -231,7 +232,7 @@ from infra.settings import load_settings
 load_settings().export_env()  # as the CLI does, before prefect is imported
 from flows.cli import app
 from flows.stages import listening
-from infra.procs import stop_group
+from infra.processes.supervise import stop_group
 
 with listening(lambda stage: stage == "publish" and stop_group({pid}, 20)):
     app(sys.argv[1:])

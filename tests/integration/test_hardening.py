@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.prefect_api import auth_header, prefect_http
-from infra.s3 import RunBusyError, RunLease, prune_checkpoints, ray_storage, s3_client
-from infra.tracking import register_version, start_run
+from infra.stack.prefect_api import auth_header, prefect_http
+from infra.storage.checkpoints import prune_checkpoints, ray_storage
+from infra.storage.leases import RunBusyError, RunLease
+from infra.storage.s3 import s3_client
+from infra.tracking.runs import register_version, start_run
 from models.data import ArraySplit
 from tasks.promote import PROMOTED, PromotionPolicy, decide, score_champion
 from tests.integration.conftest import Stack
@@ -231,7 +233,7 @@ import json, sys, tempfile, threading, time
 from pathlib import Path
 import psutil, torch
 from pyarrow import fs
-from infra.s3 import ray_storage
+from infra.storage.checkpoints import ray_storage
 from infra.settings import load_settings
 
 def uss() -> float:

@@ -23,7 +23,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from infra.ray_cluster import LOOPBACK_ENV, RayCluster
+from infra.stack.ray_nodes import RayCluster
+from infra.training.cluster import LOOPBACK_ENV
 from tests.conftest import env_without_stack
 from tests.integration.conftest import Stack
 

@@ -21,11 +21,12 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from infra.datasets import DataSpec, prepare
-from infra.procs import free_port, stop_group
-from infra.published import load_published
-from infra.s3 import fetch_model, s3_client
-from infra.sources import load_raw
+from infra.data.load import load_raw
+from infra.data.spec import DataSpec, prepare
+from infra.processes.supervise import free_port, stop_group
+from infra.publishing.load import load_published
+from infra.publishing.store import fetch_model
+from infra.storage.s3 import s3_client
 from models.data import normalize_batch
 from tests.dataset_files import png
 from tests.integration.conftest import IMAGEFOLDER, Stack, headbench_run

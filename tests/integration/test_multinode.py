@@ -4,8 +4,8 @@ placement strategy decides where the Ray Train workers run (SPREAD is the e2e te
 
 from __future__ import annotations
 
-from infra.procs import LOOPBACK_IPS, group_members, listening
-from infra.ray_cluster import RayCluster
+from infra.processes.supervise import LOOPBACK_IPS, group_members, listening
+from infra.stack.ray_nodes import RayCluster
 from tests.integration.conftest import Stack, train_actor_nodes
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from infra.procs import LOOPBACK_IPS, free_port
+from infra.processes.supervise import LOOPBACK_IPS, free_port
 from tests.conftest import env_without_stack
 from tests.integration.conftest import Stack
 
 PROBE = r'''
 import json, os, urllib.error, urllib.request
-from infra.procs import descendants, listening
-from infra.ray_cluster import init_ray, node_cpus
+from infra.processes.supervise import descendants, listening
+from infra.training.cluster import init_ray, node_cpus
 from infra.settings import Settings
 dashboard = init_ray(Settings(RAY_ADDRESS=None))
 cpus = sum(node_cpus())
@@ -62,7 +62,7 @@ def test_private_ray_listens_on_loopback_only_and_refuses_requests_without_its_t
 # run's controller once a second: it must reach the cluster it runs in.
 OWN_CLUSTER = r'''
 import json, os, time
-from infra.ray_cluster import init_ray
+from infra.training.cluster import init_ray
 from infra.settings import load_settings
 init_ray(load_settings())  # RAY_ADDRESS (the stack's cluster) or a private Ray; before `import ray` (its auth mode)
 import ray
@@ -122,17 +122,17 @@ def test_the_stacks_ray_actors_ask_their_own_cluster(stack: Stack) -> None:
 PRESTART = r'''
 import json, sys, tempfile, time
 from pathlib import Path
-from infra.ray_cluster import init_ray
+from infra.training.cluster import init_ray
 from infra.settings import Settings
 init_ray(Settings(RAY_ADDRESS=None))  # before `import ray`: Ray reads its auth mode when it starts up
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from infra.ray_prestart import prestart_train_workers, worker_runtime_env
+from infra.training.prestart import prestart_train_workers, worker_runtime_env
 
 def fn(config):
     entered = time.time()
-    import infra.ray_worker as worker
-    from infra.procs import process_started_at
+    import infra.training.worker as worker
+    from infra.processes.supervise import process_started_at
     Path(config["out"]).write_text(json.dumps({"started": process_started_at(), "preloaded": worker._preloaded_at,
                                                "entered": entered}))
 

@@ -13,9 +13,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from infra.published import load_published
-from infra.ray_cluster import RayCluster
-from infra.s3 import ModelStore, s3_client, split_uri
+from infra.publishing.load import load_published
+from infra.publishing.store import ModelStore
+from infra.stack.ray_nodes import RayCluster
+from infra.storage.s3 import s3_client, split_uri
 from tests.integration.conftest import Stack, headbench_runs
 
 MODEL = "repro"

@@ -13,13 +13,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from infra.datasets import DataSpec, prepare
-from infra.prefect_api import prefect_http
-from infra.published import load_published
-from infra.ray_cluster import RayCluster
-from infra.ray_worker import TRAIN_STATE
-from infra.s3 import s3_client, split_uri
-from infra.sources import load_raw
+from infra.data.load import load_raw
+from infra.data.spec import DataSpec, prepare
+from infra.publishing.load import load_published
+from infra.stack.prefect_api import prefect_http
+from infra.stack.ray_nodes import RayCluster
+from infra.storage.s3 import s3_client, split_uri
+from infra.training.worker import TRAIN_STATE
 from models.weights import WEIGHTS_FILE
 from tasks.evaluate import evaluate_split
 from tests.integration.conftest import E2E_EPOCHS as EPOCHS

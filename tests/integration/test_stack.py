@@ -15,11 +15,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from infra.postgres import data_dir
-from infra.procs import LOOPBACK_IPS, cmdline, free_port, group_members, listening, pid_alive
-from infra.ray_cluster import alive_nodes
+from infra.processes.supervise import LOOPBACK_IPS, cmdline, free_port, group_members, listening, pid_alive
 from infra.settings import Settings, StackPorts
-from infra.stack import LocalStack
+from infra.stack.local import LocalStack
+from infra.stack.postgres import data_dir
+from infra.stack.ray_nodes import alive_nodes
 from tests.conftest import env_without_stack
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
@@ -43,8 +43,8 @@ def _listening(pid_group: int) -> list[tuple[str, int]]:
 
 
 SERVICES = {"postgres": "postgres", "s3": "weed", "mlflow": "mlflow", "prefect": "prefect", "worker": "worker",
-            "ray-head": "--head", "ray-node-1": "infra.ray_cluster",
-            "ray-driver": "infra.ray_cluster"}  # service -> a word of its argv
+            "ray-head": "--head", "ray-node-1": "infra.stack.ray_nodes",
+            "ray-driver": "infra.stack.ray_nodes"}  # service -> a word of its argv
 
 
 @pytest.mark.training

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.catalogue import CATALOGUE, CatalogueFile, load_named
-from infra.datasets import Sources
-from infra.procs import free_port
-from infra.s3 import s3_client, split_uri
+from infra.data.catalogue import CATALOGUE, CatalogueFile, load_named
+from infra.data.spec import Sources
+from infra.processes.supervise import free_port
+from infra.storage.s3 import s3_client, split_uri
 from tests.dataset_files import cifar10_archive, image_folder_archive, md5, sha256
 from tests.http_server import serving
 from tests.integration.conftest import Stack, headbench_run

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.archives import ArchiveError, archive_suffix, extract, tree_root
+from infra.data.archives import ArchiveError, archive_suffix, extract, tree_root
 
 MB = 1_000_000
 

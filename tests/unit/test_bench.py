@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import bench.run
-from bench.run import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, Sampler, ServiceCpu, paired_ratio, table
+import bench.sampling
+from bench.config import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, paired_ratio
+from bench.report import table
+from bench.sampling import Sampler, ServiceCpu
 
 
 def test_a_b1_only_run_reports_the_loop_and_its_share_of_the_flop_limit() -> None:
@@ -62,7 +64,7 @@ def test_a_ratio_is_the_median_of_its_pairs_so_host_drift_cancels() -> None:
 
 
 def test_samplers_take_no_sample_while_b1_trains_in_their_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench.run, "SAMPLE_S", 0.01)
+    monkeypatch.setattr(bench.sampling, "SAMPLE_S", 0.01)
 
     class Counter(Sampler):
         taken = 0
@@ -87,7 +89,7 @@ BURN = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() 
 def test_start_up_cpu_counts_processes_that_start_and_exit_inside_the_window(tmp_path: Path) -> None:
     cpu = ServiceCpu(tmp_path)  # no stack: this process and its children
     cpu.fast(30)
-    assert cpu.interval() == bench.run.STARTUP_SAMPLE_S
+    assert cpu.interval() == bench.sampling.STARTUP_SAMPLE_S
     with cpu.sampling():
         time.sleep(0.6)
         start = time.time()
@@ -100,4 +102,4 @@ def test_start_up_cpu_counts_processes_that_start_and_exit_inside_the_window(tmp
     assert used.get("driver (the flow, this process)", 0.0) < 0.3, used  # idle, but for the sampler itself
     assert cpu.cpu_seconds((end + 10, end + 20)) == {}  # nothing sampled there
     cpu.fast(0)
-    assert cpu.interval() == bench.run.SAMPLE_S
+    assert cpu.interval() == bench.sampling.SAMPLE_S

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from infra.cache import cache_entries, collect, plan_collection, touch
+from infra.data.cache import cache_entries, collect, plan_collection, touch
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 

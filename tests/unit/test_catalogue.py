@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torchvision
 
-from infra.catalogue import CATALOGUE, CatalogueFile, NamedDataset, load_named
-from infra.datasets import DatasetError, DataSpec, Sources, prepare
+from infra.data.catalogue import CATALOGUE, CatalogueFile, NamedDataset, load_named
+from infra.data.spec import DatasetError, DataSpec, Sources, prepare
 from tests.dataset_files import cifar10_archive, md5, mnist_files, svhn_files
 from tests.http_server import serving
 
@@ -125,7 +125,7 @@ def test_a_cifar_batch_that_would_run_code_is_refused_unrun(tmp_path: Path) -> N
 
 
 def test_no_source_is_one_line_naming_what_was_tried(tmp_path: Path) -> None:
-    from infra.procs import free_port
+    from infra.processes.supervise import free_port
 
     entry = CATALOGUE["kmnist"]
     with pytest.raises(DatasetError) as err:

@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from flows.console import comparison_table, shortest_unambiguous
-from infra.progress import epoch_line
+from infra.tracking.epochs import epoch_line
 from models.strategies import DEMO_STRATEGIES
 
 
@@ -49,3 +49,8 @@ def test_epoch_line_has_the_phase_and_the_curve() -> None:
                                          "val_accuracy": 0.87, "images_per_second": 141.2})
     assert line == ("epoch 2/5 [finetune] train_loss=0.4100 train_acc=0.8600 val_loss=0.3900 val_acc=0.8700 "
                     "141 img/s")
+    # a worker's history row has its seconds too: the same line, for training/epochs.log and Ray's worker log
+    row = {"epoch": 2.0, "train_loss": 0.41, "train_accuracy": 0.86, "val_loss": 0.39, "val_accuracy": 0.87,
+           "images_per_second": 141.2, "epoch_seconds": 3.25, "feature_seconds": 1.5}
+    assert epoch_line(2, 5, "probe", row) == ("epoch 2/5 [probe] train_loss=0.4100 train_acc=0.8600 val_loss=0.3900 "
+                                              "val_acc=0.8700 141 img/s 3.2 s (+1.5 s computing features once)")

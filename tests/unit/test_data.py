@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from infra.catalogue import DEBIAN_FASHION_MNIST as DEBIAN_DIR
-from infra.catalogue import load_fashion_mnist
-from infra.datasets import DatasetError, DataSpec, RawDataset, Sources, prepare
-from infra.imagefolder import load_image_folder
+from infra.data.catalogue import DEBIAN_FASHION_MNIST as DEBIAN_DIR
+from infra.data.catalogue import load_fashion_mnist
+from infra.data.imagefolder import load_image_folder
+from infra.data.spec import DatasetError, DataSpec, RawDataset, Sources, prepare
 from models.data import (
     IMAGENET_MEAN,
     normalize_batch,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.download import DownloadError, DownloadProgress, Validators, download, watching
-from infra.procs import free_port
+from infra.data.download import DownloadError, DownloadProgress, Validators, download, watching
+from infra.processes.supervise import free_port
 from tests.http_server import serving
 
 BLOB = os.urandom(3 * 1024 * 1024 + 123)  # three and a bit chunks

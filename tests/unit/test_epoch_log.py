@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.epoch_log import EPOCHS_LOG, EpochLog, MlflowEpochs
-from infra.epoch_rows import HISTORY_KEY
+from infra.tracking.epochs import HISTORY_KEY
+from infra.training.epoch_log import EPOCHS_LOG, EpochLog, MlflowEpochs
 
 
 def _row(epoch: int, phase: int = 1) -> dict[str, float]:
@@ -61,11 +61,11 @@ def test_a_tracking_failure_does_not_fail_training_and_is_caught_up(run: tuple[s
 def test_the_controller_imports_mlflow_while_epoch_1_trains_not_at_the_first_report() -> None:
     """Train calls ``after_worker_group_training_start`` in its controller once the workers run the training
     function: the MLflow client is imported then, on a thread, so the first report finds it loaded."""
-    probe = ("import sys, threading; from infra.epoch_log import ImportMlflowDuringEpoch1; "
+    probe = ("import sys, threading; from infra.training.epoch_log import ImportMlflowDuringEpoch1; "
              "before = 'mlflow.tracking' in sys.modules; "
              "ImportMlflowDuringEpoch1().after_worker_group_training_start(None); "
              "[t.join(60) for t in threading.enumerate() if t.name == 'import-mlflow']; "
-             "print(before, 'infra.tracking' in sys.modules and 'mlflow.tracking' in sys.modules)")
+             "print(before, 'infra.tracking.runs' in sys.modules and 'mlflow.tracking' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "True"]
@@ -75,7 +75,7 @@ def test_the_controllers_callbacks_do_not_import_torch() -> None:
     """Train's controller unpickles these callbacks, importing their module: the MLflow client must come only
     during epoch 1 (``ImportMlflowDuringEpoch1``), and the module needs none of the worker's torch code (the
     controller's torch comes from Ray's ``TorchConfig``, not from here)."""
-    probe = "import sys, infra.epoch_log; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
+    probe = "import sys, infra.training.epoch_log; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infra.datasets import DatasetError
-from infra.imagefolder import inside, load_image_folder
-from infra.ray_cluster import PlacementError, check_gpus
-from models.data import parse_classes
-from models.loop import check_batch_split
+from infra.data.imagefolder import inside, load_image_folder
+from infra.data.spec import DatasetError
+from infra.training.cluster import PlacementError, check_gpus
+from models.data import check_batch_split, parse_classes
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -63,7 +62,7 @@ def test_huge_class_ranges_are_checked_before_they_are_expanded() -> None:
 
 
 def test_lines_with_brackets_print_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
-    from flows.cli import say
+    from flows.output import say
 
     say("cat[1].png: [x] 0.912, dog [/] 0.088 [bold]b[/bold]")
     assert capsys.readouterr().out.strip() == "cat[1].png: [x] 0.912, dog [/] 0.088 [bold]b[/bold]"
@@ -138,7 +137,7 @@ def test_a_symlinked_folder_cannot_carry_a_key_out_of_the_cache(tmp_path: Path) 
 
 def test_home_and_env_file_are_private_and_an_existing_mode_is_reset(tmp_path: Path) -> None:
     from infra.settings import load_settings
-    from infra.stack import LocalStack
+    from infra.stack.local import LocalStack
 
     home = tmp_path / "home"
     home.mkdir(mode=0o755)
@@ -173,7 +172,8 @@ def test_cli_commands_create_private_files(tmp_path: Path) -> None:
 ])
 def test_database_names_must_be_identifiers(tmp_path: Path, url: str, message: str) -> None:
     from infra.settings import load_settings
-    from infra.stack import LocalStack, StackError
+    from infra.stack.local import LocalStack
+    from infra.stack.services import StackError
 
     with pytest.raises(StackError, match=re.escape(message)):
         LocalStack(load_settings(tmp_path), backend="postgres", database_url=url)
@@ -182,7 +182,7 @@ def test_database_names_must_be_identifiers(tmp_path: Path, url: str, message: s
 def test_database_url_keeps_its_query_and_can_come_from_the_environment(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from infra.settings import load_settings
-    from infra.stack import LocalStack
+    from infra.stack.local import LocalStack
 
     monkeypatch.setenv("HEADBENCH_DATABASE_URL", "postgresql://hb:s3cret@db.internal:6543/team?sslmode=require")
     stack = LocalStack(load_settings(tmp_path), backend="postgres")
@@ -231,7 +231,9 @@ def test_public_uri_drops_credentials_query_and_fragment(uri: str, public: str) 
 
 def test_a_database_password_on_the_command_line_is_refused_and_postgres_urls_are_normalised(tmp_path: Path) -> None:
     from infra.settings import load_settings
-    from infra.stack import LocalStack, StackError, check_no_password
+    from infra.stack.local import LocalStack
+    from infra.stack.postgres import check_no_password
+    from infra.stack.services import StackError
 
     with pytest.raises(StackError) as err:
         check_no_password("postgresql://hb:s3cret@db:6543/team")
@@ -251,7 +253,7 @@ def test_ray_temp_dirs_under_a_long_home_are_private_mkdtemp_folders_kept_by_the
     import stat
 
     from infra.settings import load_settings
-    from infra.stack import LocalStack, free_ports
+    from infra.stack.local import LocalStack, free_ports
 
     home = tmp_path / ("h" * 60)
     stack = LocalStack(load_settings(home), free_ports(), ray_nodes=1)

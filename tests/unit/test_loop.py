@@ -12,21 +12,10 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from models import build_model
-from models.data import ArrayDataset, ArraySplit, normalize_batch
-from models.loop import (
-    EpochEnd,
-    FitConfig,
-    FitHooks,
-    epoch_loader,
-    extract_features,
-    feature_input,
-    fit,
-    image_input,
-    random_resized_crop_flip,
-    set_epoch,
-    train_one_epoch,
-    warmup_cosine,
-)
+from models.augment import feature_input, image_input, random_resized_crop_flip
+from models.data import ArrayDataset, ArraySplit, epoch_loader, normalize_batch, set_epoch
+from models.loop import EpochEnd, FitConfig, FitHooks, extract_features, fit, train_one_epoch
+from models.schedules import warmup_cosine
 
 
 def _split(n: int, seed: int, classes: int = 3) -> ArraySplit:

@@ -94,7 +94,7 @@ def test_top_k_agrees_with_sklearn(k: int) -> None:
 
 
 def test_class_metric_keys_are_valid_unique_and_stable() -> None:
-    from infra.tracking import MAX_KEY_LEN, TrackingError, class_metric_keys
+    from infra.tracking.runs import MAX_KEY_LEN, TrackingError, class_metric_keys
 
     names = ["Trouser", "T-shirt/top", "T-shirt_top", "猫", "犬", "chat noir", "x" * 300, "[/]", "a.b-c"]
     keys = class_metric_keys(names)

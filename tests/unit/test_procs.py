@@ -1,4 +1,4 @@
-"""infra/procs.py on real processes: liveness by pid and command line, process groups, trees, listening
+"""infra/processes/supervise.py on real processes: liveness by pid and command line, process groups, trees, listening
 sockets, and stop_group stopping exactly one group (a process that ignores SIGTERM included)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from infra.procs import (
+from infra.processes.supervise import (
     LOOPBACK_IPS,
     alive,
     cmdline,

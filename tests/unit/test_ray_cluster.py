@@ -7,17 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.ray_cluster import (
-    DRIVER_RESOURCE,
-    NODE_RESOURCE,
-    PlacementError,
-    PortPicker,
-    check_placement,
-    driver_node_argv,
-    even_share,
-    head_argv,
-    node_argv,
-)
+from infra.stack.ray_nodes import DRIVER_RESOURCE, NODE_RESOURCE, PortPicker, driver_node_argv, head_argv, node_argv
+from infra.training.cluster import PlacementError, check_placement, even_share
 
 
 @pytest.mark.parametrize("workers, cpus, strategy, nodes", [

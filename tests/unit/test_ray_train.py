@@ -1,4 +1,4 @@
-"""infra/ray_train.py without a cluster: the trainer class the driver builds (no Ray started)."""
+"""infra/training/trainer.py without a cluster: the trainer class the driver builds (no Ray started)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def trainer_cls() -> type:
     pytest.importorskip("ray.train.torch")
     from ray.train.torch import TorchTrainer
 
-    from infra.ray_train import trainer_class
+    from infra.training.trainer import trainer_class
 
     return trainer_class(TorchTrainer)
 

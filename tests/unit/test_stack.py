@@ -1,4 +1,4 @@
-"""infra/stack.py without its servers: the cluster shape options, the env a stack exports, the port check,
+"""infra/stack/local.py without its servers: the cluster shape options, the env a stack exports, the port check,
 credentials kept out of error messages, and the start order (with stand-in processes)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import redact_url
+from infra.uris import redact_url
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -24,7 +24,8 @@ from infra.stack import redact_url
 ])
 def test_bad_cluster_shape_is_one_line(tmp_path: Path, kwargs: dict[str, int], message: str) -> None:
     from infra.settings import load_settings
-    from infra.stack import LocalStack, StackError
+    from infra.stack.local import LocalStack
+    from infra.stack.services import StackError
 
     with pytest.raises(StackError, match=re.escape(message)):
         LocalStack(load_settings(tmp_path), **kwargs)  # type: ignore[arg-type]
@@ -32,7 +33,7 @@ def test_bad_cluster_shape_is_one_line(tmp_path: Path, kwargs: dict[str, int], m
 
 def test_cpus_per_node_one_for_all_or_one_each_head_first(tmp_path: Path) -> None:
     from infra.settings import load_settings
-    from infra.stack import LocalStack, free_ports
+    from infra.stack.local import LocalStack, free_ports
 
     for option, expected in (("2,1", [2, 1]), ("3", [3, 3]), ([1, 2], [1, 2])):
         stack = LocalStack(load_settings(tmp_path), free_ports(), ray_nodes=2, ray_cpus=option)
@@ -44,7 +45,7 @@ def test_cpus_per_node_one_for_all_or_one_each_head_first(tmp_path: Path) -> Non
 
 def test_cluster_shape_defaults_to_an_even_share_and_exports_ray_address(tmp_path: Path) -> None:
     from infra.settings import load_settings
-    from infra.stack import LocalStack, free_ports
+    from infra.stack.local import LocalStack, free_ports
 
     stack = LocalStack(load_settings(tmp_path), free_ports(), ray_nodes=2)
     assert stack.ray_node_cpus == [max(1, (os.cpu_count() or 1) // 2)] * 2
@@ -68,7 +69,7 @@ def test_another_cluster_shape_forgets_the_saved_cpus_per_node(tmp_path: Path) -
     import json
 
     from infra.settings import load_settings
-    from infra.stack import LocalStack
+    from infra.stack.local import LocalStack
 
     (tmp_path / "stack.json").write_text(json.dumps({"ports": {}, "ray_nodes": 2, "ray_cpus": [1, 1]}))
     assert LocalStack(load_settings(tmp_path)).ray_node_cpus == [1, 1]  # the saved shape, as saved
@@ -77,8 +78,10 @@ def test_another_cluster_shape_forgets_the_saved_cpus_per_node(tmp_path: Path) -
 
 
 def test_a_port_held_by_another_program_is_named_with_its_setting(tmp_path: Path) -> None:
+    from infra.processes.supervise import HOST
     from infra.settings import load_settings
-    from infra.stack import HOST, LocalStack, StackError, free_ports
+    from infra.stack.local import LocalStack, free_ports
+    from infra.stack.services import StackError
 
     with socket.socket() as holder:
         holder.bind((HOST, 0))
@@ -87,7 +90,7 @@ def test_a_port_held_by_another_program_is_named_with_its_setting(tmp_path: Path
         stack = LocalStack(load_settings(tmp_path), ports, ray_nodes=2)
         with pytest.raises(StackError, match=f"ray-head: port {ports.ray_gcs} on 127.0.0.1 is in use by another "
                                              "program; choose a free one with HEADBENCH_PORT_RAY_GCS=PORT"):
-            stack._check_ports("ray-head")
+            stack._check_ports(next(spec for spec in stack.services() if spec.name == "ray-head"))
 
 
 
@@ -97,7 +100,7 @@ def test_the_port_setting_the_busy_port_error_names_moves_that_port_of_a_saved_s
     import json
 
     from infra.settings import load_settings
-    from infra.stack import LocalStack, free_ports
+    from infra.stack.local import LocalStack, free_ports
 
     saved = free_ports()
     (tmp_path / "stack.json").write_text(json.dumps({"ports": saved.all(), "ray_nodes": 2}))
@@ -118,7 +121,7 @@ def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
 
 def test_postgres_databases_are_one_per_server_and_the_url_stays_off_argv(tmp_path: Path) -> None:
     from infra.settings import load_settings
-    from infra.stack import LocalStack, free_ports
+    from infra.stack.local import LocalStack, free_ports
 
     stack = LocalStack(load_settings(tmp_path), free_ports(), backend="postgres",
                        database_url="postgresql://hb:secret@127.0.0.1:6543/hbtest")
@@ -130,7 +133,7 @@ def test_postgres_databases_are_one_per_server_and_the_url_stays_off_argv(tmp_pa
 
 def test_the_prefect_server_gets_an_auth_string_csrf_and_its_own_origin_only(tmp_path: Path) -> None:
     from infra.settings import load_settings
-    from infra.stack import LocalStack, free_ports
+    from infra.stack.local import LocalStack, free_ports
 
     stack = LocalStack(load_settings(tmp_path), free_ports())
     stack.access_key, stack.secret_key, stack.prefect_auth = "k", "s", "headbench:t0ken"
@@ -153,7 +156,8 @@ def test_services_start_side_by_side_after_what_they_need_and_are_reported_in_or
     import time
 
     from infra.settings import load_settings
-    from infra.stack import LocalStack, ServiceSpec, StackError, free_ports
+    from infra.stack.local import LocalStack, free_ports
+    from infra.stack.services import ServiceSpec, StackError
 
     stack = LocalStack(load_settings(tmp_path), free_ports())
     first_poll: dict[str, float] = {}
@@ -198,9 +202,10 @@ def test_a_failed_up_stops_what_it_started_and_keeps_what_ran_before(tmp_path: P
     one-line error comes, `fresh` is stopped again, `kept` still runs."""
     import sys
 
-    from infra.procs import pid_alive
+    from infra.processes.supervise import pid_alive
     from infra.settings import load_settings
-    from infra.stack import LocalStack, ServiceSpec, StackError, free_ports
+    from infra.stack.local import LocalStack, free_ports
+    from infra.stack.services import ServiceSpec, StackError
 
     stack = LocalStack(load_settings(tmp_path), free_ports())
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from infra.tuning import Trial, lr_grid
+from infra.training.tuning import Trial, lr_grid
 
 
 def test_grid_is_log_spaced_over_three_decades_around_the_base_lr() -> None:

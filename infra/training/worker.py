@@ -1,0 +1,161 @@
+"""The Ray Train worker: what runs inside each of the N data-parallel worker processes.
+
+Kept apart from the driver (``infra/training/trainer.py``) and the Prefect task (``tasks/train.py``) so a
+worker imports only torch, ray.train, torchvision and ``models`` (plus the small ``infra.tracking.epochs`` and
+``infra.processes.supervise``): every import here is resident memory in every worker. ``preload`` does these imports as
+the process starts (``infra/training/prestart.py``).
+MLflow's per-epoch logging happens in Train's controller (``infra/training/epoch_log.py``), from what rank 0
+reports. The loop itself is ``models.loop.fit``, the same function a plain script calls; Ray appears only in
+the hooks: rank and world size, ``prepare_model`` (DDP), ``prepare_data_loader`` (device moves; ``fit``
+brings its own seeded sampler), ``report`` and the checkpoints (the shape of Ray's Fashion-MNIST Train
+example).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infra.processes.supervise import process_started_at
+from infra.tracking.epochs import HISTORY_KEY, epoch_line
+from models import build_model, parse_strategy
+from models.loop import DDP_OPTIONS, EpochEnd, FitConfig, FitHooks, FitState, fit
+from models.weights import WEIGHTS_FILE, headbench_keys, save_state_dict
+
+TRAIN_STATE = "train_state.pt"
+BEST_WEIGHTS_FILE = "best.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters and resources of one fine-tuning run (logged to MLflow as params)."""
+
+    arch: str
+    strategy: str
+    num_classes: int
+    epochs: int
+    batch_size: int  # global batch: each of N workers takes batch_size // N
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    hidden_dim: int = 512
+    dropout: float = 0.2
+    workers: int = 2
+    cpus_per_worker: int | None = None  # default: the cluster's CPUs shared evenly
+    use_gpu: bool = False
+    seed: int = 0
+    augment: str = "flip"  # none | flip | standard (image phases only)
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0
+    early_stopping_patience: int | None = None
+    max_failures: int = 2
+    probe_epochs: int | None = None  # two-phase schedules: epochs of the frozen first phase (default half)
+    cache_features: bool = True  # frozen phases train the head on backbone features computed once
+    precise_bn_batches: int = 20  # exact BN stats from N batches (after backbone epochs, before frozen phases)
+    placement_strategy: str = "PACK"  # Ray placement group of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+
+    def fit_config(self, world: int = 1) -> FitConfig:
+        """The loop's recipe for one of ``world`` data-parallel processes (each takes batch_size // world)."""
+        return FitConfig(schedule=parse_strategy(self.strategy).schedule, epochs=self.epochs,
+                         batch_size=max(1, self.batch_size // world), lr=self.lr, momentum=self.momentum,
+                         weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
+                         label_smoothing=self.label_smoothing, augment=self.augment, probe_epochs=self.probe_epochs,
+                         cache_features=self.cache_features, precise_bn_batches=self.precise_bn_batches,
+                         early_stopping_patience=self.early_stopping_patience, seed=self.seed)
+
+
+def save_checkpoint(end: EpochEnd, directory: Path) -> None:
+    """Weights (safetensors), best weights when early stopping keeps them, and the rest of the state."""
+    save_state_dict(end.model, directory / WEIGHTS_FILE)
+    if end.state.best_weights is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in end.state.best_weights.items()}, str(directory / BEST_WEIGHTS_FILE))
+    torch.save(end.state.train_state(), directory / TRAIN_STATE)
+
+
+def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], FitState]:
+    """(weights, fit state) of a checkpoint directory; never unpickles (safetensors + weights_only)."""
+    from safetensors.torch import load_file
+
+    best = load_file(directory / BEST_WEIGHTS_FILE) if (directory / BEST_WEIGHTS_FILE).exists() else None
+    saved = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+    # replace-fc weights are saved under torchvision's names (see models.weights.publishable_state_dict)
+    return headbench_keys(load_file(directory / WEIGHTS_FILE)), FitState.from_train_state(saved, best)
+
+
+_preloaded_at: float | None = None  # when ``preload`` finished in this process
+
+
+def preload() -> None:
+    """Ray's worker-process setup hook for Train's workers (``infra.training.prestart``): run when the process starts,
+    before it takes its actor, so that a prestarted process has done every import the worker will need
+    (importing this module brought torch and ``models``). Imports only: none of them asks CUDA for its devices,
+    which a GPU worker may do only once Ray has set CUDA_VISIBLE_DEVICES for its actor."""
+    global _preloaded_at
+    import ray.train.torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  (the first optimizer imports it: torch wraps ``add_param_group`` in it)
+    import torchvision  # noqa: F401  (models.net builds the trunk with it)
+
+    _preloaded_at = time.time()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: ``fit`` with Ray's rank, DDP, reports and per-epoch checkpoints."""
+    entered_at = time.time()
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])  # never above this worker's CPU share (it halves speed)
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    train_split, val_split = ray.get(config["data_ref"])  # zero-copy numpy views from the object store
+    model = build_model(cfg.arch, cfg.num_classes, cfg.strategy, None, hidden_dim=cfg.hidden_dim,
+                        dropout=cfg.dropout)
+    model.load_state_dict(ray.get(config["init_ref"]))
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume after a worker failure: weights, optimizer, schedule, history
+        with checkpoint.as_directory() as ckpt_dir:
+            weights, resume = load_checkpoint(Path(ckpt_dir))
+        model.load_state_dict(weights)
+    model.to(device)
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    # when this worker process started, imported, entered this function and was ready to train: the bench's start-up
+    # breakdown reads them from the first epoch's row (not MLflow metrics)
+    startup = {"worker_started_at": process_started_at(), "worker_preloaded_at": _preloaded_at or entered_at,
+               "worker_entered_at": entered_at, "worker_ready_at": time.time()}
+
+    def on_epoch(end: EpochEnd) -> None:
+        if startup:
+            end.row.update(startup)
+            startup.clear()
+        if rank != 0:
+            ray.train.report(end.row, checkpoint=None)
+            return
+        # Ray's worker log (--verbose)
+        print(epoch_line(int(end.row["epoch"]), cfg.epochs, end.phase.name, end.row), flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(end, Path(tmp))
+            # the whole history: Train's controller logs to MLflow whatever epochs it does not have yet
+            ray.train.report(end.row | {HISTORY_KEY: end.state.history},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    hooks = FitHooks(
+        rank=rank, world=world, device=device, on_epoch=on_epoch, resume=resume,
+        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False,
+                                                           parallel_strategy_kwargs=DDP_OPTIONS),
+        wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
+        autocast_dtype=torch.bfloat16 if on_gpu else None, channels_last=on_gpu, pin_memory=on_gpu)
+    fit(model, cfg.fit_config(world), train_split, val_split, hooks)

@@ -1,0 +1,70 @@
+"""Training-time augmentation of whole batches on the device, and the input functions that turn a loader's batch
+into what the model takes: uint8 images -> normalised float (-> augmented), or cached features as they are."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+from models.data import normalize_batch
+
+
+def random_hflip(images: torch.Tensor) -> torch.Tensor:
+    """Flip a random half of the batch left-right: (N, C, H, W) -> (N, C, H, W)."""
+    flip = torch.rand(images.shape[0], device="cpu").lt(0.5).to(images.device)
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def random_resized_crop_flip(images: torch.Tensor, scale: tuple[float, float] = (0.35, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """RandomResizedCrop + horizontal flip for a whole batch in one ``grid_sample``:
+    (N, C, S, S) float -> (N, C, S, S). Each image gets its own crop box (area share in ``scale``, aspect
+    in ``ratio``, inside the image) resampled bilinearly to the full size, mirrored with probability 1/2."""
+    n = images.shape[0]
+    area = torch.empty(n).uniform_(*scale)
+    log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = log_ratio.exp()
+    w = (area * aspect).sqrt().clamp(max=1.0)  # box width / image width
+    h = (area / aspect).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n) * 2 - 1) * (1 - w)  # box centre in [-1, 1] coordinates, box stays inside
+    cy = (torch.rand(n) * 2 - 1) * (1 - h)
+    sign = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    theta = theta.to(images.device, images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# Training-time augmentation of normalised float batches, by name (``--augment``).
+AUGMENTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "none": None,
+    "flip": random_hflip,
+    "standard": random_resized_crop_flip,
+}
+
+Prepare = Callable[[torch.Tensor, bool], torch.Tensor]
+
+
+def image_input(channels_last: bool = False, augment: str = "flip") -> Prepare:
+    """uint8 images -> normalised float (N, 3, S, S) -> (augmentation when training)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
+    transform = AUGMENTATIONS[augment]
+
+    def prepare(images: torch.Tensor, training: bool) -> torch.Tensor:
+        x = normalize_batch(images)
+        if training and transform is not None:
+            x = transform(x)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    return prepare
+
+
+def feature_input(features: torch.Tensor, training: bool) -> torch.Tensor:
+    """Cached backbone features (N, F, h, w) go to the head as they are."""
+    return features
