@@ -24,7 +24,7 @@ from mlflow.types.schema import Array
 import models
 from infra.tracking.runs import S3_URI_KEY, SHA256_KEY, Tracker
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 LOGGED_MODEL_NAME = "model"  # the artifact name in the run page's "Logged models"
 MODEL_ID_TAG = "mlflow_model_id"  # run tag: a retried publish task reuses the logged model it created
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grimp
 
 PACKAGES = ("flows", "tasks", "models", "infra", "bench", "tools")
@@ -21,3 +23,22 @@ def test_lower_layers_never_reach_the_flows_or_the_cli() -> None:
         for module in graph.find_descendants(low) | {low}:
             imported = graph.find_upstream_modules(module)  # everything it imports, directly or not
             assert not {m for m in imported if m.split(".")[0] in ("flows", "bench", "tools")}, module
+
+
+def test_every_module_or_file_named_in_a_string_exists() -> None:
+    """Names the code hands to another process or library as text, which no import checks: the hook Ray's
+    worker processes run, the node launcher `python -m` runs, the file MLflow copies into a logged model."""
+    import importlib
+    import importlib.util
+
+    from infra.publishing.logged_model import PYFUNC_CODE
+    from infra.stack.ray_nodes import PortPicker, driver_node_argv, node_argv
+    from infra.training.prestart import PRELOAD_HOOK
+
+    module, _, name = PRELOAD_HOOK.rpartition(".")
+    assert callable(getattr(importlib.import_module(module), name))
+    assert PYFUNC_CODE.is_file()
+    launchers = (node_argv("127.0.0.1:1", 1, 1, PortPicker()), driver_node_argv("127.0.0.1:1", Path("d"), PortPicker()))
+    for argv in launchers:
+        launcher = argv[argv.index("-m") + 1]
+        assert importlib.util.find_spec(launcher) is not None, launcher

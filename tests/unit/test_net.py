@@ -16,8 +16,18 @@ EXPECTED_IN_FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "res
                         "resnet152": 2048}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("strategy", list(list_strategies()))
+# Every strategy on both block types (BasicBlock: resnet18; Bottleneck: resnet50); every other depth with the
+# strategies of both head families. A head sees only the trunk's in_features, the same for every depth of a type.
+ARCH_STRATEGY = ([(arch, s) for s in list_strategies() for arch in ("resnet18", "resnet50")]
+                 + [(arch, s) for arch in ARCHS if arch not in ("resnet18", "resnet50") for s in ("replace-fc", "mlp")])
+
+
+def test_the_pairs_cover_every_arch_and_every_strategy() -> None:
+    assert {a for a, _ in ARCH_STRATEGY} == set(ARCHS)
+    assert {s for _, s in ARCH_STRATEGY} == set(list_strategies())
+
+
+@pytest.mark.parametrize(("arch", "strategy"), ARCH_STRATEGY)
 def test_every_arch_and_strategy(arch: str, strategy: str) -> None:
     torch.manual_seed(0)
     model = build_model(arch, 7, strategy)
