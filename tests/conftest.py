@@ -5,14 +5,30 @@ run's fixture ``training`` (the others that train carry the mark themselves)."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from infra.training.cluster import LOOPBACK_ENV
 
+K = TypeVar("K")
+
 # What points a process at a stack: the standard variables of each tool and headbench's own.
 STACK_VARIABLES = ("MLFLOW_", "AWS_", "PREFECT_API", "RAY_ADDRESS", "RAY_AUTH_", "HEADBENCH_")
+
+
+def run_together(commands: dict[K, list[str]], env: dict[str, str], timeout: float) -> dict[K, tuple[int, str, str]]:
+    """Independent commands started at once (side by side on the machine's cores), each awaited:
+    {key: (exit status, stdout, stderr)}."""
+    procs = {key: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for key, argv in commands.items()}
+    outcomes = {}
+    for key, proc in procs.items():
+        out, err = proc.communicate(timeout=timeout)
+        outcomes[key] = (proc.returncode, out, err)
+    return outcomes
 
 
 def env_without_stack() -> dict[str, str]:

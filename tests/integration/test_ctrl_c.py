@@ -6,12 +6,11 @@ here runs through ``infra.processes.interrupts.fit_interruptibly``, so the next 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import env_without_stack
+from tests.conftest import env_without_stack, run_together
 
 SETUP = r'''
 import json, os, signal, tempfile, time
@@ -67,13 +66,8 @@ PROBES = {"ray-train": TRAIN, "ray-tune": TUNE}
 @pytest.fixture(scope="module")
 def probed() -> dict[str, tuple[int, str, str]]:
     """Both probes side by side, each on a private Ray of its own process: {probe: (status, stdout, stderr)}."""
-    procs = {name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=env_without_stack()) for name, code in PROBES.items()}
-    outcomes = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        outcomes[name] = (proc.returncode, out, err)
-    return outcomes
+    return run_together({name: [sys.executable, "-c", code] for name, code in PROBES.items()}, env_without_stack(),
+                        timeout=600)
 
 
 @pytest.mark.training

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from infra.processes.supervise import LOOPBACK_IPS, free_port
-from tests.conftest import env_without_stack
+from tests.conftest import env_without_stack, run_together
 from tests.integration.conftest import Stack
 
 PROBE = r'''
@@ -151,13 +151,7 @@ def prestart_reports() -> dict[int, tuple[int, str, str]]:
     """The script with and without the prestart, side by side, each with a private Ray of its own:
     {prestart: (status, stdout, stderr)}."""
     env = {k: v for k, v in env_without_stack().items() if not k.startswith("RAY_")}
-    procs = {n: subprocess.Popen([sys.executable, "-c", PRESTART, str(n)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=env) for n in (1, 0)}
-    outcomes = {}
-    for n, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        outcomes[n] = (proc.returncode, out, err)
-    return outcomes
+    return run_together({n: [sys.executable, "-c", PRESTART, str(n)] for n in (1, 0)}, env, timeout=300)
 
 
 @pytest.mark.training
