@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], results: Any)
         model = build_model(job["arch"], 10, "replace-fc", None, seed=0)
         hooks = FitHooks(rank=rank, world=world,
                          wrap_model=lambda m: DistributedDataParallel(m, **job["ddp_options"]))
-        cfg = FitConfig(epochs=job["epochs"], batch_size=job["batch_size"] // world, lr=0.01, precise_bn_batches=0)
+        cfg = FitConfig(epochs=job["epochs"], batch_size=job["batch_size"], lr=0.01, precise_bn_batches=0)  # global
         result = fit(model, cfg, job["train"], job["val"], hooks)
         if rank == 0:
             results.put(steady_img_s(result.history))

@@ -89,25 +89,32 @@ class QualityFigures:
 # ------------------------------------------------------------------------------------------- (a), (b)
 
 
+def recipe_params(recipe: Recipe) -> Any:
+    """The retrain flow's parameters of ``recipe`` (one worker with every core); the plain side takes its loop
+    recipe from them too, so both sides train the same recipe by construction."""
+    from flows.params import RetrainParams
+
+    return RetrainParams(**recipe.params(), workers=1, model_name="quality-fashion-mnist", promote="never")
+
+
 def plain_run(recipe: Recipe, cache_dir: Path) -> tuple[float, float, list[dict[str, float]]]:
     """The recipe as a plain script: data, ``build_model``, ``fit``, test. (accuracy, seconds, history)."""
     import torch
 
     from infra.data.load import load_raw
-    from infra.data.spec import DataSpec, prepare
-    from models import build_model, parse_strategy
-    from models.loop import FitConfig, fit
+    from infra.data.spec import prepare
+    from models import build_model
+    from models.loop import fit
     from tasks.evaluate import evaluate_split
 
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
-    spec = DataSpec(limit=recipe.limit, test_limit=recipe.test_limit, image_size=recipe.image_size, seed=recipe.seed)
+    params = recipe_params(recipe)  # data, model and loop recipe exactly as the retrain flow builds them
+    spec = params.data_spec()
     data = prepare(load_raw(spec, cache_dir), spec)
-    model = build_model("resnet18", data.num_classes, recipe.strategy, None, seed=recipe.seed)
-    cfg = FitConfig(schedule=parse_strategy(recipe.strategy).schedule, epochs=recipe.epochs,
-                    batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                    warmup_epochs=recipe.warmup_epochs, augment=recipe.augment,
-                    label_smoothing=recipe.label_smoothing, seed=recipe.seed)
+    model = build_model(params.arch, data.num_classes, params.strategy, None, **params.head_options(),
+                        seed=params.seed)
+    cfg = params.train_config(params.strategy, data.num_classes).fit
     result = fit(model, cfg, data.train, data.val)
     accuracy = evaluate_split(model, data.test, data.num_classes).accuracy
     return accuracy, time.perf_counter() - started, result.history
@@ -115,10 +122,9 @@ def plain_run(recipe: Recipe, cache_dir: Path) -> tuple[float, float, list[dict[
 
 def pipeline_run(recipe: Recipe) -> tuple[float, float, str]:
     """The recipe through the ``retrain`` flow, one Ray Train worker with every core. (accuracy, s, run URL)."""
-    from flows.params import RetrainParams
     from flows.retrain import retrain
 
-    params = RetrainParams(**recipe.params(), workers=1, model_name="quality-fashion-mnist", promote="never")
+    params = recipe_params(recipe)
     started = time.perf_counter()
     result = retrain(params)
     return result.test_accuracy, time.perf_counter() - started, result.run_url

@@ -93,10 +93,11 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1
     folder. Steady img/s as B2's."""
     from infra.processes.interrupts import fit_interruptibly
     from infra.settings import load_settings
-    from infra.training.cluster import init_ray
+    from infra.training.cluster import Resources, init_ray
     from infra.training.trainer import build_trainer, final_checkpoint
     from infra.training.worker import TrainConfig
     from models import build_model
+    from models.loop import FitConfig
 
     with tempfile.TemporaryDirectory(prefix="headbench-ray-alone-") as tmp:
         # a no-op when this process already uses a Ray; before anything imports ray (its auth mode, init_ray)
@@ -104,9 +105,10 @@ def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1
         from ray.train import RunConfig
 
         cpus = (os.cpu_count() or 1) if workers == 1 else 1
-        train_cfg = TrainConfig(arch=cfg.arch, strategy="replace-fc", num_classes=10, epochs=cfg.epochs,
-                                batch_size=cfg.batch_size, lr=0.01, workers=workers, cpus_per_worker=cpus,
-                                use_gpu=cfg.gpu, precise_bn_batches=0)
+        train_cfg = TrainConfig(arch=cfg.arch, strategy="replace-fc", num_classes=10,
+                                fit=FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=0.01,
+                                              precise_bn_batches=0),
+                                resources=Resources(workers=workers, cpus_per_worker=cpus, use_gpu=cfg.gpu))
         init = build_model(cfg.arch, 10, "replace-fc", None, seed=0).state_dict()
         trainer = build_trainer(train_cfg, train, val, init, cpus,
                                 RunConfig(name=f"ray-alone-{workers}x-{run}", storage_path=tmp))

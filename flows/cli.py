@@ -6,6 +6,7 @@ standard variables, so `--help` is fast and Prefect reads the right API URL.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -17,7 +18,9 @@ from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
+from flows.options import params_command
 from flows.output import console, fail, first_line, say, validation_line
+from flows.params import CompareParams, RetrainParams
 from flows.runner import require_up, run_compare, run_retrain
 from infra.errors import HeadbenchError
 from infra.settings import Settings, load_settings
@@ -147,102 +150,25 @@ def gc(home: HomeOpt = None,
 
 # ------------------------------------------------------------------------------------------- runs
 
-Dataset = Annotated[str, typer.Option(help="a named dataset (`headbench datasets`), a local ImageFolder dir, "
-                                            "s3://bucket/prefix, or an http(s) URL of an ImageFolder archive "
-                                            "(.tar.gz, .tgz, .tar, .zip)")]
-DatasetSha256 = Annotated[str | None, typer.Option(help="sha256 the http(s) archive must have (64 hex digits); "
-                                                   "other content is refused and nothing is cached")]
-Classes = Annotated[str | None, typer.Option(help="class subset, e.g. 0-4 or 0,2,7 (default: all)")]
-Limit = Annotated[int | None, typer.Option(help="training pool size (train+val), stratified")]
-TestLimit = Annotated[int | None, typer.Option(help="test set size, stratified (default: all)")]
-ValFraction = Annotated[float, typer.Option(help="validation share of the training pool")]
-ImageSize = Annotated[int, typer.Option(help="input size in pixels (>= 32)")]
-Arch = Annotated[str, typer.Option(help="resnet18|resnet34|resnet50|resnet101|resnet152")]
-Weights = Annotated[str, typer.Option(help="none | DEFAULT | IMAGENET1K_V1 | s3://... | models:/name@alias | path")]
-Epochs = Annotated[int, typer.Option(help="training epochs")]
-BatchSize = Annotated[int, typer.Option(help="global batch size")]
-Lr = Annotated[float, typer.Option(help="peak learning rate (SGD + cosine)")]
-WeightDecay = Annotated[float, typer.Option(help="SGD weight decay")]
-WarmupEpochs = Annotated[float, typer.Option(help="linear LR warm-up per phase, in epochs")]
-Augment = Annotated[str, typer.Option(help="none | flip | standard (RandomResizedCrop + flip)")]
-LabelSmoothing = Annotated[float, typer.Option(help="label smoothing of the training loss")]
-Patience = Annotated[int | None, typer.Option(help="early stopping: epochs without a lower val loss; publishes "
-                                              "the best epoch (default: off)")]
-HiddenDim = Annotated[int, typer.Option(help="MLP head hidden width")]
-Dropout = Annotated[float, typer.Option(help="MLP head dropout")]
-ProbeEpochs = Annotated[int | None, typer.Option(help="lp-ft/gradual: frozen-phase epochs (default: half)")]
-CacheFeatures = Annotated[bool, typer.Option(help="frozen phases train the head on features computed once")]
-PreciseBn = Annotated[int, typer.Option(help="exact BatchNorm stats from N batches after each backbone epoch")]
-Workers = Annotated[int, typer.Option(help="Ray Train workers per run")]
-CpusPerWorker = Annotated[int | None, typer.Option(help="CPUs per worker (default: even share)")]
-Gpu = Annotated[bool, typer.Option("--gpu/--cpu", help="one GPU per worker")]
-Placement = Annotated[str, typer.Option(help="PACK | SPREAD | STRICT_PACK | STRICT_SPREAD: Ray placement of "
-                                        "the workers over the cluster's nodes")]
-Seed = Annotated[int, typer.Option(help="seed for split, init and shuffling")]
+# `run` and `compare` take one option per field of their flow's parameters (flows.options): the CLI, the
+# Prefect form and `deploy --param` read the same declarations.
+_HOME_AND_VERBOSE = [inspect.Parameter("home", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=HomeOpt),
+                     inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                       annotation=VerboseOpt)]
 
 
-def _values(local: dict[str, Any]) -> dict[str, Any]:
-    values = {k: v for k, v in local.items() if k not in ("home", "verbose")}
-    values["use_gpu"] = values.pop("gpu")
-    return values
-
-
-@app.command()
-def run(
-    dataset: Dataset = "fashion-mnist", dataset_sha256: DatasetSha256 = None, classes: Classes = None,
-    limit: Limit = None, test_limit: TestLimit = None,
-    val_fraction: ValFraction = 0.1, image_size: ImageSize = 64, arch: Arch = "resnet18", weights: Weights = "none",
-    strategy: Annotated[str, typer.Option(help="head strategy <shape>[:<pool>][+<schedule>] "
-                                          "(see `headbench strategies`)")] = "mlp",
-    epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
-    warmup_epochs: WarmupEpochs = 0.0, augment: Augment = "flip", label_smoothing: LabelSmoothing = 0.0,
-    early_stopping_patience: Patience = None,
-    hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
-    cache_features: CacheFeatures = True, precise_bn_batches: PreciseBn = 20, workers: Workers = 2,
-    cpus_per_worker: CpusPerWorker = None, placement_strategy: Placement = "PACK",
-    gpu: Gpu = False, seed: Seed = 0,
-    model_name: Annotated[str, typer.Option(help="registered model name / S3 prefix")] = "headbench-classifier",
-    warm_start: Annotated[str, typer.Option(help="none | champion (start from the current champion's weights)")]
-    = "none",
-    promote: Annotated[str, typer.Option(help="never | if-better | always: move the 'champion' alias")]
-    = "if-better",
-    promotion_metric: Annotated[str, typer.Option(help="test_accuracy | test_macro_f1")] = "test_accuracy",
-    min_margin: Annotated[float, typer.Option(help="if-better: challenger must beat champion by more")] = 0.0,
-    resume_run_id: Annotated[str | None, typer.Option(help="MLflow run id of an unfinished retrain with the same "
-                                                      "options: continue it from its last checkpoint")] = None,
-    skip_if_unchanged: Annotated[bool, typer.Option(help="train nothing when the champion was trained on the same "
-                                                    "data digest with the same options")] = False,
-    home: HomeOpt = None, verbose: VerboseOpt = False,
-) -> None:
+def run(values: dict[str, Any], home: Path | None = None, verbose: bool = False) -> None:
     """Run one retraining (the `retrain` Prefect flow) and print the MLflow run URL and the S3 URI."""
-    run_retrain(_settings(home), _values(dict(locals())), verbose)
+    run_retrain(_settings(home), values, verbose)
 
 
-@app.command()
-def compare(
-    strategies: Annotated[str, typer.Option(help="comma-separated head strategies (default: the demo set of 6)")]
-    = "",
-    seeds: Annotated[int, typer.Option(help="repetitions per strategy (seed, seed+1, ...)")] = 2,
-    parallel: Annotated[int | None, typer.Option(help="children trained at once (default: as CPUs allow)")] = None,
-    tune: Annotated[str, typer.Option(help="none | lr: search each strategy's LR with Ray Tune (ASHA) first")]
-    = "none",
-    tune_trials: Annotated[int, typer.Option(help="--tune lr: LR values per strategy, log-spaced over 3 decades "
-                                             "around --lr")] = 6,
-    dataset: Dataset = "fashion-mnist", dataset_sha256: DatasetSha256 = None, classes: Classes = None,
-    limit: Limit = None, test_limit: TestLimit = None,
-    val_fraction: ValFraction = 0.1, image_size: ImageSize = 64, arch: Arch = "resnet18", weights: Weights = "none",
-    epochs: Epochs = 2, batch_size: BatchSize = 64, lr: Lr = 0.01, weight_decay: WeightDecay = 5e-4,
-    warmup_epochs: WarmupEpochs = 0.0, augment: Augment = "flip", label_smoothing: LabelSmoothing = 0.0,
-    early_stopping_patience: Patience = None,
-    hidden_dim: HiddenDim = 512, dropout: Dropout = 0.2, probe_epochs: ProbeEpochs = None,
-    cache_features: CacheFeatures = True, precise_bn_batches: PreciseBn = 20, workers: Workers = 1,
-    cpus_per_worker: CpusPerWorker = None, placement_strategy: Placement = "PACK",
-    gpu: Gpu = False, seed: Seed = 0, home: HomeOpt = None, verbose: VerboseOpt = False,
-) -> None:
+def compare(values: dict[str, Any], home: Path | None = None, verbose: bool = False) -> None:
     """Compare head strategies x seeds on one split (the `compare-heads` flow); prints the table."""
-    values = _values(dict(locals()))
-    values["strategies"] = [s.strip() for s in strategies.split(",") if s.strip()] or None
     run_compare(_settings(home), values, verbose)
+
+
+app.command("run")(params_command(RetrainParams, run, extra=_HOME_AND_VERBOSE))
+app.command("compare")(params_command(CompareParams, compare, extra=_HOME_AND_VERBOSE))
 
 
 @app.command()
@@ -304,7 +230,6 @@ def deploy(
     settings = _settings(home)
     settings.export_env()  # before prefect is imported
     from flows.deploy import SCHEDULED_DEFAULTS, deploy_all
-    from flows.params import RetrainParams
 
     try:
         params = RetrainParams(**(SCHEDULED_DEFAULTS | parse_assignments(param or [])))

@@ -6,19 +6,23 @@ same models, so a bad value gets the same one-line error everywhere.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from infra.data.archives import archive_suffix
 from infra.data.catalogue import CATALOGUE
 from infra.data.spec import DataSpec
-from infra.training.cluster import PLACEMENT_STRATEGIES
+from infra.training.cluster import Resources
 from infra.training.worker import TrainConfig
 from infra.uris import public_uri
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
-from models.augment import AUGMENTATIONS
 from models.data import check_batch_split, parse_class_ranges, parse_classes
+from models.heads import HeadConfig
+from models.loop import FitConfig
+from models.options import declared_options, option_values
 from models.schedules import plan
 from models.strategies import DEMO_STRATEGIES, all_strategies
 
@@ -29,8 +33,6 @@ STRATEGY_ENUM = {"enum": all_strategies()}
 WarmStart = Literal["none", "champion"]
 Promote = Literal["never", "if-better", "always"]
 PromotionMetric = Literal["test_accuracy", "test_macro_f1"]
-PlacementStrategy = Literal[PLACEMENT_STRATEGIES]  # type: ignore[valid-type]
-Augment = Literal[tuple(AUGMENTATIONS)]  # type: ignore[valid-type]
 Tune = Literal["none", "lr"]
 # The class-list syntax, in the JSON schema the Prefect server enforces (409 before a flow run exists); the
 # validator below gives the CLI its friendlier message, and checks what a pattern cannot (5-2, the range).
@@ -39,8 +41,28 @@ NAMED_CLASSES = {name: len(entry.classes) for name, entry in CATALOGUE.items()}
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 
 
-class TrainingParams(BaseModel):
-    """What every run shares: data, backbone, budget and resources."""
+def option_fields(*configs: type, **defaults: Any) -> dict[str, Any]:
+    """pydantic field definitions (for ``create_model``) of every user option the dataclasses ``configs``
+    declare with ``models.options.option``: type, default, description and bounds come from there."""
+    fields: dict[str, Any] = {}
+    for config in configs:
+        for declared in declared_options(config):
+            spec = declared.option
+            annotation = Literal[spec.choices] if spec.choices else declared.type  # a drop-down in the form
+            fields[declared.name] = (annotation, Field(defaults.get(declared.name, declared.default),
+                                                       description=spec.help, **spec.bounds()))
+    return fields
+
+
+def with_default(model: type[BaseModel], name: str, default: Any) -> Any:
+    """Field ``name`` of ``model`` as declared (type, help, bounds) with another default, for a subclass."""
+    info = copy.copy(model.model_fields[name])
+    info.default = default
+    return info
+
+
+class DataParams(BaseModel):
+    """Which images, at what size, into which backbone."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -61,36 +83,16 @@ class TrainingParams(BaseModel):
     arch: Arch = Field("resnet18", description="torchvision ResNet depth")
     weights: str = Field("none", description="'none', a torchvision weights name (DEFAULT, IMAGENET1K_V1), "
                          "a published model (s3://... or models:/NAME@ALIAS) or a local file")
-    epochs: int = Field(2, ge=1, le=1000, description="training epochs")
-    batch_size: int = Field(64, ge=2, le=8192, description="global batch size (split across workers)")
-    lr: float = Field(0.01, gt=0.0, le=10.0, description="peak learning rate (SGD, cosine schedule)")
-    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="SGD weight decay")
-    warmup_epochs: float = Field(0.0, ge=0.0, le=100.0, description="linear LR warm-up at the start of every "
-                                 "phase, in epochs (then cosine to 0, per step)")
-    augment: Augment = Field("flip", description="training augmentation of image batches: none, flip "
-                             "(horizontal), standard (RandomResizedCrop + flip); cached-feature probe phases "
-                             "are never augmented")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the training loss")
-    early_stopping_patience: int | None = Field(None, ge=1, le=1000, description="stop after this many epochs "
-                                                "without a lower val loss and publish the best epoch's weights; "
-                                                "empty = train every epoch, publish the last")
-    hidden_dim: int = Field(512, ge=8, le=8192, description="hidden width of MLP heads")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout of MLP heads")
-    probe_epochs: int | None = Field(None, ge=1, le=999, description="lp-ft / gradual: epochs of the frozen "
-                                     "first phase; empty = half the epochs")
-    cache_features: bool = Field(True, description="frozen phases train the head on backbone features "
-                                 "computed once per image")
-    precise_bn_batches: int = Field(20, ge=0, le=10_000, description="after each epoch that trains the backbone, "
-                                    "recompute exact BatchNorm statistics from this many batches (0 = off)")
-    workers: int = Field(2, ge=1, le=512, description="Ray Train data-parallel workers")
-    cpus_per_worker: int | None = Field(None, ge=1, le=512, description="CPUs per worker; empty = the "
-                                        "largest even share of the cluster's CPUs that fits every worker on one "
-                                        "node")
-    use_gpu: bool = Field(False, description="one GPU per worker (bf16 autocast, channels_last)")
-    placement_strategy: PlacementStrategy = Field(
-        "PACK", description="where Ray puts the workers: PACK onto as few nodes as fit, SPREAD over as many "
-        "nodes as possible, STRICT_PACK all on one node, STRICT_SPREAD each on a different node")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the data split, init and shuffling")
+
+
+# The training knobs are declared once, where they are used: the loop's recipe (FitConfig), the head
+# (HeadConfig) and the Ray resources (Resources); these parameters, the Prefect form and the CLI follow.
+_TrainingFields = create_model("_TrainingFields", __base__=DataParams,
+                               **option_fields(FitConfig, HeadConfig, Resources))
+
+
+class TrainingParams(_TrainingFields):  # type: ignore[misc, valid-type]
+    """What every run shares: data, backbone, recipe and resources."""
 
     @field_validator("classes")
     @classmethod
@@ -124,18 +126,17 @@ class TrainingParams(BaseModel):
 
     def train_config(self, strategy: str, num_classes: int, *, seed: int | None = None,
                      cpus_per_worker: int | None = None, lr: float | None = None) -> TrainConfig:
-        """The Ray training config for one strategy (and seed) under these parameters."""
-        return TrainConfig(arch=self.arch, strategy=strategy, num_classes=num_classes, epochs=self.epochs,
-                           batch_size=self.batch_size, lr=self.lr if lr is None else lr,
-                           weight_decay=self.weight_decay,
-                           warmup_epochs=self.warmup_epochs, augment=self.augment,
-                           label_smoothing=self.label_smoothing,
-                           early_stopping_patience=self.early_stopping_patience,
-                           hidden_dim=self.hidden_dim, dropout=self.dropout, workers=self.workers,
-                           cpus_per_worker=cpus_per_worker or self.cpus_per_worker, use_gpu=self.use_gpu,
-                           seed=self.seed if seed is None else seed, probe_epochs=self.probe_epochs,
-                           cache_features=self.cache_features, precise_bn_batches=self.precise_bn_batches,
-                           placement_strategy=self.placement_strategy)
+        """The Ray training config for one strategy (and seed, CPUs per worker, LR) under these parameters."""
+        fit = FitConfig(**option_values(FitConfig, self))
+        resources = Resources(**option_values(Resources, self))
+        return TrainConfig(arch=self.arch, strategy=strategy, num_classes=num_classes,
+                           fit=replace(fit, seed=fit.seed if seed is None else seed, lr=fit.lr if lr is None else lr),
+                           resources=replace(resources, cpus_per_worker=cpus_per_worker or resources.cpus_per_worker),
+                           head=self.head_options())
+
+    def head_options(self) -> dict[str, Any]:
+        """The new head's options (``HeadConfig``: hidden_dim, dropout), as ``build_model`` takes them."""
+        return option_values(HeadConfig, self)
 
     def recorded(self, **dump: Any) -> dict[str, Any]:
         """``model_dump`` as MLflow and the manifest record it: the dataset URI without credentials or query
@@ -194,9 +195,7 @@ class CompareParams(TrainingParams):
                                   json_schema_extra={"items": {"type": "string"} | STRATEGY_ENUM})
     seeds: int = Field(2, ge=1, le=20, description="repetitions per strategy (seed, seed+1, ...); the data "
                        "split stays fixed")
-    workers: int = Field(1, ge=1, le=512, description="Ray Train data-parallel workers per child run (children "
-                         "train side by side)")
-    cpus_per_worker: int | None = Field(None, ge=1, le=512, description="CPUs per worker of each child; empty = 1")
+    workers: int = with_default(TrainingParams, "workers", 1)  # children train side by side, one worker each
     parallel: int | None = Field(None, ge=1, le=64, description="children trained at once; empty = as many as "
                                  "the Ray cluster's CPUs allow")
     tune: Tune = Field("none", description="'lr': before the seeds, search each strategy's LR on the validation "

@@ -187,7 +187,7 @@ def _retrain(params: RetrainParams) -> RetrainResult:
     stage("build")
     weights, warm_version = resolve_warm_start(params, tracking_uri)
     built = build_head_model(params.arch, data.num_classes, params.strategy, weights, settings,
-                             params.hidden_dim, params.dropout, params.seed)
+                             params.head_options(), params.seed)
 
     links = prefect_context()
     tags = {"dataset": public_uri(params.dataset), "arch": params.arch, "strategy": spec.name, "shape": spec.shape,
@@ -229,7 +229,7 @@ def _retrain(params: RetrainParams) -> RetrainResult:
             data=asdict(params.data_spec()) | {"dataset": public_uri(params.dataset)}, lineage=lineage(data),
             metrics=metrics.as_dict(),
             run_id=tracker.run_id,
-            hidden_dim=params.hidden_dim, dropout=params.dropout, channels=int(data.test.images.shape[1]))
+            head=params.head_options(), channels=int(data.test.images.shape[1]))
         publication = publish_model(built.model, manifest, data.test.images, settings, tracker)
         prune_run_checkpoints(tracker.run_id, settings)  # the run's key in Ray is its MLflow run id
 

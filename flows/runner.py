@@ -189,5 +189,3 @@ def run_compare(settings: Settings, values: dict[str, Any], verbose: bool = Fals
     say(f"MLflow parent run : {result.parent_run_url}  ({len(result.children)} child runs)")
     return result
 
-
-# Options shared by `run` and `compare` (typer needs them in each signature; the types live here once).

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.options import option
+
 # --------------------------------------------------------------------------------------------- pooling
 
 
@@ -56,8 +58,9 @@ class HeadConfig:
     in_features: int  # channels of the trunk's last feature map: 512 (resnet18/34) or 2048 (resnet50+)
     num_classes: int
     pool: str = "avg"
-    hidden_dim: int = 512  # width of MLP heads
-    dropout: float = 0.2
+    # user options (``models.options``): the flows' parameters and the CLI are generated from these two
+    hidden_dim: int = option(512, "hidden width of MLP heads", ge=8, le=8192)
+    dropout: float = option(0.2, "dropout of MLP heads", ge=0.0, lt=1.0)
 
 
 HeadFactory = Callable[[HeadConfig], nn.Module]

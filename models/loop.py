@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from models.augment import Prepare, feature_input, image_input
+from models.augment import AUGMENTATIONS, Prepare, feature_input, image_input
 from models.data import ArrayDataset, ArraySplit, epoch_loader, set_epoch
+from models.options import option
 from models.schedules import Phase, apply_phase, param_groups, phase_at, plan, warmup_cosine
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -36,8 +37,6 @@ class EpochStats:
     accuracy: float
     images: int  # images seen by all data-parallel ranks together
     seconds: float
-    first_step_at: float = 0.0  # wall clock (time.time()) after the first optimizer step: start-up cost
-    last_step_at: float = 0.0  # wall clock after the last optimizer step
 
     @property
     def images_per_second(self) -> float:
@@ -64,15 +63,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, *,
                     autocast_dtype: torch.dtype | None = None, prepare: Prepare | None = None,
                     frozen: Sequence[nn.Module] = (),
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> EpochStats:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    on_step: Callable[[], None] | None = None) -> EpochStats:
     """One pass over ``loader``. ``frozen`` modules stay in eval mode (BatchNorm statistics do not move);
-    ``scheduler`` steps after every optimizer step."""
+    ``scheduler`` steps after every optimizer step, then ``on_step`` is called (a runner's clock)."""
     model.train()
     for module in frozen:
         module.eval()
     prepare = prepare or image_input()
     totals = torch.zeros(3, device=device)  # [sum of losses, correct, images], summed on device
-    start, first_step_at = time.perf_counter(), 0.0
+    start = time.perf_counter()
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -85,16 +85,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if not first_step_at:
-            first_step_at = time.time()
+        if on_step is not None:
+            on_step()
         n = targets.shape[0]
         totals += torch.stack([loss.detach().float() * n, (logits.argmax(1) == targets).sum().float(),
                                torch.tensor(float(n), device=device)])
-    seconds, last_step_at = time.perf_counter() - start, time.time()
+    seconds = time.perf_counter() - start
     totals = _all_reduce(totals)  # images = all ranks' images: the epoch's global throughput
     return EpochStats(loss=(totals[0] / totals[2].clamp(min=1)).item(),
                       accuracy=(totals[1] / totals[2].clamp(min=1)).item(), images=int(totals[2].item()),
-                      seconds=seconds, first_step_at=first_step_at, last_step_at=last_step_at)
+                      seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -211,24 +211,38 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, device: torch.de
 
 @dataclass(frozen=True)
 class FitConfig:
-    """The recipe of one fine-tuning run: schedule, budget, optimiser, regularisation, seed."""
+    """The recipe of one fine-tuning run: schedule, budget, optimiser, regularisation, seed.
 
-    schedule: str = "full-ft"
-    epochs: int = 2
-    batch_size: int = 64  # per process: a data-parallel runner passes its share of the global batch
-    lr: float = 0.01  # base LR of the head group (SGD + Nesterov); phases scale it
+    Fields declared with ``option`` are user options: the flows' parameters, the Prefect form and the CLI
+    are generated from these declarations (``models.options``)."""
+
+    schedule: str = "full-ft"  # set from the head strategy (``parse_strategy(s).schedule``), not an option
+    epochs: int = option(2, "training epochs", ge=1, le=1000)
+    batch_size: int = option(64, "global batch size: images per optimizer step, split across the data-parallel "
+                             "workers (each takes batch_size // workers)", ge=2, le=8192)
+    lr: float = option(0.01, "peak learning rate of the head (SGD + Nesterov, cosine schedule); phases scale "
+                       "the backbone's", gt=0.0, le=10.0)
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.0  # linear LR warm-up at the start of every phase, then cosine to 0 per step
-    label_smoothing: float = 0.0
-    augment: str = "flip"  # a key of AUGMENTATIONS; cached-feature phases are never augmented
-    probe_epochs: int | None = None  # two-phase schedules: epochs of the frozen first phase (default half)
-    cache_features: bool = True  # frozen phases train the head on backbone features computed once
-    precise_bn_batches: int = 20  # exact BN statistics from N batches after each epoch that trains the backbone
+    weight_decay: float = option(5e-4, "SGD weight decay", ge=0.0, le=1.0)
+    warmup_epochs: float = option(0.0, "linear LR warm-up at the start of every phase, in epochs (then cosine "
+                                  "to 0, per step)", ge=0.0, le=100.0)
+    augment: str = option("flip", "training augmentation of image batches: none, flip (horizontal), standard "
+                          "(RandomResizedCrop + flip); cached-feature probe phases are never augmented",
+                          choices=tuple(AUGMENTATIONS))
+    label_smoothing: float = option(0.0, "label smoothing of the training loss", ge=0.0, lt=1.0)
+    early_stopping_patience: int | None = option(
+        None, "stop after this many epochs without a lower val loss and publish the best epoch's weights; "
+        "empty = train every epoch, publish the last", ge=1, le=1000)
+    probe_epochs: int | None = option(None, "lp-ft / gradual: epochs of the frozen first phase; empty = half "
+                                      "the epochs", ge=1, le=999)
+    cache_features: bool = option(True, "frozen phases train the head on backbone features computed once per "
+                                  "image")
+    precise_bn_batches: int = option(20, "after each epoch that trains the backbone, recompute exact BatchNorm "
+                                     "statistics from this many batches (0 = off)", ge=0, le=10_000)
     probe_bn_stats: str = "target"  # frozen phases: BN statistics re-estimated on the training images (target,
     #                                 AdaBN) or kept from the pretrained weights (source)
-    early_stopping_patience: int | None = None  # stop after N epochs without a better val loss; keep the best
-    seed: int = 0  # data order (the sampler's seed), dropout and augmentation
+    seed: int = option(0, "seed of the data split, init, shuffling, dropout and augmentation", ge=0,
+                       le=2**31 - 1)
 
 
 @dataclass
@@ -282,6 +296,7 @@ class FitHooks:
     wrap_model: Callable[[nn.Module], nn.Module] = _identity  # e.g. DDP (Ray's prepare_model)
     wrap_loader: Callable[[DataLoader[Any]], DataLoader[Any]] = _identity  # e.g. device moves
     on_epoch: Callable[[EpochEnd], None] | None = None  # report, log, checkpoint
+    on_step: Callable[[], None] | None = None  # after every optimizer step (e.g. a benchmark's clock)
     resume: FitState | None = None
     autocast_dtype: torch.dtype | None = None  # bf16 on GPU
     channels_last: bool = False
@@ -308,6 +323,80 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+@dataclass
+class PhaseRun:
+    """What the epochs of one phase train with."""
+
+    net: nn.Module  # what the steps run: the model, or only its head on cached features (wrapped, e.g. DDP)
+    train_loader: Any
+    val_loader: Any
+    prepare: Prepare  # uint8 images (or cached features) -> the network's input
+    frozen: tuple[nn.Module, ...]  # modules kept in eval mode during the steps (a frozen backbone's BN)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    feature_seconds: float = 0.0  # the one-time backbone pass, when this phase paid it
+
+
+class _Inputs:
+    """The fit's data as loaders: image arrays, and the backbone features a frozen phase computes once."""
+
+    def __init__(self, cfg: FitConfig, hooks: FitHooks, train: ArraySplit, val: ArraySplit) -> None:
+        self.cfg, self.hooks, self.train, self.val = cfg, hooks, train, val
+        self.images = (ArrayDataset(train), ArrayDataset(val))
+        self.features: tuple[TensorDataset, TensorDataset] | None = None
+        self.batch = max(1, cfg.batch_size // hooks.world)  # this process's share of the global batch
+
+    def loaders(self, sets: tuple[Dataset[Any], Dataset[Any]], pin: bool = False) -> tuple[Any, Any]:
+        h, cfg = self.hooks, self.cfg
+        return (h.wrap_loader(epoch_loader(sets[0], self.batch, rank=h.rank, world=h.world, seed=cfg.seed,
+                                           shuffle=True, pin_memory=pin)),
+                h.wrap_loader(epoch_loader(sets[1], self.batch * 2, rank=h.rank, world=h.world, seed=cfg.seed,
+                                           shuffle=False)))
+
+    def cached_features(self, backbone: nn.Module) -> tuple[tuple[TensorDataset, TensorDataset], float]:
+        """(train, val) backbone features, computed on first use; and the seconds this call spent on them."""
+        if self.features is not None:
+            return self.features, 0.0
+        started, h = time.perf_counter(), self.hooks
+        self.features = tuple(TensorDataset(extract_features(  # type: ignore[assignment]
+            backbone, torch.from_numpy(s.images), h.device, autocast_dtype=h.autocast_dtype,
+            channels_last=h.channels_last), torch.from_numpy(s.labels)) for s in (self.train, self.val))
+        return self.features, time.perf_counter() - started  # type: ignore[return-value]
+
+
+def enter_phase(model: nn.Module, phase: Phase, inputs: _Inputs, resumed: FitState | None) -> PhaseRun:
+    """Set up one phase: what trains (``apply_phase``), BN statistics adapted to the target before a frozen
+    phase, the inputs (cached features or images), DDP wrap, loaders, a fresh SGD + Nesterov optimizer and
+    the per-step warm-up + cosine schedule. ``resumed``: the checkpoint's state when it was taken inside this
+    phase (the optimizer and schedule continue; BN adaptation already happened)."""
+    cfg, hooks = inputs.cfg, inputs.hooks
+    apply_phase(model, phase)
+    if phase.frozen and resumed is None and cfg.probe_bn_stats == "target":
+        adapt_loader, _ = inputs.loaders(inputs.images)
+        recompute_bn_stats(model, adapt_loader, hooks.device, prepare=image_input(hooks.channels_last, "none"),
+                           max_batches=max(cfg.precise_bn_batches, PROBE_BN_BATCHES))
+    feature_seconds = 0.0
+    if phase.frozen and cfg.cache_features:
+        features, feature_seconds = inputs.cached_features(model.backbone)
+        net = hooks.wrap_model(model.head)
+        train_loader, val_loader = inputs.loaders(features)
+        prepare, frozen = feature_input, ()
+    else:
+        net = hooks.wrap_model(model)
+        train_loader, val_loader = inputs.loaders(inputs.images, hooks.pin_memory)
+        prepare = image_input(hooks.channels_last, cfg.augment)
+        frozen = (model.backbone,) if phase.frozen else ()
+    optimizer = torch.optim.SGD(param_groups(model, phase, cfg.lr), momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=True)
+    steps = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(phase.epochs * steps, round(cfg.warmup_epochs * steps)))
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+    return PhaseRun(net, train_loader, val_loader, prepare, frozen, optimizer, scheduler, feature_seconds)
+
+
 def fit(model: nn.Module, cfg: FitConfig, train: ArraySplit, val: ArraySplit,
         hooks: FitHooks | None = None) -> FitResult:
     """Train ``model`` (a HeadNet: ``backbone`` + ``head``) through the phases of ``cfg.schedule``.
@@ -320,7 +409,7 @@ def fit(model: nn.Module, cfg: FitConfig, train: ArraySplit, val: ArraySplit,
     handed to ``hooks.on_epoch``. With early stopping the model ends with the best epoch's weights.
     """
     hooks = hooks or FitHooks()
-    device, rank, world = hooks.device, hooks.rank, hooks.world
+    device, rank = hooks.device, hooks.rank
     phases = plan(cfg.schedule, cfg.epochs, cfg.probe_epochs)
     # distinct per rank (augmentation, dropout), equal for equal seeds; the data order has its own seed
     torch.manual_seed(cfg.seed * 65_537 + rank)
@@ -332,66 +421,29 @@ def fit(model: nn.Module, cfg: FitConfig, train: ArraySplit, val: ArraySplit,
     best_loss = resume.best_val_loss if resume else math.inf
     best_weights = resume.best_weights if resume else None
     stale = sum(1 for _ in itertools.takewhile(lambda r: r["epoch"] > best_epoch, reversed(history)))
-    images_train, images_val = ArrayDataset(train), ArrayDataset(val)
-
-    def loaders(train_set: Dataset[Any], val_set: Dataset[Any], pin: bool) -> tuple[Any, Any]:
-        return (hooks.wrap_loader(epoch_loader(train_set, cfg.batch_size, rank=rank, world=world, seed=cfg.seed,
-                                               shuffle=True, pin_memory=pin)),
-                hooks.wrap_loader(epoch_loader(val_set, cfg.batch_size * 2, rank=rank, world=world, seed=cfg.seed,
-                                               shuffle=False)))
-
-    image_prepare = image_input(hooks.channels_last, cfg.augment)
-    current, cached, feature_seconds, stopped = -1, None, 0.0, False
-    start_epoch = resume.epoch if resume else 0
-    for epoch in range(start_epoch, cfg.epochs):
+    inputs = _Inputs(cfg, hooks, train, val)
+    current, run, stopped = -1, None, False
+    for epoch in range(resume.epoch if resume else 0, cfg.epochs):
         index, phase, _ = phase_at(phases, epoch)
-        if index != current:  # enter a phase: what trains, param groups, LR schedule, inputs, DDP wrapper
+        if index != current:  # a new phase (or the one a checkpoint was taken in)
             current = index
-            entering = not (resume and resume.phase == index)
-            apply_phase(model, phase)
-            use_cache = phase.frozen and cfg.cache_features
-            if phase.frozen and entering and cfg.probe_bn_stats == "target":
-                adapt_loader, _ = loaders(images_train, images_val, False)
-                recompute_bn_stats(model, adapt_loader, device, prepare=image_input(hooks.channels_last, "none"),
-                                   max_batches=max(cfg.precise_bn_batches, PROBE_BN_BATCHES))
-            if use_cache:
-                if cached is None:  # backbone features, computed once per image for all frozen epochs
-                    extraction_started = time.perf_counter()
-                    cached = tuple(TensorDataset(extract_features(
-                        model.backbone, torch.from_numpy(s.images), device, autocast_dtype=hooks.autocast_dtype,
-                        channels_last=hooks.channels_last), torch.from_numpy(s.labels)) for s in (train, val))
-                    feature_seconds = time.perf_counter() - extraction_started
-                net = hooks.wrap_model(model.head)
-                train_loader, val_loader = loaders(cached[0], cached[1], False)
-                prepare, frozen = feature_input, ()
-            else:
-                net = hooks.wrap_model(model)
-                train_loader, val_loader = loaders(images_train, images_val, hooks.pin_memory)
-                prepare, frozen = image_prepare, ((model.backbone,) if phase.frozen else ())
-            optimizer = torch.optim.SGD(param_groups(model, phase, cfg.lr), momentum=cfg.momentum,
-                                        weight_decay=cfg.weight_decay, nesterov=True)
-            steps = len(train_loader)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, warmup_cosine(phase.epochs * steps, round(cfg.warmup_epochs * steps)))
-            if not entering:
-                assert resume is not None
-                optimizer.load_state_dict(resume.optimizer)
-                scheduler.load_state_dict(resume.scheduler)
-        set_epoch(train_loader, epoch)
-        lr = optimizer.param_groups[-1]["lr"]  # the head group's LR at the epoch's first step
-        stats = train_one_epoch(net, criterion, optimizer, train_loader, device, autocast_dtype=hooks.autocast_dtype,
-                                prepare=prepare, frozen=frozen, scheduler=scheduler)
+            run = enter_phase(model, phase, inputs, resume if resume and resume.phase == index else None)
+        assert run is not None
+        set_epoch(run.train_loader, epoch)
+        lr = run.optimizer.param_groups[-1]["lr"]  # the head group's LR at the epoch's first step
+        stats = train_one_epoch(run.net, criterion, run.optimizer, run.train_loader, device,
+                                autocast_dtype=hooks.autocast_dtype, prepare=run.prepare, frozen=run.frozen,
+                                scheduler=run.scheduler, on_step=hooks.on_step)
         if phase.train_backbone:
-            recompute_bn_stats(net, train_loader, device, prepare=image_input(hooks.channels_last, "none"),
+            recompute_bn_stats(run.net, run.train_loader, device, prepare=image_input(hooks.channels_last, "none"),
                                max_batches=cfg.precise_bn_batches)
-        val_result = evaluate(net, eval_criterion, val_loader, device, autocast_dtype=hooks.autocast_dtype,
-                              prepare=prepare)
+        val_result = evaluate(run.net, eval_criterion, run.val_loader, device, autocast_dtype=hooks.autocast_dtype,
+                              prepare=run.prepare)
         row = {"epoch": epoch + 1, "phase": index + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "val_loss": val_result.loss, "val_accuracy": val_result.accuracy, "lr": lr,
                "images_per_second": stats.images_per_second, "epoch_seconds": stats.seconds,
-               "feature_seconds": feature_seconds,  # one-time backbone pass, on the epoch that paid it
-               "first_step_at": stats.first_step_at, "last_step_at": stats.last_step_at}  # wall clock, for bench
-        feature_seconds = 0.0
+               "feature_seconds": run.feature_seconds}  # the one-time backbone pass, on the epoch that paid it
+        run.feature_seconds = 0.0
         history.append(row)
         if val_result.loss < best_loss:  # the same on every rank: val loss is all-reduced
             best_loss, best_epoch, stale = val_result.loss, epoch + 1, 0
@@ -402,8 +454,9 @@ def fit(model: nn.Module, cfg: FitConfig, train: ArraySplit, val: ArraySplit,
         stopped = cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience
         if hooks.on_epoch is not None:
             hooks.on_epoch(EpochEnd(row, phase, model, FitState(
-                epoch=epoch + 1, phase=index, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                history=list(history), best_epoch=best_epoch, best_val_loss=best_loss, best_weights=best_weights)))
+                epoch=epoch + 1, phase=index, optimizer=run.optimizer.state_dict(),
+                scheduler=run.scheduler.state_dict(), history=list(history), best_epoch=best_epoch,
+                best_val_loss=best_loss, best_weights=best_weights)))
         if stopped:
             break
     if cfg.early_stopping_patience is not None and best_weights is not None:

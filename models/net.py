@@ -84,7 +84,8 @@ def is_torchvision_weights_name(weights: str) -> bool:
 
 
 def build_model(arch: str, num_classes: int, strategy: str, weights: str | Path | None = None, *,
-                hidden_dim: int = 512, dropout: float = 0.2, seed: int | None = None) -> HeadNet:
+                hidden_dim: int = HeadConfig.hidden_dim, dropout: float = HeadConfig.dropout,
+                seed: int | None = None) -> HeadNet:
     """Build a ResNet with the given head strategy.
 
     weights: None or ``"none"`` (random init), a torchvision weights name (``DEFAULT``,

@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from models.data import normalize_batch, resize_uint8
+from models.heads import HeadConfig
 from models.net import HeadNet, build_model
 from models.weights import load_exact
 
@@ -23,7 +24,8 @@ def model_from_manifest(manifest: Mapping[str, Any], state: dict[str, torch.Tens
     """Rebuild a published model from its manifest and load its weights (either key format) strictly."""
     head = manifest.get("head", {})
     model = build_model(manifest["arch"], int(manifest["num_classes"]), manifest["strategy"], None,
-                        hidden_dim=int(head.get("hidden_dim", 512)), dropout=float(head.get("dropout", 0.2)))
+                        hidden_dim=int(head.get("hidden_dim", HeadConfig.hidden_dim)),
+                        dropout=float(head.get("dropout", HeadConfig.dropout)))
     load_exact(model, state)
     return model.eval()
 

@@ -4,6 +4,7 @@ build the model with the chosen head strategy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from prefect import task
@@ -53,9 +54,10 @@ def resolve_weights(weights: str, settings: Settings) -> str | None:
       retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=retry_transient)
 def build_head_model(arch: str, num_classes: int, strategy: str, weights: str, settings: Settings,
-                     hidden_dim: int = 512, dropout: float = 0.2, seed: int | None = None) -> BuiltModel:
-    """Build arch + head strategy on top of the resolved pretrained weights (random init seeded by ``seed``)."""
+                     head: dict[str, Any] | None = None, seed: int | None = None) -> BuiltModel:
+    """Build arch + head strategy on top of the resolved pretrained weights (random init seeded by ``seed``);
+    ``head``: the head's options (``HeadConfig``: hidden_dim, dropout)."""
     resolved = resolve_weights(weights, settings)
-    model = build_model(arch, num_classes, strategy, resolved, hidden_dim=hidden_dim, dropout=dropout, seed=seed)
+    model = build_model(arch, num_classes, strategy, resolved, **(head or {}), seed=seed)
     return BuiltModel(model, resolved or "none", trainable_parameters(model),
                       sum(p.numel() for p in model.parameters()))

@@ -175,16 +175,15 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
                  parent_run_id: str) -> ChildResult:
     """Build, fine-tune and test one strategy x seed as a nested MLflow run of the comparison."""
     spec = parse_strategy(strategy)
-    model = build_model(cfg.arch, data.num_classes, spec.name, weights, hidden_dim=cfg.hidden_dim,
-                        dropout=cfg.dropout, seed=seed)
+    model = build_model(cfg.arch, data.num_classes, spec.name, weights, **cfg.head, seed=seed)
     tracker = start_run(tracking_uri, experiment, f"{spec.name}-seed{seed}", parent_run_id=parent_run_id, tags={
         "strategy": spec.name, "shape": spec.shape, "pool": spec.pool, "schedule": spec.schedule,
         "seed": str(seed), "headbench.kind": "compare-child"})
     with tracker.lifecycle():
-        phases = describe_plan(model, spec.schedule, cfg.epochs, cfg.probe_epochs, cfg.lr)
+        phases = describe_plan(model, spec.schedule, cfg.fit.epochs, cfg.fit.probe_epochs, cfg.fit.lr)
         trainable = max(p["trainable_params"] for p in phases)  # the widest phase (full-ft: all parameters)
         tracker.log_params(child_params | {"strategy": spec.name, "seed": seed, "trainable_params": trainable,
-                                           "in_features": model.in_features, "lr": cfg.lr} | phase_params(phases))
+                                           "in_features": model.in_features, "lr": cfg.fit.lr} | phase_params(phases))
         tracker.log_dict(phases, "training/phases.json")
         started = time.perf_counter()
         outcome = run_training(cfg, data.train, data.val, model.state_dict(), settings=settings,
@@ -200,7 +199,7 @@ def fit_strategy(strategy: str, seed: int, cfg: TrainConfig, data: PreparedData,
     seen = sum(row["images_per_second"] * row["epoch_seconds"] for row in outcome.history)
     busy = sum(row["epoch_seconds"] for row in outcome.history)
     return ChildResult(spec.name, seed, tracker.run_id, metrics.accuracy, metrics.macro_f1, seconds, trainable,
-                       seen / busy if busy else 0.0, outcome.history, cfg.lr)
+                       seen / busy if busy else 0.0, outcome.history, cfg.fit.lr)
 
 
 @task(name="tune-lr", timeout_seconds=TIMEOUT_S["tune-lr"], cache_policy=NO_CACHE, log_prints=True)
@@ -209,18 +208,17 @@ def tune_strategy(strategy: str, cfg: TrainConfig, data: PreparedData, weights: 
     """Search one strategy's LR on Ray Tune (ASHA on val loss) and log it as parent -> strategy -> trial runs.
     Returns the best LR."""
     spec = parse_strategy(strategy)
-    model = build_model(cfg.arch, data.num_classes, spec.name, weights, hidden_dim=cfg.hidden_dim,
-                        dropout=cfg.dropout, seed=cfg.seed)
+    model = build_model(cfg.arch, data.num_classes, spec.name, weights, **cfg.head, seed=cfg.fit.seed)
     tracker = start_run(tracking_uri, experiment, f"tune-{spec.name}", parent_run_id=parent_run_id, tags={
         "strategy": spec.name, "headbench.kind": "tune-strategy"})
     with tracker.lifecycle():
-        grid = lr_grid(cfg.lr, trials)
+        grid = lr_grid(cfg.fit.lr, trials)
         tracker.log_params({"strategy": spec.name, "tune": "lr", "tune_trials": trials, "tune_scheduler": "ASHA",
                             "tune_metric": TUNE_METRIC, "lr_grid": ",".join(f"{lr:.3g}" for lr in grid),
-                            "epochs": cfg.epochs, "seed": cfg.seed})
+                            "epochs": cfg.fit.epochs, "seed": cfg.fit.seed})
         init_ray(settings)
         outcome = tune_lr(cfg, data.train, data.val, model.state_dict(), trials=trials,
-                          cpus_per_trial=cfg.cpus_per_worker or 1, storage=ray_storage(settings, "tune"),
+                          cpus_per_trial=cfg.resources.cpus_per_worker or 1, storage=ray_storage(settings, "tune"),
                           name=tracker.run_id)
         for i, trial in enumerate(outcome.trials):
             child = start_run(tracking_uri, experiment, f"{spec.name}-lr{trial.lr:.3g}", parent_run_id=tracker.run_id,

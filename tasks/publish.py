@@ -44,7 +44,7 @@ class Publication:
 def build_manifest(model: HeadNet, *, model_name: str, class_names: list[str], class_indices: list[int],
                    image_size: int, data: dict[str, Any], lineage: dict[str, Any], metrics: dict[str, float],
                    run_id: str,
-                   hidden_dim: int, dropout: float, channels: int = 3) -> dict[str, Any]:
+                   head: dict[str, Any], channels: int = 3) -> dict[str, Any]:
     """Everything needed to rebuild, preprocess for, and trust a published model."""
     return {
         "format_version": MANIFEST_VERSION,
@@ -52,7 +52,7 @@ def build_manifest(model: HeadNet, *, model_name: str, class_names: list[str], c
         "arch": model.arch,
         "strategy": model.strategy.name,
         "num_classes": model.num_classes,
-        "head": {"hidden_dim": hidden_dim, "dropout": dropout},
+        "head": head,  # HeadConfig's options: hidden_dim, dropout
         "class_names": class_names,
         "class_indices": class_indices,
         "image_size": image_size,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from infra.errors import HeadbenchError
 from infra.processes.supervise import HOST, free_port
+from models.options import option
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -37,6 +39,20 @@ LOCAL_TRAINING_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 LOG_MONITOR_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "1", "LOG_NAME_UPDATE_INTERVAL_S": "1.0"}
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 
+
+@dataclass(frozen=True)
+class Resources:
+    """What one training run asks of the Ray cluster (user options, ``models.options``)."""
+
+    workers: int = option(2, "Ray Train data-parallel workers of a run (compare: of each child; children train "
+                          "side by side)", ge=1, le=512)
+    cpus_per_worker: int | None = option(None, "CPUs per worker; empty = run: the largest even share of the "
+                                         "cluster's CPUs that fits every worker on one node; compare: 1",
+                                         ge=1, le=512)
+    use_gpu: bool = option(False, "one GPU per worker (bf16 autocast, channels_last)")
+    placement_strategy: str = option("PACK", "where Ray puts the workers: PACK onto as few nodes as fit, SPREAD "
+                                     "over as many nodes as possible, STRICT_PACK all on one node, STRICT_SPREAD "
+                                     "each on a different node", choices=PLACEMENT_STRATEGIES)
 
 
 class PlacementError(HeadbenchError):

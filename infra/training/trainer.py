@@ -24,7 +24,6 @@ from infra.training.cluster import check_gpus, check_placement, cluster_node_cpu
 from infra.training.prestart import prestart_train_workers, worker_runtime_env
 from infra.training.timeline import mark
 from infra.training.worker import TrainConfig, load_checkpoint, train_worker
-from models import parse_strategy
 from models.data import ArraySplit, check_batch_split
 from models.loop import FitState
 from models.schedules import plan
@@ -59,13 +58,14 @@ class TrainOutcome:
 
 def augmentation_note(cfg: TrainConfig) -> str:
     """Which phases the augmentation reached: cached-feature phases see each image once, unaugmented."""
-    phases = plan(parse_strategy(cfg.strategy).schedule, cfg.epochs, cfg.probe_epochs)
-    cached = cfg.cache_features and any(p.frozen for p in phases)
-    if cfg.augment == "none":
+    fit = cfg.fit
+    phases = plan(fit.schedule, fit.epochs, fit.probe_epochs)
+    cached = fit.cache_features and any(p.frozen for p in phases)
+    if fit.augment == "none":
         return "none"
     if cached and all(p.frozen for p in phases):
-        return f"none: {cfg.augment} does not apply to cached backbone features"
-    return f"{cfg.augment} on image phases" + ("; cached-feature phases unaugmented" if cached else "")
+        return f"none: {fit.augment} does not apply to cached backbone features"
+    return f"{fit.augment} on image phases" + ("; cached-feature phases unaugmented" if cached else "")
 
 
 @functools.cache
@@ -83,8 +83,8 @@ def trainer_class(base: type) -> type:
 
 def build_trainer(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_state: dict[str, torch.Tensor],
                   cpus: int, run_config: Any) -> Any:
-    """The TorchTrainer that runs ``train_worker`` on ``cfg.workers`` workers of ``cpus`` CPUs each (and a GPU
-    each with ``cfg.use_gpu``); the arrays and the initial weights go through the object store once."""
+    """The TorchTrainer that runs ``train_worker`` on ``cfg.resources.workers`` workers of ``cpus`` CPUs each (and
+    a GPU each with ``cfg.resources.use_gpu``); the arrays and the initial weights go through the object store once."""
     import ray
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -93,8 +93,9 @@ def build_trainer(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_sta
         train_worker,
         train_loop_config={"train": asdict(cfg), "threads": cpus, "data_ref": ray.put((train, val)),
                            "init_ref": ray.put(init_state)},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus},
-                                     placement_strategy=cfg.placement_strategy),
+        scaling_config=ScalingConfig(num_workers=cfg.resources.workers, use_gpu=cfg.resources.use_gpu,
+                                     resources_per_worker={"CPU": cpus},
+                                     placement_strategy=cfg.resources.placement_strategy),
         run_config=run_config)
 
 
@@ -110,7 +111,7 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
                  *, settings: Settings, tracking_uri: str, run_id: str, run_key: str) -> TrainOutcome:
     """Fit on Ray Train; ``run_key`` names the Ray run, so re-running the same key resumes it."""
     try:  # before Ray starts: a batch of one reaches BatchNorm only inside a worker, retried max_failures times
-        check_batch_split(cfg.batch_size, cfg.workers, len(train))
+        check_batch_split(cfg.fit.batch_size, cfg.resources.workers, len(train))
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     mark("ray-connect")
@@ -121,15 +122,16 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
 
     from infra.training.epoch_log import EpochLog, ImportMlflowDuringEpoch1, MlflowEpochs
 
-    cpus = cfg.cpus_per_worker or even_share(cfg.workers, nodes)
-    check_placement(cfg.workers, cpus, cfg.placement_strategy, nodes)
-    if cfg.use_gpu:
-        check_gpus(cfg.workers, node_gpus())
+    res = cfg.resources
+    cpus = res.cpus_per_worker or even_share(res.workers, nodes)
+    check_placement(res.workers, cpus, res.placement_strategy, nodes)
+    if res.use_gpu:
+        check_gpus(res.workers, node_gpus())
     if settings.ray_prestart:  # the worker processes start, and import, while the controller starts
-        prestart_train_workers(cfg.workers, worker_runtime_env())
+        prestart_train_workers(res.workers, worker_runtime_env())
     mark("workers-prestarted")
     storage_path, storage_fs = ray_storage(settings, RAY_TRAIN_PREFIX)
-    epoch_log = EpochLog(tracking_uri, run_id, cfg.strategy, cfg.epochs, cfg.probe_epochs)
+    epoch_log = EpochLog(tracking_uri, run_id, cfg.strategy, cfg.fit.epochs, cfg.fit.probe_epochs)
     trainer = build_trainer(cfg, train, val, init_state, cpus, RunConfig(
         name=run_key, storage_path=storage_path, storage_filesystem=storage_fs,
         worker_runtime_env=worker_runtime_env(), failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -148,8 +150,8 @@ def run_training(cfg: TrainConfig, train: ArraySplit, val: ArraySplit, init_stat
     last, state = final_checkpoint(result)
     mark("final-weights")
     epoch_log.sync(state.history)  # what the controller could not log (MLflow briefly unreachable), if any
-    keep_best = cfg.early_stopping_patience is not None and state.best_weights is not None
-    stopped = keep_best and state.epoch < cfg.epochs
+    keep_best = cfg.fit.early_stopping_patience is not None and state.best_weights is not None
+    stopped = keep_best and state.epoch < cfg.fit.epochs
     return TrainOutcome(state_dict=state.best_weights if keep_best else last,  # type: ignore[arg-type]
                         history=state.history, best_epoch=state.best_epoch if keep_best else state.epoch,
                         stopped_early=stopped, checkpoint_path=result.checkpoint.path,

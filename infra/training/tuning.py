@@ -56,14 +56,14 @@ def _trial(config: dict[str, Any]) -> None:
     from infra.training.worker import TrainConfig
     from models import build_model
 
-    cfg = TrainConfig(**(config["train"] | {"lr": config["lr"]}))
+    cfg = TrainConfig.from_dict(config["train"]).with_fit(lr=config["lr"])
     torch.set_num_threads(config["threads"])
     train, val = ray.get(config["data_ref"])
-    model = build_model(cfg.arch, cfg.num_classes, cfg.strategy, None, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout)
+    model = build_model(cfg.arch, cfg.num_classes, cfg.strategy, None, **cfg.head)
     model.load_state_dict(ray.get(config["init_ref"]))
     from models.loop import FitHooks, fit
 
-    fit(model, cfg.fit_config(1), train, val,
+    fit(model, cfg.fit, train, val,
         FitHooks(on_epoch=lambda end: ray.tune.report({k: v for k, v in end.row.items()})))
 
 
@@ -74,18 +74,19 @@ def tune_lr(cfg: Any, train: ArraySplit, val: ArraySplit, init_state: dict[str, 
     The caller has started or joined Ray. Every strategy gets the same grid size and epochs (the same
     trial budget); ASHA (grace 1 epoch, halving) stops the worse half of the trials at each rung.
     """
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    grid = lr_grid(cfg.lr, trials)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=1, reduction_factor=2)
+    grid = lr_grid(cfg.fit.lr, trials)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.fit.epochs, grace_period=1, reduction_factor=2)
     storage_path, storage_fs = storage
+    one_worker = replace(cfg, resources=replace(cfg.resources, workers=1))  # a trial is one process
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"cpu": cpus_per_trial}),
-        param_space={"lr": tune.grid_search(grid), "train": asdict(cfg) | {"workers": 1},
+        param_space={"lr": tune.grid_search(grid), "train": asdict(one_worker),
                      "threads": cpus_per_trial, "data_ref": ray.put((train, val)), "init_ref": ray.put(init_state)},
         tune_config=tune.TuneConfig(metric=TUNE_METRIC, mode="min", scheduler=scheduler),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0),
@@ -98,7 +99,7 @@ def tune_lr(cfg: Any, train: ArraySplit, val: ArraySplit, init_state: dict[str, 
         rows = [] if frame is None else frame.to_dict("records")
         history = [{k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
                    for row in rows]
-        found[lr] = Trial(lr, history, stopped_early=len(history) < cfg.epochs,
+        found[lr] = Trial(lr, history, stopped_early=len(history) < cfg.fit.epochs,
                           error=str(result.error).splitlines()[0] if result.error else None)
     ordered = [found[lr] for lr in grid if lr in found]
     complete = [t for t in ordered if t.error is None and t.history]

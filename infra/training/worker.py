@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 
 from infra.processes.supervise import process_started_at
 from infra.tracking.epochs import HISTORY_KEY, epoch_line
+from infra.training.cluster import Resources
 from models import build_model, parse_strategy
 from models.loop import DDP_OPTIONS, EpochEnd, FitConfig, FitHooks, FitState, fit
 from models.weights import WEIGHTS_FILE, headbench_keys, save_state_dict
@@ -33,40 +34,28 @@ BEST_WEIGHTS_FILE = "best.safetensors"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters and resources of one fine-tuning run (logged to MLflow as params)."""
+    """One fine-tuning run on Ray Train: the model to build, the loop's recipe and the resources. Composed from
+    the declarations (``FitConfig``, ``HeadConfig``'s options, ``Resources``), never copied field by field."""
 
     arch: str
     strategy: str
     num_classes: int
-    epochs: int
-    batch_size: int  # global batch: each of N workers takes batch_size // N
-    lr: float
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    hidden_dim: int = 512
-    dropout: float = 0.2
-    workers: int = 2
-    cpus_per_worker: int | None = None  # default: the cluster's CPUs shared evenly
-    use_gpu: bool = False
-    seed: int = 0
-    augment: str = "flip"  # none | flip | standard (image phases only)
-    label_smoothing: float = 0.0
-    warmup_epochs: float = 0.0
-    early_stopping_patience: int | None = None
-    max_failures: int = 2
-    probe_epochs: int | None = None  # two-phase schedules: epochs of the frozen first phase (default half)
-    cache_features: bool = True  # frozen phases train the head on backbone features computed once
-    precise_bn_batches: int = 20  # exact BN stats from N batches (after backbone epochs, before frozen phases)
-    placement_strategy: str = "PACK"  # Ray placement group of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    fit: FitConfig  # fit.batch_size is global: each of N workers takes batch_size // N
+    resources: Resources = field(default_factory=Resources)
+    head: dict[str, Any] = field(default_factory=dict)  # HeadConfig's options: hidden_dim, dropout
+    max_failures: int = 2  # worker failures Train recovers from (restart from the last checkpoint)
 
-    def fit_config(self, world: int = 1) -> FitConfig:
-        """The loop's recipe for one of ``world`` data-parallel processes (each takes batch_size // world)."""
-        return FitConfig(schedule=parse_strategy(self.strategy).schedule, epochs=self.epochs,
-                         batch_size=max(1, self.batch_size // world), lr=self.lr, momentum=self.momentum,
-                         weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
-                         label_smoothing=self.label_smoothing, augment=self.augment, probe_epochs=self.probe_epochs,
-                         cache_features=self.cache_features, precise_bn_batches=self.precise_bn_batches,
-                         early_stopping_patience=self.early_stopping_patience, seed=self.seed)
+    def __post_init__(self) -> None:  # the loop's schedule is the strategy's: "mlp+lp-ft" trains as "lp-ft"
+        object.__setattr__(self, "fit", replace(self.fit, schedule=parse_strategy(self.strategy).schedule))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``dataclasses.asdict`` (how the config travels in Ray's ``train_loop_config``)."""
+        return cls(**(values | {"fit": FitConfig(**values["fit"]), "resources": Resources(**values["resources"])}))
+
+    def with_fit(self, **changes: Any) -> TrainConfig:
+        """This config with some of the loop's recipe changed (a tuned lr, a child's seed)."""
+        return replace(self, fit=replace(self.fit, **changes))
 
 
 def save_checkpoint(end: EpochEnd, directory: Path) -> None:
@@ -87,6 +76,25 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], FitState]
     saved = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
     # replace-fc weights are saved under torchvision's names (see models.weights.publishable_state_dict)
     return headbench_keys(load_file(directory / WEIGHTS_FILE)), FitState.from_train_state(saved, best)
+
+
+class StepClock:
+    """Wall clock (``time.time()``) of each epoch's first and last optimizer step. The bench's start-up and
+    end-of-run breakdown reads them from the history rows (they are not MLflow metrics: ``NOT_METRICS``)."""
+
+    def __init__(self) -> None:
+        self.first = self.last = 0.0
+
+    def tick(self) -> None:  # FitHooks.on_step: after every optimizer step
+        self.last = time.time()
+        if not self.first:
+            self.first = self.last
+
+    def lap(self) -> dict[str, float]:
+        """This epoch's marks; the next tick starts the next epoch's."""
+        marks = {"first_step_at": self.first, "last_step_at": self.last}
+        self.first = 0.0
+        return marks
 
 
 _preloaded_at: float | None = None  # when ``preload`` finished in this process
@@ -112,7 +120,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = TrainConfig(**config["train"])
+    cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])  # never above this worker's CPU share (it halves speed)
@@ -120,8 +128,7 @@ def train_worker(config: dict[str, Any]) -> None:
     on_gpu = device.type == "cuda"
 
     train_split, val_split = ray.get(config["data_ref"])  # zero-copy numpy views from the object store
-    model = build_model(cfg.arch, cfg.num_classes, cfg.strategy, None, hidden_dim=cfg.hidden_dim,
-                        dropout=cfg.dropout)
+    model = build_model(cfg.arch, cfg.num_classes, cfg.strategy, None, **cfg.head)
     model.load_state_dict(ray.get(config["init_ref"]))
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -137,7 +144,10 @@ def train_worker(config: dict[str, Any]) -> None:
     startup = {"worker_started_at": process_started_at(), "worker_preloaded_at": _preloaded_at or entered_at,
                "worker_entered_at": entered_at, "worker_ready_at": time.time()}
 
+    clock = StepClock()
+
     def on_epoch(end: EpochEnd) -> None:
+        end.row.update(clock.lap())
         if startup:
             end.row.update(startup)
             startup.clear()
@@ -145,7 +155,7 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(end.row, checkpoint=None)
             return
         # Ray's worker log (--verbose)
-        print(epoch_line(int(end.row["epoch"]), cfg.epochs, end.phase.name, end.row), flush=True)
+        print(epoch_line(int(end.row["epoch"]), cfg.fit.epochs, end.phase.name, end.row), flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(end, Path(tmp))
             # the whole history: Train's controller logs to MLflow whatever epochs it does not have yet
@@ -153,9 +163,9 @@ def train_worker(config: dict[str, Any]) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     hooks = FitHooks(
-        rank=rank, world=world, device=device, on_epoch=on_epoch, resume=resume,
+        rank=rank, world=world, device=device, on_epoch=on_epoch, on_step=clock.tick, resume=resume,
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False,
                                                            parallel_strategy_kwargs=DDP_OPTIONS),
         wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
         autocast_dtype=torch.bfloat16 if on_gpu else None, channels_last=on_gpu, pin_memory=on_gpu)
-    fit(model, cfg.fit_config(world), train_split, val_split, hooks)
+    fit(model, cfg.fit, train_split, val_split, hooks)

@@ -46,13 +46,16 @@ assert ray_alone(cfg, data.train, data.val, 0) > 0  # a TorchTrainer run, as the
 TUNE = SETUP + r'''
 from infra.training.cluster import init_ray
 from infra.training.worker import TrainConfig
+from infra.training.cluster import Resources
+from models.loop import FitConfig
 from infra.settings import load_settings
 from infra.training.tuning import tune_lr
 from models import build_model
 home = Path(tempfile.mkdtemp())
 init_ray(load_settings(home).model_copy(update={"ray_address": None}))
-train_cfg = TrainConfig(arch="resnet18", strategy="replace-fc", num_classes=10, epochs=1, batch_size=32, lr=0.01,
-                        workers=1, cpus_per_worker=1, precise_bn_batches=0)
+train_cfg = TrainConfig(arch="resnet18", strategy="replace-fc", num_classes=10,
+                        fit=FitConfig(epochs=1, batch_size=32, lr=0.01, precise_bn_batches=0),
+                        resources=Resources(workers=1, cpus_per_worker=1))
 init = build_model("resnet18", 10, "replace-fc", None, seed=0).state_dict()
 outcome = tune_lr(train_cfg, data.train, data.val, init, trials=2, cpus_per_trial=1, storage=(str(home / "tune"), None),
                   name="ctrl-c")

@@ -1,28 +1,80 @@
-"""One source of truth for run options: every field of the typed flow parameters (the Prefect form) has
-exactly one CLI option with the same default, and the CLI has no option the parameters lack."""
+"""One declaration per option: a training knob is declared once, in the dataclass that uses it (``FitConfig``,
+``HeadConfig``, ``Resources``); the flows' parameters (the Prefect form) are generated from it, and the CLI
+from the parameters: every field has exactly one option with the same default and help."""
 
 from __future__ import annotations
+
+import ast
+import typing
+from pathlib import Path
 
 import pytest
 import typer.main
 from pydantic import BaseModel
 
 from flows.cli import app
-from flows.params import CompareParams, RetrainParams
+from flows.options import from_cli
+from flows.params import CompareParams, RetrainParams, TrainingParams
+from infra.training.cluster import Resources
+from models.heads import HeadConfig
+from models.loop import FitConfig
+from models.options import declared_options
 
 CLI_ONLY = {"home", "verbose"}  # where the local stack lives, and what the terminal shows: not flow parameters
-RENAMED = {"gpu": "use_gpu"}  # --gpu/--cpu sets use_gpu
+KNOB_CLASSES = (FitConfig, HeadConfig, Resources)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("command, model", [("run", RetrainParams), ("compare", CompareParams)])
-def test_every_field_has_one_option_with_the_same_default(command: str, model: type[BaseModel]) -> None:
+def test_every_field_has_one_option_with_the_same_default_and_help(command: str, model: type[BaseModel]) -> None:
     options = typer.main.get_command(app).commands[command].params  # type: ignore[attr-defined]
-    by_field = {RENAMED.get(o.name, o.name): o for o in options if o.name not in CLI_ONLY}
-    assert set(by_field) == set(model.model_fields)
+    names = [o.name for o in options if o.name not in CLI_ONLY]
+    assert sorted(names) == sorted(model.model_fields)  # one each, none extra
+    by_field = {o.name: o for o in options}
     for name, field in model.model_fields.items():
-        option = by_field[name]
-        if name == "strategies":  # a comma-separated string on the command line, empty = the field's default
-            assert option.default == ""
-            continue
-        assert option.default == field.default, (command, name)
-        assert option.help, (command, name)
+        option, default = by_field[name], field.get_default(call_default_factory=True)
+        if typing.get_origin(field.annotation) is list:  # comma-separated on the command line
+            assert option.default == ",".join(default), (command, name)
+            assert from_cli(model, {name: option.default})[name] == default
+        else:
+            assert option.default == default, (command, name)
+        assert field.description and option.help.startswith(field.description), (command, name)
+    assert by_field["use_gpu"].opts == ["--gpu"] and by_field["use_gpu"].secondary_opts == ["--cpu"]
+
+
+@pytest.mark.parametrize("config", KNOB_CLASSES, ids=lambda c: c.__name__)
+def test_the_parameters_take_type_default_help_and_bounds_from_the_declaration(config: type) -> None:
+    for declared in declared_options(config):
+        field = TrainingParams.model_fields[declared.name]
+        assert field.default == declared.default and field.description == declared.option.help
+        bounds = {(kind := type(m).__name__.lower()): getattr(m, kind) for m in field.metadata}
+        assert bounds == declared.option.bounds(), declared.name
+        if declared.option.choices:
+            assert typing.get_args(field.annotation) == declared.option.choices
+    assert CompareParams.model_fields["workers"].default == 1  # a per-flow default, same declaration
+    assert CompareParams.model_fields["workers"].metadata == TrainingParams.model_fields["workers"].metadata
+
+
+def _declarations(name: str) -> list[str]:
+    """Where ``name`` is declared as a user option in the product's code: a class field with ``option(...)``
+    or ``Field(...)``, or a function parameter annotated with a typer option."""
+    found = []
+    for package in ("models", "infra", "tasks", "flows"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    for stmt in node.body:
+                        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                                and stmt.target.id == name and isinstance(stmt.value, ast.Call)
+                                and ast.unparse(stmt.value.func) in ("option", "Field")):
+                            found.append(f"{path.relative_to(ROOT)}:{node.name}")
+                elif isinstance(node, ast.FunctionDef):
+                    for arg in node.args.args + node.args.kwonlyargs:
+                        if arg.arg == name and arg.annotation is not None and "Option" in ast.unparse(arg.annotation):
+                            found.append(f"{path.relative_to(ROOT)}:{node.name}()")
+    return found
+
+
+@pytest.mark.parametrize("name", [o.name for c in KNOB_CLASSES for o in declared_options(c)])
+def test_a_training_knob_is_declared_in_one_place(name: str) -> None:
+    assert len(_declarations(name)) == 1, _declarations(name)
