@@ -1,7 +1,8 @@
 """The `headbench` command line: local stack (up/down/status), retraining runs and the demo.
 
-Heavy imports (torch, ray, prefect, mlflow) happen inside commands, after the settings have exported the
-standard variables, so `--help` is fast and Prefect reads the right API URL.
+Prefect, Ray and MLflow are imported inside commands, after the settings have exported the standard variables,
+so Prefect reads the right API URL. `run` and `compare` take their options from the flows' parameters
+(``flows.options``).
 """
 
 from __future__ import annotations
