@@ -6,6 +6,7 @@ with help text and the server rejects bad values before anything runs.
 
 from __future__ import annotations
 
+import datetime as dt
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -23,7 +24,16 @@ from flows.stages import cancel_on_interrupt, stage
 from infra.settings import Settings, load_settings, require_servers
 from infra.storage.leases import RunLease, run_lease
 from infra.tracking.lineage import lineage, log_datasets
-from infra.tracking.runs import CHAMPION_ALIAS, Tracker, alias_version, flatten, reopen_run, run_url, start_run
+from infra.tracking.runs import (
+    CHAMPION_ALIAS,
+    Tracker,
+    alias_version,
+    describe_version,
+    flatten,
+    reopen_run,
+    run_url,
+    start_run,
+)
 from infra.uris import public_name, public_uri
 from models import parse_strategy
 from models.schedules import describe_plan, phase_params
@@ -68,8 +78,11 @@ def run_params() -> tuple[dict[str, Any], str]:
 
 
 def _flow_run_name() -> str:
-    p, dataset = run_params()
-    return f"{dataset}-{p.get('arch', 'resnet18')}-{p.get('strategy', 'mlp')}-seed{p.get('seed', 0)}"
+    """The model and when the run was due, e.g. ``headbench-classifier-2026-12-06T0300`` (UTC): every scheduled
+    run of one model gets its own name, in Prefect and in MLflow (the MLflow run takes the flow run's name)."""
+    p, _ = run_params()
+    due = flow_run.get_scheduled_start_time() or dt.datetime.now(dt.UTC)
+    return f"{p.get('model_name', 'headbench-classifier')}-{due.astimezone(dt.UTC):%Y-%m-%dT%H%M}"
 
 
 def prefect_context() -> dict[str, str]:
@@ -105,6 +118,25 @@ def summary_markdown(params: RetrainParams, metrics: dict[str, float], decision:
             f"| metric | value |\n|---|---|\n{rows}\n\n"
             f"**Promotion: {decision.outcome}** ({decision.metric}): {decision.reason}. Champion before: {champion}."
             f"\n\n[MLflow run]({run_link}) · MLflow model `{model_uri}` · S3 copy `{s3_uri}`\n")
+
+
+def model_card(params: RetrainParams, data_digest: str, metrics: dict[str, float], decision: Decision,
+               run_link: str, flow_run_url: str = "") -> str:
+    """A registered version's description: what it was trained on and how, how it scored, whether it is the
+    champion, and where its records are."""
+    classes = f" (classes {params.classes})" if params.classes else ""
+    status = "champion" if decision.promoted else f"not the champion ({decision.outcome})"
+    lines = [f"{params.arch} `{params.strategy}` on {public_uri(params.dataset)}{classes}, data sha256 "
+             f"{data_digest[:16]}",
+             f"recipe: weights {params.weights}, {params.image_size} px, {params.epochs} epochs, batch "
+             f"{params.batch_size}, lr {params.lr:g} (warm-up {params.warmup_epochs:g} epochs), augment "
+             f"{params.augment}, seed {params.seed}",
+             f"test: accuracy {metrics['test_accuracy']:.4f}, macro-F1 {metrics['test_macro_f1']:.4f}",
+             f"promotion: {status}: {decision.reason}",
+             f"MLflow run: {run_link}"]
+    if flow_run_url:
+        lines.append(f"Prefect flow run: {flow_run_url}")
+    return "\n\n".join(lines)
 
 
 def skipped_result(params: RetrainParams, fresh: Freshness, tracking_uri: str, flow_run_id: str) -> RetrainResult:
@@ -238,6 +270,9 @@ def _retrain(params: RetrainParams) -> RetrainResult:
         decision = promote_model(publication, metrics.as_dict(), data.test, data.digests["test"], data.class_names,
                                  policy, settings, tracker, context={k: v for k, v in links.items() if v})
     link = run_url(tracking_uri, tracker.run_id)
+    describe_version(tracking_uri, params.model_name, publication.version,
+                     model_card(params, data.files_digest, metrics.as_dict(), decision, link,
+                                links.get("prefect.flow_run_url", "")))
     champion = alias_version(tracking_uri, params.model_name, CHAMPION_ALIAS)
     if links["prefect.flow_run_id"]:
         create_link_artifact(link=link, link_text=f"MLflow run of {params.model_name} v{publication.version}",

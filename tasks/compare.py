@@ -253,6 +253,8 @@ def report_comparison(results: list[ChildResult], parent: Tracker) -> Comparison
     for row in comparison.rows:
         metrics[f"mean_test_accuracy_{row.strategy}"] = row.accuracy.mean
     parent.log_metrics({k.replace("+", "_").replace(":", "_"): v for k, v in metrics.items()})
-    parent.set_tags({"winner": comparison.winner, "verdict": comparison.verdict()})
+    # the verdict is also the parent run's description, which the MLflow UI shows at the top of the run
+    parent.set_tags({"winner": comparison.winner, "verdict": comparison.verdict(),
+                     "mlflow.note.content": comparison.verdict()})
     return comparison
 

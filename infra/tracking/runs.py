@@ -117,14 +117,23 @@ class Tracker:
         self.end("FINISHED")
 
 
+# MLflow's UI opens an experiment in its GenAI layout (traces, judges; runs under "Evaluation runs") unless this
+# tag names another kind; this is the value MLflow's own UI sets for model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created when missing. Two runs that start together on a new server may
-    both find it missing: the one whose create loses the race reads the winner's."""
+    """The id of experiment ``name``, created when missing, tagged as a model-training experiment. Two runs that
+    start together on a new server may both find it missing: the one whose create loses the race reads the
+    winner's."""
     exp = client.get_experiment_by_name(name)
     if exp:
+        if not any(key in exp.tags for key in EXPERIMENT_KIND):  # a kind a user chose stays
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS" or not (exp := client.get_experiment_by_name(name)):
             raise
@@ -210,6 +219,11 @@ def register_version(tracking_uri: str, name: str, source: str, run_id: str,
     version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}),
                                           description=description, model_id=model_id)
     return str(version.version)
+
+
+def describe_version(tracking_uri: str, name: str, version: str, description: str) -> None:
+    """Set the registered version's description (the MLflow UI shows it as the version's model card)."""
+    MlflowClient(tracking_uri).update_model_version(name, version, description=description)
 
 
 def publication_uri(client: MlflowClient, source: str) -> str:

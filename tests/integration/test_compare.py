@@ -21,9 +21,9 @@ STRATEGIES = ["replace-fc+linear-probe", "mlp"]
 
 
 @pytest.fixture(scope="module")
-def compare_run(stack: Stack, ray_cluster: RayCluster) -> tuple[str, str]:
+def compare_run(stack: Stack, ray_cluster: RayCluster) -> tuple[str, str, str]:
     """One comparison of two strategies x two seeds, each strategy's LR first searched on Ray Tune (ASHA):
-    (stdout, parent run id)."""
+    (stdout, parent run id, stderr)."""
     args = [HEADBENCH, "compare", "--strategies", ",".join(STRATEGIES), "--seeds", "2", "--tune", "lr",
             "--tune-trials", "3", "--classes", "0-1", "--limit", "60", "--test-limit", "40", "--image-size", "32",
             "--epochs", "2", "--batch-size", "16", "--workers", "1", "--cpus-per-worker", "1", "--lr", "0.01",
@@ -33,7 +33,7 @@ def compare_run(stack: Stack, ray_cluster: RayCluster) -> tuple[str, str]:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     parent_id = re.search(r"MLflow parent run : \S+/runs/(\w+)", done.stdout)
     assert parent_id, done.stdout
-    return done.stdout, parent_id.group(1)
+    return done.stdout, parent_id.group(1), done.stderr
 
 
 def _client(stack: Stack) -> MlflowClient:
@@ -42,14 +42,25 @@ def _client(stack: Stack) -> MlflowClient:
     return MlflowClient(uri)
 
 
-def test_parent_children_artifacts_and_prefect(stack: Stack, compare_run: tuple[str, str], tmp_path: Path) -> None:
-    stdout, parent_id = compare_run
+def test_the_console_has_no_warning_and_no_traceback(compare_run: tuple[str, str, str]) -> None:
+    stdout, _, stderr = compare_run
+    noisy = [line for line in (stdout + stderr).splitlines()
+             if re.search(r"\bwarn(ing)?\b|Traceback|Timeout of", line, re.I)]
+    assert not noisy, noisy
+
+
+def test_parent_children_artifacts_and_prefect(stack: Stack, compare_run: tuple[str, str, str],
+                                               tmp_path: Path) -> None:
+    stdout, parent_id, _ = compare_run
     assert re.search(r"winner (replace-fc\+linear-probe|mlp) by [+-]\d\.\d{4} test accuracy", stdout)
     client = _client(stack)
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["headbench.kind"] == "compare"
     assert parent.data.params["strategies"] == ",".join(STRATEGIES) and parent.data.params["seeds"] == "2"
     assert parent.data.tags["winner"] in STRATEGIES
+    assert parent.data.tags["mlflow.note.content"] == parent.data.tags["verdict"]  # the run's description
+    kind = client.get_experiment(parent.info.experiment_id).tags.get("mlflow.experimentKind")
+    assert kind == "custom_model_development"  # MLflow's UI opens it as model training, not GenAI
 
     below = client.search_runs([parent.info.experiment_id],
                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -85,7 +96,7 @@ def test_parent_children_artifacts_and_prefect(stack: Stack, compare_run: tuple[
     assert any(parent.info.run_id in a["data"] for a in artifacts if a["key"] == "head-comparison-mlflow")
 
 
-def test_lr_search_per_strategy_and_seeds_at_the_tuned_lr(stack: Stack, compare_run: tuple[str, str]) -> None:
+def test_lr_search_per_strategy_and_seeds_at_the_tuned_lr(stack: Stack, compare_run: tuple[str, str, str]) -> None:
     """--tune lr: per strategy a Ray Tune search (ASHA) nested parent -> strategy -> trial in MLflow, then the
     seeds trained at the chosen LR."""
     client = _client(stack)

@@ -79,6 +79,10 @@ def test_mlflow_run_has_params_metrics_artifacts_and_version(stack: Stack, e2e_r
     versions = client.search_model_versions("name='e2e-test'")
     mine = [v for v in versions if v.run_id == run.info.run_id]
     assert len(mine) == 1 and mine[0].source == run.data.tags["model_uri"]  # the logged MLflow model
+    card = client.get_model_version("e2e-test", mine[0].version).description  # the version's model card
+    assert f"resnet18 `replace-fc` on fashion-mnist (classes 0-2), data sha256 {params['data_sha256'][:16]}" in card
+    assert f"test: accuracy {run.data.metrics['test_accuracy']:.4f}" in card and "promotion: champion: " in card
+    assert run.info.run_id in card and run.data.tags["prefect.flow_run_url"] in card
 
 
 def test_published_model_reproduces_logged_test_accuracy(stack: Stack, e2e_run: dict[str, str]) -> None:
@@ -104,7 +108,8 @@ def test_prefect_server_recorded_the_flow_run(stack: Stack, e2e_run: dict[str, s
     assert response.status_code == 200
     body = response.json()
     assert body["state_type"] == "COMPLETED"
-    assert body["name"] == "fashion-mnist-resnet18-replace-fc-seed3"
+    assert re.fullmatch(r"e2e-test-\d{4}-\d\d-\d\dT\d{4}", body["name"]), body["name"]  # the model, when due
+    assert MlflowClient(uri).get_run(e2e_run["run_id"]).info.run_name == body["name"]
     names = {t["name"].rsplit("-", 1)[0] for t in tasks}
     assert {"download-data", "build-model", "train", "evaluate", "publish"} <= names
     assert all(t["state_type"] == "COMPLETED" for t in tasks)

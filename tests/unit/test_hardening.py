@@ -191,7 +191,10 @@ def test_database_url_keeps_its_query_and_can_come_from_the_environment(tmp_path
     assert stack.database("", name="postgres") == "postgresql://hb:s3cret@db.internal:6543/postgres?sslmode=require"
 
 
-def test_every_task_and_flow_has_a_timeout() -> None:
+def test_every_task_and_flow_has_a_timeout_prefect_can_enforce() -> None:
+    """A timeout wherever Prefect enforces one: flows and the tasks they call in their own thread. A task the
+    flow submits to its thread pool gets none (Prefect cannot interrupt a thread and warns once per task
+    run); its flow's timeout bounds it."""
     import importlib
     import pkgutil
 
@@ -210,7 +213,10 @@ def test_every_task_and_flow_has_a_timeout() -> None:
                 if isinstance(value, Task | Flow):
                     found[value.name] = value.timeout_seconds
     assert {"download-data", "train", "publish", "promote", "evaluate", "retrain", "compare-heads"} <= set(found)
-    assert all(t and t > 0 for t in found.values()), found
+    submitted = {"fit-strategy"}  # compare's children, side by side in the flow's thread pool
+    assert all(t and t > 0 for name, t in found.items() if name not in submitted), found
+    assert all(found[name] is None for name in submitted), found
+    assert found["compare-heads"] and found["compare-heads"] > 0
 
 
 @pytest.mark.parametrize(("uri", "public"), [
