@@ -38,13 +38,14 @@ class BenchConfig:
     b1_only: bool = False  # no stack, no Ray: the plain PyTorch figure alone (e.g. a bare GPU machine)
     b2_only: bool = False  # B1 and B2 only (no loader, probe or DDP rows): a knob's effect, measured faster
     ray_alone: bool = False  # also the worker function on Ray Train alone (private Ray, no servers)
+    sync_checkpoints: bool = True  # also B2 with training waiting for each checkpoint upload, beside each B2
     env: tuple[tuple[str, str], ...] = ()  # set before the stack and Ray start, e.g. RAY_worker_niceness=15
 
     @classmethod
     def tiny(cls) -> BenchConfig:
         """For the test that checks every figure is emitted (seconds, not minutes)."""
         return cls(image_size=32, batch_size=32, train_images=128, epochs=2, probe_epochs=2,
-                   probe_images=64, repeats=1, workers=1, ddp_workers=0)
+                   probe_images=64, repeats=1, workers=1, ddp_workers=0, sync_checkpoints=False)
 
     @classmethod
     def gpu_default(cls) -> BenchConfig:
@@ -60,6 +61,10 @@ class Figures:
     b1_img_s: list[float] = field(default_factory=list)
     b1_compiled_img_s: list[float] = field(default_factory=list)
     b2_img_s: list[float] = field(default_factory=list)
+    b1_epoch_wall_s: list[float] = field(default_factory=list)  # steady epoch: first step to the next's first step
+    b2_epoch_wall_s: list[float] = field(default_factory=list)  # the same, B2 (checkpoints uploaded asynchronously)
+    b2_sync_img_s: list[float] = field(default_factory=list)  # B2 with training waiting for each upload
+    b2_sync_epoch_wall_s: list[float] = field(default_factory=list)
     ray_alone_img_s: list[float] = field(default_factory=list)
     ray_alone_ddp_img_s: list[float] = field(default_factory=list)  # ddp_workers x 1 CPU, Ray Train alone
     b2_ddp_img_s: list[float] = field(default_factory=list)  # ddp_workers x 1 CPU
@@ -84,6 +89,8 @@ class Figures:
         out: dict[str, Any] = {
             "b1_plain_pytorch_img_s": b1, "b2_headbench_img_s": b2, "b2_over_b1": paired_ratio(self.b2_img_s,
                                                                                               self.b1_img_s),
+            "b1_epoch_wall_s": med(self.b1_epoch_wall_s), "b2_epoch_wall_s": med(self.b2_epoch_wall_s),
+            "b1_over_b2_epoch_wall": paired_ratio(self.b1_epoch_wall_s, self.b2_epoch_wall_s),
             "b2_ddp_img_s": med(self.b2_ddp_img_s),
             "b2_ddp_over_b1": med(self.b2_ddp_img_s) / b1 if b1 and self.b2_ddp_img_s else None,
             "b1_ddp_img_s": med(self.b1_ddp_img_s),
@@ -103,6 +110,10 @@ class Figures:
             "worker_peak_uss_mb": max(self.worker_peak_uss_mb, default=None),
             "driver_peak_rss_mb": self.driver_peak_rss_mb,
         }
+        if self.b2_sync_img_s:
+            out["b2_sync_img_s"] = med(self.b2_sync_img_s)
+            out["b2_sync_epoch_wall_s"] = med(self.b2_sync_epoch_wall_s)
+            out["b1_over_b2_sync_epoch_wall"] = paired_ratio(self.b1_epoch_wall_s, self.b2_sync_epoch_wall_s)
         if self.b1_compiled_img_s:
             out["b1_compiled_img_s"] = med(self.b1_compiled_img_s)
         if self.ray_alone_img_s:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import epoch_walls
 from bench.config import MFU_LABELS, RESNET18_TRAIN_GFLOP_224, Figures
 
 
@@ -18,6 +19,9 @@ def table(figures: Figures) -> str:
         ("B2 headbench retrain (Ray Train + MLflow + S3)", fmt(s["b2_headbench_img_s"], " img/s"),
          f"{c['workers']} Ray Train worker(s), {c['cpus_per_worker'] or 'all'} CPU each"),
         ("B2 / B1", fmt(s["b2_over_b1"], "", 3), "goal >= 0.95"),
+        ("per-epoch wall, B1 / B2", fmt(s["b1_over_b2_epoch_wall"], "", 3),
+         f"goal >= 0.95: {fmt(s['b1_epoch_wall_s'], ' s', 2)} against {fmt(s['b2_epoch_wall_s'], ' s', 2)} (steps, "
+         "validation, checkpoint)"),
         (f"B2 with {c['ddp_workers']} DDP workers x 1 CPU", fmt(s["b2_ddp_img_s"], " img/s"),
          f"{fmt(s['b2_ddp_over_b1'], '', 3)} of B1 (gradient all-reduce on the same cores)"),
         (f"B1-DDP: torch DDP, {c['ddp_workers']} processes x 1 thread, gloo", fmt(s["b1_ddp_img_s"], " img/s"),
@@ -38,6 +42,10 @@ def table(figures: Figures) -> str:
          f"goal USS <= 1000 MB; {fmt(s['worker_peak_rss_mb'], ' MB', 0)} RSS (shared libraries included)"),
         ("peak memory of the driver", fmt(s["driver_peak_rss_mb"], " MB", 0), "RSS"),
     ]
+    if "b2_sync_img_s" in s:
+        rows.insert(3, ("B2 with synchronous checkpoints", fmt(s["b2_sync_img_s"], " img/s"),
+                        f"per-epoch wall B1 / B2-sync {fmt(s['b1_over_b2_sync_epoch_wall'], '', 3)} "
+                        f"({fmt(s['b2_sync_epoch_wall_s'], ' s', 2)}): training waits for each upload"))
     if "ray_alone_img_s" in s:
         rows.insert(1, ("Ray Train alone (private Ray, no servers)", fmt(s["ray_alone_img_s"], " img/s"),
                         f"{fmt(s['ray_alone_over_b1'], '', 3)} of B1: the worker function, checkpoints on local disk"))
@@ -63,3 +71,37 @@ def table(figures: Figures) -> str:
     return "\n".join(lines)
 
 
+
+
+def table_cell(column: str, value: Any) -> str:
+    """Counts as integers, seconds and rates with one decimal, accuracies, losses and ratios with four."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if column.endswith(" s") or any(key in column for key in ("second", "img/s", "wall")):
+        return f"{value:.1f}"
+    if value.is_integer() and abs(value) >= 100:
+        return str(int(value))
+    return f"{value:.4f}"
+
+
+def md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)\n"
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(table_cell(h, r.get(h, "")) for h in header) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def epoch_table(history: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """Per epoch: the steps, validation (precise BN + val), the rest of the wall time, the wall time."""
+    walls = epoch_walls(history)
+    rows = []
+    for i, row in enumerate(history):
+        steps, validation = row["epoch_seconds"], row.get("eval_seconds", float("nan"))
+        wall = walls[i] if i < len(walls) else None
+        rows.append({"epoch": int(row["epoch"]), "img/s (steps)": row["images_per_second"], "steps s": steps,
+                     "validation s": validation,
+                     "checkpoint, report and rest s": "-" if wall is None else wall - steps - validation,
+                     "wall s": "-" if wall is None else wall})
+    return rows

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import steady_img_s
+from bench import steady_epoch_wall, steady_img_s
 from bench.config import BenchConfig, Figures, machine_facts
 from bench.ddp import b1_ddp
 from bench.report import table
@@ -66,11 +66,17 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def b1_plain(cfg: BenchConfig, train: Any, val: Any, *, compiled: bool = False) -> float:
+    """Steady img/s of ``b1_history``."""
+    return steady_img_s(b1_history(cfg, train, val, compiled=compiled))
+
+
+def b1_history(cfg: BenchConfig, train: Any, val: Any, *, compiled: bool = False) -> list[dict[str, float]]:
     """Plain PyTorch: ``models.loop.fit``, the loop every Ray Train worker runs, called in this process with
-    the same model, batch, optimizer and inputs as B2 and no Ray, Prefect or MLflow. Steady img/s, measured
-    as B2 is: the median over epochs 2.. of ``cfg.epochs``."""
+    the same model, batch, optimizer and inputs as B2 and no Ray, Prefect or MLflow; its rows carry the same
+    step marks as a Train worker's (``StepClock``), so that per-epoch wall times compare too."""
     import torch
 
+    from infra.training.worker import StepClock
     from models import build_model
     from models.loop import FitConfig, FitHooks, fit
 
@@ -79,11 +85,13 @@ def b1_plain(cfg: BenchConfig, train: Any, val: Any, *, compiled: bool = False) 
     model = build_model(cfg.arch, 10, "replace-fc", None, seed=0).to(device)
     if cfg.gpu:
         model = model.to(memory_format=torch.channels_last)
+    clock = StepClock()
     hooks = FitHooks(device=device, wrap_model=torch.compile if compiled else (lambda m: m),
-                     autocast_dtype=torch.bfloat16 if cfg.gpu else None, channels_last=cfg.gpu, pin_memory=cfg.gpu)
+                     autocast_dtype=torch.bfloat16 if cfg.gpu else None, channels_last=cfg.gpu, pin_memory=cfg.gpu,
+                     on_step=clock.tick, on_epoch=lambda end: end.row.update(clock.lap()))
     result = fit(model, FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=0.01, precise_bn_batches=0),
                  train, val, hooks)
-    return steady_img_s(result.history)
+    return result.history
 
 
 def ray_alone(cfg: BenchConfig, train: Any, val: Any, run: int, workers: int = 1) -> float:
@@ -208,6 +216,7 @@ WORKER_PROCESS_MARKS = (("worker process started (from flow start)", "worker_sta
 @dataclass
 class B2Run:
     img_s: float  # steady: median over epochs 2..
+    epoch_wall_s: float | None  # steady: an epoch's first step to the next's (steps, validation, checkpoint)
     to_first_step_s: float
     to_published_s: float  # last optimizer step -> model published and registered
     startup: dict[str, float]  # segment -> seconds (STARTUP_SEGMENTS)
@@ -227,7 +236,7 @@ def segments(marks: dict[str, float], start: float, spec: tuple[tuple[str, str],
 
 
 def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int | None = None,
-                cpus_per_worker: int | None = None) -> B2Run:
+                cpus_per_worker: int | None = None, checkpoint_upload: str = "async") -> B2Run:
     """One `retrain` flow run in this process, with its start-up breakdown."""
     from flows import retrain as retrain_module
     from flows.params import RetrainParams
@@ -239,7 +248,7 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
         limit=int(cfg.train_images / 0.9) + 10, test_limit=200, image_size=cfg.image_size, arch=cfg.arch,
         strategy="replace-fc", epochs=cfg.epochs, batch_size=cfg.batch_size, precise_bn_batches=0,
         workers=workers or cfg.workers, cpus_per_worker=cpus_per_worker or cfg.cpus_per_worker, use_gpu=cfg.gpu,
-        model_name=model_name,
+        model_name=model_name, checkpoint_upload=checkpoint_upload,
         promote="never")
     marks: dict[str, float] = {}
 
@@ -258,7 +267,7 @@ def b2_pipeline(cfg: BenchConfig, settings: Any, model_name: str, workers: int |
     window = (history[1]["last_step_at"] - history[1]["epoch_seconds"] if len(history) > 1 else first["first_step_at"],
               history[-1]["last_step_at"])
     # "promote" is announced right after the publish task returned: the model is in S3 and registered
-    return B2Run(steady_img_s(history), first["first_step_at"] - started,
+    return B2Run(steady_img_s(history), steady_epoch_wall(history), first["first_step_at"] - started,
                  marks["promote"] - history[-1]["last_step_at"], startup, end, window,
                  (started, first["first_step_at"]))
 
@@ -341,7 +350,9 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
             for i in range(cfg.repeats + 1):  # the first run also starts Ray: reported apart, as "cold"
                 if i > 0:  # B1 right before each warm B2, as a pair: the same host speed and idle services
                     with Sampler.quiet():
-                        figures.b1_img_s.append(b1_plain(cfg, data.train, data.val))
+                        b1 = b1_history(cfg, data.train, data.val)
+                    figures.b1_img_s.append(steady_img_s(b1))
+                    figures.b1_epoch_wall_s.append(steady_epoch_wall(b1) or 0.0)
                     log(f"[{i}] B1 plain PyTorch {figures.b1_img_s[-1]:.1f} img/s")
                 # start-up CPU by process: sampled densely until a warm run has surely stepped (10-13 s on a
                 # slow host), not into its steady epochs, whose cores are measured at the usual pace
@@ -351,6 +362,7 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                     figures.cold_start_to_first_step_s = b2.to_first_step_s
                 else:
                     figures.b2_img_s.append(b2.img_s)
+                    figures.b2_epoch_wall_s.append(b2.epoch_wall_s or 0.0)
                     figures.start_to_first_step_s.append(b2.to_first_step_s)
                     figures.last_step_to_published_s.append(b2.to_published_s)
                     for label, seconds in b2.startup.items():
@@ -363,6 +375,12 @@ def run(cfg: BenchConfig, home: Path | None = None, log: Callable[[str], None] =
                         figures.startup_cpu_s.setdefault(group, []).append(seconds)
                 log(f"[{'cold' if i == 0 else i}] B2 headbench {b2.img_s:.1f} img/s, flow start -> first step "
                     f"{b2.to_first_step_s:.1f} s, last step -> published {b2.to_published_s:.1f} s")
+                if i > 0 and cfg.sync_checkpoints:  # the same run with training waiting for each upload
+                    sync = b2_pipeline(cfg, settings, model_name="bench", checkpoint_upload="sync")
+                    figures.b2_sync_img_s.append(sync.img_s)
+                    figures.b2_sync_epoch_wall_s.append(sync.epoch_wall_s or 0.0)
+                    log(f"[{i}] B2 with synchronous checkpoints {sync.img_s:.1f} img/s, epoch wall "
+                        f"{sync.epoch_wall_s or 0:.2f} s (asynchronous: {b2.epoch_wall_s or 0:.2f} s)")
                 if i > 0:
                     _ray_alone_run(cfg, data, figures, i - 1, log)  # on the private Ray that B2 started
             for i in range(cfg.repeats if cfg.ddp_workers and not cfg.b2_only else 0):

@@ -16,7 +16,7 @@ from infra.data.archives import archive_suffix
 from infra.data.catalogue import CATALOGUE
 from infra.data.spec import DataSpec
 from infra.training.cluster import Resources
-from infra.training.worker import TrainConfig
+from infra.training.worker import Checkpoints, TrainConfig
 from infra.uris import public_uri
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
 from models.data import check_batch_split, parse_class_ranges, parse_classes
@@ -86,9 +86,10 @@ class DataParams(BaseModel):
 
 
 # The training knobs are declared once, where they are used: the loop's recipe (FitConfig), the head
-# (HeadConfig) and the Ray resources (Resources); these parameters, the Prefect form and the CLI follow.
+# (HeadConfig), the Ray resources (Resources) and the worker's checkpoints (Checkpoints); these parameters,
+# the Prefect form and the CLI follow.
 _TrainingFields = create_model("_TrainingFields", __base__=DataParams,
-                               **option_fields(FitConfig, HeadConfig, Resources))
+                               **option_fields(FitConfig, HeadConfig, Resources, Checkpoints))
 
 
 class TrainingParams(_TrainingFields):  # type: ignore[misc, valid-type]
@@ -132,7 +133,7 @@ class TrainingParams(_TrainingFields):  # type: ignore[misc, valid-type]
         return TrainConfig(arch=self.arch, strategy=strategy, num_classes=num_classes,
                            fit=replace(fit, seed=fit.seed if seed is None else seed, lr=fit.lr if lr is None else lr),
                            resources=replace(resources, cpus_per_worker=cpus_per_worker or resources.cpus_per_worker),
-                           head=self.head_options())
+                           head=self.head_options(), checkpoints=Checkpoints(**option_values(Checkpoints, self)))
 
     def head_options(self) -> dict[str, Any]:
         """The new head's options (``HeadConfig``: hidden_dim, dropout), as ``build_model`` takes them."""
@@ -175,7 +176,7 @@ class RetrainParams(TrainingParams):
         """What must match for a resume, or for skip_if_unchanged: everything that shapes data, model and
         training (as MLflow params)."""
         skip = {"resume_run_id", "promote", "promotion_metric", "min_margin", "placement_strategy",
-                "skip_if_unchanged"}
+                "skip_if_unchanged", "checkpoint_every", "checkpoint_upload"}
         return {k: str(v) for k, v in self.recorded().items() if k not in skip}
 
     @field_validator("strategy")

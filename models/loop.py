@@ -280,6 +280,7 @@ class EpochEnd:
     phase: Phase
     model: nn.Module  # unwrapped (no DDP)
     state: FitState
+    final: bool = False  # the fit's last epoch (the budget's, or early stopping's)
 
 
 def _identity(x: Any) -> Any:
@@ -434,14 +435,17 @@ def fit(model: nn.Module, cfg: FitConfig, train: ArraySplit, val: ArraySplit,
         stats = train_one_epoch(run.net, criterion, run.optimizer, run.train_loader, device,
                                 autocast_dtype=hooks.autocast_dtype, prepare=run.prepare, frozen=run.frozen,
                                 scheduler=run.scheduler, on_step=hooks.on_step)
+        eval_started = time.perf_counter()
         if phase.train_backbone:
             recompute_bn_stats(run.net, run.train_loader, device, prepare=image_input(hooks.channels_last, "none"),
                                max_batches=cfg.precise_bn_batches)
         val_result = evaluate(run.net, eval_criterion, run.val_loader, device, autocast_dtype=hooks.autocast_dtype,
                               prepare=run.prepare)
+        eval_seconds = time.perf_counter() - eval_started  # precise BN + validation
         row = {"epoch": epoch + 1, "phase": index + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "val_loss": val_result.loss, "val_accuracy": val_result.accuracy, "lr": lr,
                "images_per_second": stats.images_per_second, "epoch_seconds": stats.seconds,
+               "eval_seconds": eval_seconds,
                "feature_seconds": run.feature_seconds}  # the one-time backbone pass, on the epoch that paid it
         run.feature_seconds = 0.0
         history.append(row)
@@ -456,7 +460,7 @@ def fit(model: nn.Module, cfg: FitConfig, train: ArraySplit, val: ArraySplit,
             hooks.on_epoch(EpochEnd(row, phase, model, FitState(
                 epoch=epoch + 1, phase=index, optimizer=run.optimizer.state_dict(),
                 scheduler=run.scheduler.state_dict(), history=list(history), best_epoch=best_epoch,
-                best_val_loss=best_loss, best_weights=best_weights)))
+                best_val_loss=best_loss, best_weights=best_weights), final=stopped or epoch + 1 == cfg.epochs))
         if stopped:
             break
     if cfg.early_stopping_patience is not None and best_weights is not None:

@@ -26,10 +26,26 @@ from infra.tracking.epochs import HISTORY_KEY, epoch_line
 from infra.training.cluster import Resources
 from models import build_model, parse_strategy
 from models.loop import DDP_OPTIONS, EpochEnd, FitConfig, FitHooks, FitState, fit
+from models.options import option
 from models.weights import WEIGHTS_FILE, headbench_keys, save_state_dict
 
 TRAIN_STATE = "train_state.pt"
 BEST_WEIGHTS_FILE = "best.safetensors"
+
+
+CHECKPOINT_UPLOADS = ("async", "sync")
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """How often the worker checkpoints, and whether training waits for the upload (user options)."""
+
+    checkpoint_every: int = option(1, "checkpoint to S3 every N epochs (and after the last): a resume restarts "
+                                   "from the last checkpoint taken, and MLflow gets the epochs at each "
+                                   "checkpoint", ge=1, le=1000)
+    checkpoint_upload: str = option("async", "async: training goes on while Ray uploads the checkpoint (the "
+                                    "epoch is logged once it is stored); sync: training waits for the upload",
+                                    choices=CHECKPOINT_UPLOADS)
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class TrainConfig:
     fit: FitConfig  # fit.batch_size is global: each of N workers takes batch_size // N
     resources: Resources = field(default_factory=Resources)
     head: dict[str, Any] = field(default_factory=dict)  # HeadConfig's options: hidden_dim, dropout
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
     max_failures: int = 2  # worker failures Train recovers from (restart from the last checkpoint)
 
     def __post_init__(self) -> None:  # the loop's schedule is the strategy's: "mlp+lp-ft" trains as "lp-ft"
@@ -51,7 +68,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Inverse of ``dataclasses.asdict`` (how the config travels in Ray's ``train_loop_config``)."""
-        return cls(**(values | {"fit": FitConfig(**values["fit"]), "resources": Resources(**values["resources"])}))
+        return cls(**(values | {"fit": FitConfig(**values["fit"]), "resources": Resources(**values["resources"]),
+                                "checkpoints": Checkpoints(**values["checkpoints"])}))
 
     def with_fit(self, **changes: Any) -> TrainConfig:
         """This config with some of the loop's recipe changed (a tuned lr, a child's seed)."""
@@ -119,6 +137,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
@@ -155,12 +174,21 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(end.row, checkpoint=None)
             return
         # Ray's worker log (--verbose)
-        print(epoch_line(int(end.row["epoch"]), cfg.fit.epochs, end.phase.name, end.row), flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(end, Path(tmp))
-            # the whole history: Train's controller logs to MLflow whatever epochs it does not have yet
-            ray.train.report(end.row | {HISTORY_KEY: end.state.history},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        epoch = int(end.row["epoch"])
+        print(epoch_line(epoch, cfg.fit.epochs, end.phase.name, end.row), flush=True)
+        if not (end.final or epoch % cfg.checkpoints.checkpoint_every == 0):
+            ray.train.report(end.row, checkpoint=None)  # no history: MLflow gets this epoch with the next checkpoint
+            return
+        folder = tempfile.mkdtemp(prefix="headbench-checkpoint-")  # Ray deletes it once uploaded
+        save_checkpoint(end, Path(folder))
+        # the whole history: Train's controller logs to MLflow whatever epochs it does not have yet, once this
+        # checkpoint is stored (async: while the next epoch trains). Named by epoch, so a worker group restarted
+        # during an upload writes that epoch's folder again instead of leaving a second one.
+        ray.train.report(end.row | {HISTORY_KEY: end.state.history},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}",
+                         checkpoint_upload_mode=CheckpointUploadMode[cfg.checkpoints.checkpoint_upload.upper()],
+                         delete_local_checkpoint_after_upload=True)
 
     hooks = FitHooks(
         rank=rank, world=world, device=device, on_epoch=on_epoch, on_step=clock.tick, resume=resume,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from tests.integration.conftest import Stack
 FIGURES = ("b1_plain_pytorch_img_s", "b2_headbench_img_s", "b2_over_b1", "flow_start_to_first_step_s",
            "cold_flow_start_to_first_step_s", "last_step_to_published_s", "probe_cached_s", "probe_uncached_s",
            "probe_speedup", "loader_img_s", "loader_over_training", "worker_peak_rss_mb", "worker_peak_uss_mb",
-           "driver_peak_rss_mb", "ray_alone_img_s", "ray_alone_over_b1")
+           "driver_peak_rss_mb", "ray_alone_img_s", "ray_alone_over_b1", "b1_epoch_wall_s", "b2_epoch_wall_s",
+           "b1_over_b2_epoch_wall")
 
 
 @pytest.mark.training
@@ -42,7 +44,8 @@ def test_tiny_bench_emits_every_figure(stack: Stack, tmp_path: Path) -> None:
     missing = [name for name in FIGURES if not isinstance(summary.get(name), int | float) or summary[name] <= 0]
     assert not missing, f"figures missing or not positive: {missing}\n{done.stdout[-2000:]}"
     for label in ("B1 plain PyTorch", "B2 headbench", "B2 / B1", "first optimizer step", "model published",
-                  "linear probe", "data loader alone", "per Ray worker", "of the driver", "Ray Train alone"):
+                  "linear probe", "data loader alone", "per Ray worker", "of the driver", "Ray Train alone",
+                  "per-epoch wall, B1 / B2"):
         assert label in done.stdout
     # --tiny is one repeat: one B1, one B2, one Ray-alone run, paired; the table shows the summary's figure
     raw = json.loads(out.read_text())["raw"]
@@ -76,9 +79,16 @@ def test_tiny_quality_benchmark_writes_its_report(stack: Stack, tmp_path: Path) 
     assert {c["strategy"] for c in figures["demo_checks"]} == {"replace-fc+lp-ft"}
     assert {(r["strategy"], r["probe BN statistics"]) for r in figures["source_bn_ablation"]} == {
         (s, m) for s in ("replace-fc+lp-ft", "mlp+lp-ft") for m in ("target", "source")}
+    for side in ("plain_history", "pipeline_history"):  # the same per-epoch columns on both sides
+        assert [int(r["epoch"]) for r in figures[side]] == [1, 2]
+        assert all(r["first_step_at"] > 0 and r["eval_seconds"] > 0 for r in figures[side]), figures[side]
+    assert len(figures["best_history"]) == 1 and figures["best_recipe"]["epochs"] == 1
     text = doc.read_text()
-    for part in ("(a) plain script", "(b) best test accuracy", "(c) demo comparison", "paired 95% CI"):
-        assert part in text
+    walls = [float(w) for w in re.findall(r"per-epoch wall, plain / pipeline: (\d\.\d{3})", text)]
+    assert len(walls) == 1 and walls[0] > 0, text[:2000]
+    for part in ("(a) recipe", "plain script", "steps img/s, pipeline / plain", "(b) best recipe at 1 epochs",
+                 "(c) demo comparison", "paired 95% CI", "checkpoint, report and rest s"):
+        assert part in text, part
 
 
 @pytest.mark.training

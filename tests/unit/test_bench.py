@@ -3,6 +3,7 @@ and none of the stack) prints."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import bench.sampling
+from bench import epoch_walls, steady_epoch_wall
 from bench.config import RESNET18_TRAIN_GFLOP_224, BenchConfig, Figures, paired_ratio
 from bench.report import table
 from bench.sampling import Sampler, ServiceCpu
@@ -103,3 +105,22 @@ def test_start_up_cpu_counts_processes_that_start_and_exit_inside_the_window(tmp
     assert cpu.cpu_seconds((end + 10, end + 20)) == {}  # nothing sampled there
     cpu.fast(0)
     assert cpu.interval() == bench.sampling.SAMPLE_S
+
+
+def test_per_epoch_wall_and_sync_checkpoints_are_paired_against_b1() -> None:
+    """Each epoch's wall time (first step to the next epoch's first step) from the rows' step marks; B1 over B2
+    paired as img/s is; B2 with synchronous checkpoints beside it, in its own row."""
+    history = [{"epoch": e, "images_per_second": 100.0, "first_step_at": at} for e, at in
+               ((1, 10.0), (2, 22.0), (3, 33.0), (4, 44.5))]
+    assert epoch_walls(history) == [12.0, 11.0, 11.5] and steady_epoch_wall(history) == 11.25
+    assert epoch_walls(history[:1]) == [] and steady_epoch_wall(history[:1]) is None
+    figures = Figures(machine={"cores": 2}, config=asdict(BenchConfig()), b1_img_s=[100.0], b2_img_s=[95.0],
+                      b1_epoch_wall_s=[10.0, 20.0], b2_epoch_wall_s=[10.5, 20.0],
+                      b2_sync_img_s=[94.0], b2_sync_epoch_wall_s=[12.5, 25.0])
+    summary = figures.summary()
+    assert summary["b1_over_b2_epoch_wall"] == pytest.approx(statistics.median([10 / 10.5, 1.0]))
+    assert summary["b1_over_b2_sync_epoch_wall"] == pytest.approx(0.8)
+    lines = table(figures).splitlines()
+    assert any(line.startswith("per-epoch wall, B1 / B2") and f"{summary['b1_over_b2_epoch_wall']:.3f}" in line
+               for line in lines)
+    assert any(line.startswith("B2 with synchronous checkpoints") and "0.800" in line for line in lines)

@@ -16,12 +16,13 @@ from flows.cli import app
 from flows.options import from_cli
 from flows.params import CompareParams, RetrainParams, TrainingParams
 from infra.training.cluster import Resources
+from infra.training.worker import Checkpoints
 from models.heads import HeadConfig
 from models.loop import FitConfig
 from models.options import declared_options
 
 CLI_ONLY = {"home", "verbose"}  # where the local stack lives, and what the terminal shows: not flow parameters
-KNOB_CLASSES = (FitConfig, HeadConfig, Resources)
+KNOB_CLASSES = (FitConfig, HeadConfig, Resources, Checkpoints)
 ROOT = Path(__file__).resolve().parents[2]
 
 
