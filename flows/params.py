@@ -16,7 +16,7 @@ from infra.data.archives import archive_suffix
 from infra.data.catalogue import CATALOGUE
 from infra.data.spec import DataSpec
 from infra.training.cluster import Resources
-from infra.training.worker import Checkpoints, TrainConfig
+from infra.training.worker import Checkpoints, Compute, TrainConfig
 from infra.uris import public_uri
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
 from models.data import check_batch_split, parse_class_ranges, parse_classes
@@ -86,10 +86,10 @@ class DataParams(BaseModel):
 
 
 # The training knobs are declared once, where they are used: the loop's recipe (FitConfig), the head
-# (HeadConfig), the Ray resources (Resources) and the worker's checkpoints (Checkpoints); these parameters,
-# the Prefect form and the CLI follow.
+# (HeadConfig), the Ray resources (Resources), the worker's checkpoints (Checkpoints) and computation (Compute);
+# these parameters, the Prefect form and the CLI follow.
 _TrainingFields = create_model("_TrainingFields", __base__=DataParams,
-                               **option_fields(FitConfig, HeadConfig, Resources, Checkpoints))
+                               **option_fields(FitConfig, HeadConfig, Resources, Checkpoints, Compute))
 
 
 class TrainingParams(_TrainingFields):  # type: ignore[misc, valid-type]
@@ -115,6 +115,9 @@ class TrainingParams(_TrainingFields):  # type: ignore[misc, valid-type]
             raise ValueError(f"dataset URL {public_uri(self.dataset)[:120]!r} does not name an archive; allowed: a "
                              "URL ending in .tar.gz, .tgz, .tar or .zip")
         check_batch_split(self.batch_size, self.workers)
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs GPUs (--gpu): CPU autocast runs bf16 only; allowed on CPU: "
+                             "auto, bf16, fp32")
         if self.limit is not None and self.limit < self.batch_size:
             raise ValueError(f"batch_size {self.batch_size} is larger than the training pool limit "
                              f"{self.limit}; allowed: batch_size <= limit")
@@ -133,7 +136,8 @@ class TrainingParams(_TrainingFields):  # type: ignore[misc, valid-type]
         return TrainConfig(arch=self.arch, strategy=strategy, num_classes=num_classes,
                            fit=replace(fit, seed=fit.seed if seed is None else seed, lr=fit.lr if lr is None else lr),
                            resources=replace(resources, cpus_per_worker=cpus_per_worker or resources.cpus_per_worker),
-                           head=self.head_options(), checkpoints=Checkpoints(**option_values(Checkpoints, self)))
+                           head=self.head_options(), checkpoints=Checkpoints(**option_values(Checkpoints, self)),
+                           compute=Compute(**option_values(Compute, self)))
 
     def head_options(self) -> dict[str, Any]:
         """The new head's options (``HeadConfig``: hidden_dim, dropout), as ``build_model`` takes them."""

@@ -71,6 +71,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     for module in frozen:
         module.eval()
     prepare = prepare or image_input()
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     totals = torch.zeros(3, device=device)  # [sum of losses, correct, images], summed on device
     start = time.perf_counter()
     for images, targets in loader:
@@ -81,8 +83,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             logits = model(x)
             loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if scheduler is not None:
             scheduler.step()
         if on_step is not None:

@@ -48,6 +48,26 @@ class Checkpoints:
                                     choices=CHECKPOINT_UPLOADS)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How each worker computes (user options): autocast precision and torch.compile."""
+
+    precision: str = option("auto", "autocast precision of the steps: auto (bf16 on a GPU that supports it, "
+                            "fp32 on CPU), bf16, fp16 (GPU only; with loss scaling) or fp32", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the model in each worker (compiled once per run and phase: "
+                           "pays off on a GPU over many steps; on a CPU the compile costs more than a short run "
+                           "gains)")
+
+    def autocast_dtype(self, on_gpu: bool) -> torch.dtype | None:
+        if self.precision == "auto":
+            return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else None
+        return AUTOCAST[self.precision]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One fine-tuning run on Ray Train: the model to build, the loop's recipe and the resources. Composed from
@@ -60,6 +80,7 @@ class TrainConfig:
     resources: Resources = field(default_factory=Resources)
     head: dict[str, Any] = field(default_factory=dict)  # HeadConfig's options: hidden_dim, dropout
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
+    compute: Compute = field(default_factory=Compute)
     max_failures: int = 2  # worker failures Train recovers from (restart from the last checkpoint)
 
     def __post_init__(self) -> None:  # the loop's schedule is the strategy's: "mlp+lp-ft" trains as "lp-ft"
@@ -69,7 +90,8 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Inverse of ``dataclasses.asdict`` (how the config travels in Ray's ``train_loop_config``)."""
         return cls(**(values | {"fit": FitConfig(**values["fit"]), "resources": Resources(**values["resources"]),
-                                "checkpoints": Checkpoints(**values["checkpoints"])}))
+                                "checkpoints": Checkpoints(**values["checkpoints"]),
+                                "compute": Compute(**values["compute"])}))
 
     def with_fit(self, **changes: Any) -> TrainConfig:
         """This config with some of the loop's recipe changed (a tuned lr, a child's seed)."""
@@ -190,10 +212,13 @@ def train_worker(config: dict[str, Any]) -> None:
                          checkpoint_upload_mode=CheckpointUploadMode[cfg.checkpoints.checkpoint_upload.upper()],
                          delete_local_checkpoint_after_upload=True)
 
+    def wrap_model(module: torch.nn.Module) -> torch.nn.Module:
+        wrapped = ray.train.torch.prepare_model(module, move_to_device=False, parallel_strategy_kwargs=DDP_OPTIONS)
+        return torch.compile(wrapped) if cfg.compute.compile else wrapped  # DDP first, then compile: torch's order
+
     hooks = FitHooks(
         rank=rank, world=world, device=device, on_epoch=on_epoch, on_step=clock.tick, resume=resume,
-        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False,
-                                                           parallel_strategy_kwargs=DDP_OPTIONS),
+        wrap_model=wrap_model,
         wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
-        autocast_dtype=torch.bfloat16 if on_gpu else None, channels_last=on_gpu, pin_memory=on_gpu)
+        autocast_dtype=cfg.compute.autocast_dtype(on_gpu), channels_last=on_gpu, pin_memory=on_gpu)
     fit(model, cfg.fit, train_split, val_split, hooks)

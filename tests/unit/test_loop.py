@@ -209,3 +209,18 @@ def test_precise_bn_replaces_lagging_running_stats_by_exact_means() -> None:
         x = normalize_batch(images[:16])
         expected = model.backbone.conv1(x).mean(dim=(0, 2, 3))
     torch.testing.assert_close(model.backbone.bn1.running_mean, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fp16_autocast_trains_with_a_loss_scaler() -> None:
+    """fp16 steps go through a GradScaler (fp16 gradients underflow without it): the weights move, the loss
+    stays finite."""
+    from models.loop import train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(torch.randint(0, 255, (4, 3, 2, 2), dtype=torch.uint8), torch.randint(0, 3, (4,))) for _ in range(3)]
+    stats = train_one_epoch(model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                            batches, torch.device("cpu"), autocast_dtype=torch.float16)
+    assert math.isfinite(stats.loss) and stats.images == 12
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

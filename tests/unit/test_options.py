@@ -16,13 +16,13 @@ from flows.cli import app
 from flows.options import from_cli
 from flows.params import CompareParams, RetrainParams, TrainingParams
 from infra.training.cluster import Resources
-from infra.training.worker import Checkpoints
+from infra.training.worker import Checkpoints, Compute
 from models.heads import HeadConfig
 from models.loop import FitConfig
 from models.options import declared_options
 
 CLI_ONLY = {"home", "verbose"}  # where the local stack lives, and what the terminal shows: not flow parameters
-KNOB_CLASSES = (FitConfig, HeadConfig, Resources, Checkpoints)
+KNOB_CLASSES = (FitConfig, HeadConfig, Resources, Checkpoints, Compute)
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -79,3 +79,14 @@ def _declarations(name: str) -> list[str]:
 @pytest.mark.parametrize("name", [o.name for c in KNOB_CLASSES for o in declared_options(c)])
 def test_a_training_knob_is_declared_in_one_place(name: str) -> None:
     assert len(_declarations(name)) == 1, _declarations(name)
+
+
+def test_fp16_is_refused_on_cpu_in_one_line_and_taken_with_gpus() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="precision fp16 needs GPUs"):
+        RetrainParams(precision="fp16")
+    params = RetrainParams(precision="fp16", use_gpu=True, compile=True)
+    compute = params.train_config("mlp", 10).compute
+    assert (compute.precision, compute.compile) == ("fp16", True)
+    assert Compute().autocast_dtype(on_gpu=False) is None and Compute("bf16").autocast_dtype(on_gpu=False) is not None
