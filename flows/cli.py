@@ -224,10 +224,16 @@ def deploy(
         help="default parameter of the scheduled retrain, KEY=VALUE, repeatable (any `headbench run` option, "
              "e.g. --param classes=0-4 --param epochs=3)")] = None,
     paused: Annotated[bool, typer.Option(help="create the schedule paused")] = False,
+    notify: Annotated[str | None, typer.Option(help="webhook URL (http or https) for alerts: a failed or crashed "
+                                               "run of the deployments, a rejected challenger, a new champion "
+                                               "(Prefect automations; the URL goes in a Prefect block)")] = None,
+    notify_block: Annotated[str | None, typer.Option(help="send the alerts through this existing Prefect "
+                                                     "notification block instead, <type slug>/<name> as `prefect "
+                                                     "block ls` lists it (Slack, email, ...)")] = None,
     home: HomeOpt = None,
 ) -> None:
     """Register the deployments `retrain/scheduled` (cron) and `compare-heads/on-demand` on the Prefect server,
-    running on the local `process` work pool (the worker `headbench up` started)."""
+    running on the local `process` work pool (the worker `headbench up` started); with --notify, alerts."""
     settings = _settings(home)
     settings.export_env()  # before prefect is imported
     from flows.deploy import SCHEDULED_DEFAULTS, deploy_all
@@ -236,14 +242,27 @@ def deploy(
         params = RetrainParams(**(SCHEDULED_DEFAULTS | parse_assignments(param or [])))
     except ValidationError as exc:
         fail(validation_line(exc).replace("--", "--param ", 1))
+    if notify and notify_block:
+        fail("--notify and --notify-block: give one of them (a webhook URL, or an existing Prefect block)")
+    from flows.alerts import check_webhook_url, create_automations, notification_block
+
     try:
+        if notify:
+            check_webhook_url(notify)  # before anything is deployed
         require_up("Prefect API", settings.prefect_api_url)
         deployed = deploy_all(settings, cron=cron, timezone=timezone, retrain_params=params, paused=paused)
+        alerts = create_automations(notification_block(notify, notify_block), [d.id for d in deployed]) \
+            if notify or notify_block else []
     except HeadbenchError as exc:
         fail(str(exc))
     for d in deployed:
         when = f"cron '{cron}' ({timezone}){' paused' if paused else ''}" if d.target.scheduled else "on demand"
         say(f"deployed {d.target.full_name:<26} {when:<32} {d.url}")
+    if alerts:
+        from infra.uris import public_uri
+
+        say(f"alerts     : {len(alerts)} Prefect automations ({'; '.join(alerts)}) -> "
+            f"{public_uri(notify) if notify else notify_block}")
     say(f"work pool '{settings.work_pool}' (process). Trigger a run: the deployment's 'Run > Custom run' in the "
         f"UI, or `prefect deployment run '{deployed[0].target.full_name}' --param ...`")
 

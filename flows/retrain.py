@@ -19,6 +19,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel
 
+from flows.alerts import emit_outcome
 from flows.params import RetrainParams
 from flows.stages import cancel_on_interrupt, stage
 from infra.settings import Settings, load_settings, require_servers
@@ -270,6 +271,10 @@ def _retrain(params: RetrainParams) -> RetrainResult:
         decision = promote_model(publication, metrics.as_dict(), data.test, data.digests["test"], data.class_names,
                                  policy, settings, tracker, context={k: v for k, v in links.items() if v})
     link = run_url(tracking_uri, tracker.run_id)
+    emit_outcome(params.model_name, publication.version, decision.outcome, {  # for Prefect automations
+        "metric": decision.metric, "challenger_score": round(decision.challenger_score, 4),
+        "champion_version": decision.champion_version or "", "reason": decision.reason, "run_url": link,
+        "champion_score": "" if decision.champion_score is None else round(decision.champion_score, 4)})
     describe_version(tracking_uri, params.model_name, publication.version,
                      model_card(params, data.files_digest, metrics.as_dict(), decision, link,
                                 links.get("prefect.flow_run_url", "")))

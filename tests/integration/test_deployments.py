@@ -1,6 +1,7 @@
 """Deployments end to end: `headbench deploy` against the real Prefect server, runs triggered the way the
 dashboard's Custom Run does (POST /api/deployments/{id}/create_flow_run), executed by the stack's real
-process worker, then checked in MLflow, the registry, S3 and Prefect's artifacts."""
+process worker, then checked in MLflow, the registry, S3 and Prefect's artifacts; the alerts `deploy --notify`
+sets up, received by a webhook on loopback."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from flows.deploy import PROJECT_ROOT
 from infra.data.catalogue import load_fashion_mnist
 from infra.data.load import load_raw
 from infra.data.spec import DataSpec, prepare
+from infra.processes.supervise import free_port
 from infra.publishing.load import load_published
 from infra.stack.prefect_api import prefect_http
 from infra.stack.ray_nodes import RayCluster
@@ -61,15 +66,40 @@ def api(stack: Stack) -> httpx.Client:
 
 
 @pytest.fixture(scope="module")
-def deployed(stack: Stack) -> dict[str, dict[str, Any]]:
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A webhook receiver on loopback: (its URL, the JSON bodies it received)."""
+    received: list[dict[str, Any]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def deployed(stack: Stack, webhook: tuple[str, list[dict[str, Any]]]) -> Iterator[dict[str, dict[str, Any]]]:
     args = [HEADBENCH, "deploy", "--cron", CRON, "--timezone", "Europe/Berlin",
-            "--param", "classes=1,8,9", "--param", f"model_name={MODEL}"]
+            "--param", "classes=1,8,9", "--param", f"model_name={MODEL}", "--notify", webhook[0]]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False, env=stack.cli_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "retrain/scheduled" in done.stdout and "compare-heads/on-demand" in done.stdout
+    assert "alerts     : 3 Prefect automations" in done.stdout, done.stdout
     with api(stack) as client:
-        return {name: client.get(f"/deployments/name/{name}").raise_for_status().json()
-                for name in ("retrain/scheduled", "compare-heads/on-demand")}
+        yield {name: client.get(f"/deployments/name/{name}").raise_for_status().json()
+               for name in ("retrain/scheduled", "compare-heads/on-demand")}
+    with api(stack) as client:  # the receiver goes with this module: so do the automations that call it
+        for automation in client.post("/automations/filter", json={}).raise_for_status().json():
+            if automation["name"].startswith("headbench: "):
+                client.delete(f"/automations/{automation['id']}")
 
 
 def trigger(stack: Stack, deployment: dict[str, Any], params: dict[str, Any],
@@ -247,6 +277,39 @@ def test_dashboard_runs_promote_the_better_model_only(stack: Stack, ray_cluster:
     lines = [line for line in done.stdout.splitlines() if line.startswith(str(tmp_path))]
     assert len(lines) == 4 and all(len(line.split(",")) == 2 for line in lines)
     assert sum(line.split(": ", 1)[1].startswith("Trouser ") for line in lines) >= 3, done.stdout
+
+
+@pytest.mark.training
+def test_alerts_send_one_message_per_outcome(stack: Stack, deployed: dict[str, dict[str, Any]],
+                                             webhook: tuple[str, list[dict[str, Any]]]) -> None:
+    """The automations `deploy --notify` created, against the runs of the tests above: one message per failed
+    flow run of the deployment, one for the new champion and one for the rejected challenger, each with the
+    model, the versions and the scores; nothing for other models' runs."""
+    mlflow = MlflowClient(stack.settings.mlflow_tracking_uri)
+    versions = {v.tags.get("promotion"): v for v in mlflow.search_model_versions(f"name = '{MODEL}'")}
+    champion, rejected = versions["champion"], versions["challenger-rejected"]
+    with api(stack) as client:
+        failed = client.post("/flow_runs/filter", json={"flow_runs": {
+            "deployment_id": {"any_": [deployed["retrain/scheduled"]["id"]]},
+            "state": {"type": {"any_": ["FAILED", "CRASHED"]}}}}).raise_for_status().json()
+    assert failed, "the tests above leave failed flow runs of the deployment"
+    expected = len(failed) + 2
+    deadline = time.monotonic() + 120  # Prefect's triggers and actions services act within seconds
+    while len(webhook[1]) < expected and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(3)  # and nothing more arrives
+    messages = webhook[1]
+    assert len(messages) == expected, messages
+    for run in failed:
+        [message] = [m for m in messages if run["id"] in m["body"]]
+        assert message["subject"] == f"headbench: {run['name']} {run['state']['name']}"
+        assert f"of deployment scheduled ended {run['state']['name']}" in message["body"]
+    [promoted] = [m for m in messages if "is the champion" in m["subject"]]
+    assert promoted["subject"] == f"headbench: {MODEL} v{champion.version} is the champion"
+    assert f"test_accuracy {float(champion.tags['challenger_score']):.4f}".rstrip("0") in promoted["body"]
+    [refused] = [m for m in messages if "rejected" in m["subject"]]
+    assert refused["subject"] == f"headbench: {MODEL} v{rejected.version} rejected"
+    assert f"against champion v{champion.version}" in refused["body"] and MODEL in refused["body"]
 
 
 @pytest.mark.training
