@@ -21,8 +21,8 @@ from rich.text import Text
 
 from flows.options import params_command
 from flows.output import console, fail, first_line, say, validation_line
-from flows.params import CompareParams, RetrainParams
-from flows.runner import require_up, run_compare, run_retrain
+from flows.params import CompareParams, RetrainParams, StudyParams
+from flows.runner import require_up, run_compare, run_retrain, run_study
 from infra.errors import HeadbenchError
 from infra.settings import Settings, load_settings
 
@@ -168,8 +168,15 @@ def compare(values: dict[str, Any], home: Path | None = None, verbose: bool = Fa
     run_compare(_settings(home), values, verbose)
 
 
+def study(values: dict[str, Any], home: Path | None = None, verbose: bool = False) -> None:
+    """Head strategies across data regimes (the `study` flow): one comparison per grid cell (cells finished
+    before are read back), one report with a leaderboard per cell, a heatmap and a verdict per strategy."""
+    run_study(_settings(home), values, verbose)
+
+
 app.command("run")(params_command(RetrainParams, run, extra=_HOME_AND_VERBOSE))
 app.command("compare")(params_command(CompareParams, compare, extra=_HOME_AND_VERBOSE))
+app.command("study")(params_command(StudyParams, study, extra=_HOME_AND_VERBOSE, exclude=StudyParams.CELL_FIELDS))
 
 
 @app.command()

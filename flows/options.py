@@ -51,10 +51,12 @@ def cli_type(annotation: Any) -> Any:
     return annotation
 
 
-def option_parameters(model: type[BaseModel]) -> list[inspect.Parameter]:
-    """One keyword parameter per field of ``model``, annotated with its typer option."""
+def option_parameters(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One keyword parameter per field of ``model`` (but ``exclude``), annotated with its typer option."""
     parameters = []
     for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
         option = typer.Option(*CLI_NAMES.get(name, ()), help=cli_help(field))
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=cli_default(field),
                                             annotation=Annotated[cli_type(field.annotation), option]))
@@ -71,10 +73,12 @@ def from_cli(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def params_command(model: type[BaseModel], body: Callable[..., None], *, extra: list[inspect.Parameter]) -> Any:
-    """A typer command function whose options are ``model``'s fields plus ``extra`` (e.g. --home): typer
-    reads its signature. ``body(values, **extra)`` gets the fields' values as the model takes them."""
-    parameters = option_parameters(model) + extra
+def params_command(model: type[BaseModel], body: Callable[..., None], *, extra: list[inspect.Parameter],
+                   exclude: tuple[str, ...] = ()) -> Any:
+    """A typer command function whose options are ``model``'s fields (but ``exclude``, which keep their
+    defaults) plus ``extra`` (e.g. --home): typer reads its signature. ``body(values, **extra)`` gets the
+    fields' values as the model takes them."""
+    parameters = option_parameters(model, exclude) + extra
     extra_names = {p.name for p in extra}
 
     def command(**kwargs: Any) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
@@ -17,7 +17,7 @@ from infra.data.catalogue import CATALOGUE
 from infra.data.spec import DataSpec
 from infra.training.cluster import Resources
 from infra.training.worker import Checkpoints, Compute, TrainConfig
-from infra.uris import public_uri
+from infra.uris import public_name, public_uri
 from models import ARCHS, MIN_IMAGE_SIZE, parse_strategy
 from models.data import check_batch_split, parse_class_ranges, parse_classes
 from models.heads import HeadConfig
@@ -229,3 +229,61 @@ DEMO_SOURCE = {"dataset": "fashion-mnist", "classes": "0-4", "limit": 2000, "tes
 DEMO_TARGET = {"dataset": "fashion-mnist", "classes": "5-9", "limit": 500, "test_limit": 500, "image_size": 32,
                "arch": "resnet18", "epochs": 2, "batch_size": 32, "lr": 0.01, "workers": 1, "cpus_per_worker": 1,
                "seeds": 2}
+
+
+# Fashion-MNIST only (it ships with the set-up): two classes or ten, few images or many
+SMALL_GRID = "fashion-mnist 0-1 200; fashion-mnist 0-9 300; fashion-mnist 0-9 1500"
+
+
+class GridCell(BaseModel):
+    dataset: str
+    classes: str | None
+    limit: int | None
+
+    def label(self, arch: str) -> str:
+        images = f"{self.limit} images" if self.limit else "all images"
+        return f"{public_name(self.dataset)} {self.classes or 'all'}, {images}, {arch}"
+
+
+def parse_grid(text: str) -> list[GridCell]:
+    """``"DATASET CLASSES LIMIT; ..."``: CLASSES is a class list (`0-4`, `0,2,7`) or `all`, LIMIT an image count or
+    `all`; a dataset is anything `--dataset` takes."""
+    cells = []
+    for chunk in (c.strip() for c in text.split(";")):
+        if not chunk:
+            continue
+        parts = chunk.split()
+        if len(parts) != 3 or not (parts[2] == "all" or parts[2].isdigit()):
+            raise ValueError(f"grid cell {chunk[:80]!r}: expected 'DATASET CLASSES LIMIT', e.g. 'fashion-mnist 0-4 "
+                             "500' or 'cifar10 all all'")
+        cells.append(GridCell(dataset=parts[0], classes=None if parts[1] == "all" else parts[1],
+                              limit=None if parts[2] == "all" else int(parts[2])))
+    if not cells:
+        raise ValueError("grid: no cell; expected 'DATASET CLASSES LIMIT; ...'")
+    return cells
+
+
+class StudyParams(CompareParams):
+    """A grid of comparisons; the comparison's own fields are every cell's budget and recipe, but the data and
+    backbone, which each cell sets (``CELL_FIELDS``)."""
+
+    CELL_FIELDS: ClassVar[tuple[str, ...]] = ("dataset", "dataset_sha256", "classes", "limit", "arch")
+
+    grid: str = Field(SMALL_GRID, description="the cells: 'DATASET CLASSES LIMIT; ...' (CLASSES a class list or "
+                      "'all', LIMIT an image count or 'all'); DATASET is anything --dataset takes")
+    archs: list[Arch] = Field(["resnet18"], min_length=1, max_length=5,  # type: ignore[valid-type]
+                              description="backbones: every cell runs on each")
+    strategies: list[str] = with_default(CompareParams, "strategies", ["replace-fc", "mlp", "replace-fc+linear-probe"])
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: str) -> str:
+        parse_grid(value)
+        return value
+
+    def cells(self) -> list[tuple[str, CompareParams]]:
+        """(label, the cell's comparison parameters) for every grid cell x arch."""
+        base = self.model_dump(exclude={"grid", "archs"})
+        return [(cell.label(arch), CompareParams(**(base | {"dataset": cell.dataset, "classes": cell.classes,
+                                                             "limit": cell.limit, "arch": arch})))
+                for cell in parse_grid(self.grid) for arch in self.archs]

@@ -189,3 +189,19 @@ def run_compare(settings: Settings, values: dict[str, Any], verbose: bool = Fals
     say(f"MLflow parent run : {result.parent_run_url}  ({len(result.children)} child runs)")
     return result
 
+
+
+def run_study(settings: Settings, values: dict[str, Any], verbose: bool = False) -> Any:
+    """`headbench study`: the study flow, then its verdicts and where the report is."""
+    from flows.study import StudyParams
+
+    params = checked(settings, StudyParams, values, verbose)
+    from flows.study import study
+
+    result = run_flow(settings, study, params)
+    for cell in result.cells:
+        say(f"{cell['label']}: winner {cell['winner']}{' (read back, not trained again)' if cell['reused'] else ''}")
+    for line in result.verdicts:
+        say(line)
+    say(f"MLflow study run : {result.parent_run_url}  (study/report.md, study/heatmap.png)")
+    return result

@@ -116,13 +116,14 @@ def test_no_stack_configured_says_what_to_do(tmp_path: Path) -> None:
     assert "MLFLOW_TRACKING_URI is not set and no local stack env file was found" in result.stderr
 
 
-COMMANDS = ["compare", "datasets", "demo", "deploy", "down", "gc", "predict", "run", "status", "strategies", "up"]
+COMMANDS = ["compare", "datasets", "demo", "deploy", "down", "gc", "predict", "run", "status", "strategies", "study",
+            "up"]
 BENCH_COMMANDS = ["ddp-options", "lockdown", "quality"]  # `python -m bench ...`, the developer tool
 
 
 @pytest.mark.parametrize("which", ["headbench", "bench"])
 def test_help_on_every_command_names_its_purpose_and_every_option(which: str) -> None:
-    """Each of headbench's 11 commands and the bench's 3 (a new one must be added here) has a help page with its
+    """Each of headbench's 12 commands and the bench's 3 (a new one must be added here) has a help page with its
     summary line and every option and argument it takes, wrapped or not."""
     import typer
     from click import Command
