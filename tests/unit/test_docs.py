@@ -29,14 +29,31 @@ HISTORY = re.compile(r"\b(20\d\d-\d\d-\d\d|no longer|that day|the same morning|i
                      re.I)
 
 
+def _commands(line: str) -> list[str]:
+    """A shell line's commands: split at `&&` and `;` outside quotes."""
+    parts, current, quote, i = [], "", "", 0
+    while i < len(line):
+        char = line[i]
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == ";" or line.startswith("&&", i):
+            parts.append(current)
+            current, i = "", i + (2 if char == "&" else 1)
+            continue
+        current += char
+        i += 1
+    return [p.strip() for p in [*parts, current] if p.strip().startswith("headbench")]
+
+
 def _lines(text: str) -> list[str]:
     """`headbench ...` lines: in fenced blocks (continuations joined, comments dropped) and in inline code."""
     found = []
     for block in FENCE.findall(text):
         for line in block.replace("\\\n", " ").splitlines():
-            found += [part.strip() for part in re.split(r"&&|;", line) if part.strip().startswith("headbench")]
-    found += [part.strip() for span in INLINE.findall(text) for part in re.split(r"&&|;", span)
-              if part.strip().startswith("headbench")]
+            found += _commands(line)
+    found += [command for span in INLINE.findall(text) for command in _commands(span)]
     return [line for line in found if not line.startswith("headbench COMMAND")]  # the synopsis of any command
 
 
