@@ -193,7 +193,7 @@ def run_compare(settings: Settings, values: dict[str, Any], verbose: bool = Fals
 
 def run_study(settings: Settings, values: dict[str, Any], verbose: bool = False) -> Any:
     """`headbench study`: the study flow, then its verdicts and where the report is."""
-    from flows.study import StudyParams
+    from flows.params import StudyParams  # not from flows.study: that imports Prefect, which `checked` must precede
 
     params = checked(settings, StudyParams, values, verbose)
     from flows.study import study

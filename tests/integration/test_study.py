@@ -50,7 +50,8 @@ def test_a_study_reports_every_cell_and_a_rerun_trains_nothing(stack: Stack, ray
     assert report.count("wins or ties on") == 2 and "replace-fc+linear-probe" in report
     with prefect_http(stack.settings) as api:
         found = api.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["head-study"]}}}).json()
-    assert found and "Head-strategy study" in found[-1]["data"]
+        every = api.post("/artifacts/filter", json={}).json()
+    assert found and "Head-strategy study" in found[-1]["data"], [(a.get("key"), a.get("type")) for a in every]
 
     before = _children(client, parent.info.experiment_id)
     again = subprocess.run([HEADBENCH, *ARGS], capture_output=True, text=True, timeout=900, check=False,
