@@ -27,10 +27,10 @@ bench: bootstrap  ## the pipeline benchmark: B1 plain PyTorch vs Ray Train alone
 quality: bootstrap  ## the quality benchmark: pipeline vs plain script, best recipe, demo comparison (docs/quality.md)
 	$(BIN)/python -m bench quality
 
-study-small: bootstrap  ## a head-strategy study on Fashion-MNIST subsets (3 cells x 3 strategies x 2 seeds; docs/study.md)
+study-small: bootstrap  ## a head-strategy study on Fashion-MNIST subsets (3 cells x 3 strategies x 3 seeds; docs/study.md)
 	$(BIN)/headbench up
 	$(BIN)/headbench study --image-size 32 --epochs 2 --batch-size 32 --lr 0.01 --workers 1 --cpus-per-worker 1 \
-	  --test-limit 500 --seeds 2
+	  --test-limit 500 --seeds 3
 
 lint: bootstrap
 	$(BIN)/ruff check .
