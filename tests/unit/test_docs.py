@@ -25,8 +25,8 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 REPO_PATH = re.compile(r"`((?:docs|infra|models|flows|tasks|bench|tools|tests|\.ci)/[\w./-]+)(?:::[^`]*)?`")
 WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9}
 # history in docs: git keeps it (a dated run, "no longer", the morning a figure was taken, issue numbers)
-HISTORY = re.compile(r"\b(20\d\d-\d\d-\d\d|no longer|that day|the same morning|issue \d+|an earlier (run|make))\b",
-                     re.I)
+HISTORY = re.compile(r"\b(20\d\d-\d\d-\d\d|no longer|used to|that day|the same morning|issue \d+|an earlier|"
+                     r"(this|first|earlier|next) session)\b", re.I)
 
 
 def _commands(line: str) -> list[str]:
