@@ -67,9 +67,9 @@ def _study(params: StudyParams) -> StudyResult:
             MlflowClient(tracking_uri).set_tag(run_id, "mlflow.parentRunId", parent.run_id)
             cells.append(StudyCell(label, run_id, summarize(read_cell(tracking_uri, run_id)), bool(found)))
         markdown = report_study(cells, parent)
-    url = run_url(tracking_uri, parent.run_id)
+    url, lines = run_url(tracking_uri, parent.run_id), verdicts(cells)
     create_markdown_artifact(markdown=markdown + f"\n[MLflow study run]({url})\n", key="head-study",
-                             description="; ".join(verdicts(cells)[:1]))
-    return StudyResult(parent_run_id=parent.run_id, parent_run_url=url, verdicts=verdicts(cells),
+                             description=lines[0])
+    return StudyResult(parent_run_id=parent.run_id, parent_run_url=url, verdicts=lines,
                        cells=[{"label": c.label, "run_id": c.run_id, "winner": c.comparison.winner,
                                "reused": c.reused} for c in cells], markdown=markdown)
