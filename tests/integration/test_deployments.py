@@ -382,5 +382,13 @@ def test_prefect_yaml_deploys_the_same_deployments(stack: Stack, deployed: dict[
             assert after["work_pool_name"] == before["work_pool_name"]
             assert after["parameter_openapi_schema"] == before["parameter_openapi_schema"]
         retrain = client.get("/deployments/name/retrain/scheduled").json()
-        assert [s["schedule"]["cron"] for s in retrain["schedules"]] == ["0 3 * * *"]
+        try:
+            assert [s["schedule"]["cron"] for s in retrain["schedules"]] == ["0 3 * * *"]
+        finally:  # the real daily schedule must not start a run on the session's worker if the suite runs at 03:00
+            client.post(f"/deployments/{retrain['id']}/pause_deployment").raise_for_status()
+        assert client.get(f"/deployments/{retrain['id']}").json()["paused"]
+        scheduled = client.post("/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [retrain["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+        assert scheduled == []  # pausing removed the runs the scheduler had already planned
 
