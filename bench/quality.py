@@ -23,6 +23,7 @@ Prints a table, writes ``bench/quality.json`` and ``docs/quality.md``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -91,6 +92,9 @@ class QualityFigures:
     demo_parent_url: str = ""
     demo_checks: list[dict[str, Any]] = field(default_factory=list)
     source_bn_ablation: list[dict[str, Any]] = field(default_factory=list)
+    # cores each process group used during the retrain flow's steps (first step of epoch 1 to the last step of
+    # the last epoch), from the bench's /proc sampler: what runs beside the training worker
+    pipeline_step_cores: dict[str, float] = field(default_factory=dict)
 
     def gap(self) -> float | None:
         if self.plain_accuracy is None or self.pipeline_accuracy is None:
@@ -161,6 +165,16 @@ def pipeline_run(recipe: Recipe) -> tuple[float, float, str, list[dict[str, floa
     started = time.perf_counter()
     result = retrain(params)
     return result.test_accuracy, time.perf_counter() - started, result.run_url, result.history
+
+
+def step_cores(cpu: Any, history: list[dict[str, float]]) -> dict[str, float]:
+    """Cores per process group over the run's steps, highest first, rounded to 0.01 (the worker's
+    ``first_step_at`` of the first epoch to ``last_step_at`` of the last: validation and checkpoints between
+    epochs inside, start-up and publication outside)."""
+    if not history or not history[0].get("first_step_at") or not history[-1].get("last_step_at"):
+        return {}
+    used = cpu.cores((history[0]["first_step_at"], history[-1]["last_step_at"]))
+    return {group: round(cores, 2) for group, cores in sorted(used.items(), key=lambda kv: -kv[1])}
 
 
 # ------------------------------------------------------------------------------------------- (c)
@@ -341,6 +355,11 @@ def write_doc(f: QualityFigures, command: str, seconds: float, path: Path = QUAL
         "Retrain flow, per epoch (the Ray Train worker's own rows):",
         "",
         md_table(epoch_table(f.pipeline_history)),
+        "Cores each process group used during the retrain flow's steps (its first step to its last, validation "
+        "and checkpoints included; sampled from /proc every few seconds, this machine has "
+        f"{machine.get('cores')}):",
+        "",
+        md_table([{"process group": g, "cores": c} for g, c in f.pipeline_step_cores.items()]),
         "## (b) the best recipe at 10 epochs",
         "",
         f"Recipe: {', '.join(f'{k} {v}' for k, v in f.best_recipe.items())}; the plain loop, on the same data as "
@@ -391,8 +410,14 @@ def run_quality(recipe: Recipe, study: DemoStudy | None, home: Path | None, *, p
             figures.plain_accuracy, figures.plain_seconds, figures.plain_history = plain_run(recipe, settings.cache_dir)
             log(f"(a) plain script: test acc {figures.plain_accuracy:.4f} in {figures.plain_seconds:.0f} s")
         if pipeline:
-            (figures.pipeline_accuracy, figures.pipeline_seconds, figures.pipeline_run_url,
-             figures.pipeline_history) = pipeline_run(recipe)
+            from bench.sampling import ServiceCpu
+
+            with ServiceCpu(settings.home).sampling() as cpu:
+                if recipe.limit:  # a subset's steps last seconds: sample every STARTUP_SAMPLE_S throughout
+                    cpu.fast(math.inf)
+                (figures.pipeline_accuracy, figures.pipeline_seconds, figures.pipeline_run_url,
+                 figures.pipeline_history) = pipeline_run(recipe)
+            figures.pipeline_step_cores = step_cores(cpu, figures.pipeline_history)
             log(f"(a) retrain flow: test acc {figures.pipeline_accuracy:.4f} in {figures.pipeline_seconds:.0f} s")
         if best is not None:
             figures.best_recipe = best.params()
@@ -452,6 +477,7 @@ def main(args: QualityArgs) -> int:
         keep = ("demo_table", "demo_verdict", "demo_parent_url", "demo_checks", "source_bn_ablation") \
             if args.no_demo else ("recipe", "plain_accuracy", "plain_seconds", "plain_history",
                                   "pipeline_accuracy", "pipeline_seconds", "pipeline_run_url", "pipeline_history",
+                                  "pipeline_step_cores",
                                   "best_recipe", "best_accuracy", "best_seconds", "best_history")
         for key in keep:
             setattr(figures, key, old.get(key, getattr(figures, key)))

@@ -77,6 +77,8 @@ def table_cell(column: str, value: Any) -> str:
     """Counts as integers, seconds and rates with one decimal, accuracies, losses and ratios with four."""
     if isinstance(value, bool) or not isinstance(value, float):
         return str(value)
+    if column == "cores":
+        return f"{value:.2f}"
     if column.endswith(" s") or any(key in column for key in ("second", "img/s", "wall")):
         return f"{value:.1f}"
     if value.is_integer() and abs(value) >= 100:

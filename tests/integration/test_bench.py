@@ -83,11 +83,15 @@ def test_tiny_quality_benchmark_writes_its_report(stack: Stack, tmp_path: Path) 
         assert [int(r["epoch"]) for r in figures[side]] == [1, 2]
         assert all(r["first_step_at"] > 0 and r["eval_seconds"] > 0 for r in figures[side]), figures[side]
     assert figures["best_history"] == [] and figures["best_accuracy"] is None  # (b) is not part of --tiny
+    cores = figures["pipeline_step_cores"]  # what ran beside the training worker during its steps, by process
+    assert cores["Ray Train worker (training)"] == max(cores.values()) > 0.3, cores
+    assert list(cores.values()) == sorted(cores.values(), reverse=True)
     text = doc.read_text()
     walls = [float(w) for w in re.findall(r"per-epoch wall, plain / pipeline: (\d\.\d{3})", text)]
     assert len(walls) == 1 and walls[0] > 0, text[:2000]
     for part in ("(a) recipe", "plain script", "steps img/s, pipeline / plain", "(b) best recipe at n/a epochs",
-                 "(c) demo comparison", "paired 95% CI", "checkpoint, report and rest s"):
+                 "(c) demo comparison", "paired 95% CI", "checkpoint, report and rest s",
+                 f"| Ray Train worker (training) | {cores['Ray Train worker (training)']:.2f} |"):
         assert part in text, part
 
 
