@@ -10,10 +10,11 @@ bootstrap:
 demo: bootstrap  ## start the local stack and run a small retraining end to end
 	$(BIN)/headbench demo
 
+# the integration tests in one xdist worker (one session stack, file order), the unit tests beside them in another
 test: bootstrap  ## ruff, the import-layer contract, then the whole suite: unit + integration against real local servers
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 test-unit: bootstrap  ## the unit tests alone: no servers, no Ray cluster
 	$(BIN)/python -m pytest tests/unit

@@ -58,5 +58,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION in item.path.parents:
             item.add_marker(pytest.mark.integration)
+            # `make test` runs with pytest-xdist (-n 2 --dist loadgroup): every integration test in one worker,
+            # in file order, on the one session stack; the unit tests run beside them in the other worker
+            item.add_marker(pytest.mark.xdist_group("stack"))
         if RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.training)
