@@ -54,6 +54,7 @@ INTEGRATION = Path(__file__).parent / "integration"
 RUN_FIXTURES = {"e2e_run", "compare_run", "twin_runs", "imagefolder_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks set here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION in item.path.parents:
@@ -63,3 +64,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("stack"))
         if RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.training)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures: the session stack
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if getattr(item.config.option, "loadgroup", False) and INTEGRATION in item.path.parents \
+            and not item.nodeid.endswith("@stack"):  # xdist appends "@<group>" under --dist loadgroup
+        pytest.fail("pytest-xdist did not put this test in the group 'stack': spread over the workers, the "
+                    "integration tests would start a stack in each, side by side; --dist loadgroup needs "
+                    "pytest < 9.2 (pytest-dev/pytest-xdist#1386)", pytrace=False)
