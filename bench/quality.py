@@ -29,7 +29,10 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.sampling import ServiceCpu
 
 QUALITY_DOC = Path("docs/quality.md")
 GOAL_ACCURACY, GOAL_GAP, GOAL_RATIO = 0.93, 0.005, 0.95
@@ -167,7 +170,7 @@ def pipeline_run(recipe: Recipe) -> tuple[float, float, str, list[dict[str, floa
     return result.test_accuracy, time.perf_counter() - started, result.run_url, result.history
 
 
-def step_cores(cpu: Any, history: list[dict[str, float]]) -> dict[str, float]:
+def step_cores(cpu: ServiceCpu, history: list[dict[str, float]]) -> dict[str, float]:
     """Cores per process group over the run's steps, highest first, rounded to 0.01 (the worker's
     ``first_step_at`` of the first epoch to ``last_step_at`` of the last: validation and checkpoints between
     epochs inside, start-up and publication outside)."""
