@@ -10,8 +10,7 @@ bootstrap:
 demo: bootstrap  ## start the local stack and run a small retraining end to end
 	$(BIN)/headbench demo
 
-# the session-stack integration tests in one xdist worker (file order), those with servers of their own in the other,
-# the unit tests wherever a worker is free (tests/conftest.py: integration_group)
+# the integration tests in one xdist worker (one session stack, file order), the unit tests beside them in another
 test: bootstrap  ## ruff, the import-layer contract, then the whole suite: unit + integration against real local servers
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports

@@ -54,21 +54,14 @@ INTEGRATION = Path(__file__).parent / "integration"
 RUN_FIXTURES = {"e2e_run", "compare_run", "twin_runs", "imagefolder_run"}
 
 
-def integration_group(item: pytest.Item) -> str:
-    """The pytest-xdist group of an integration test. `make test` runs with ``-n 2 --dist loadgroup``: the tests on
-    the one session stack ("stack") all in one worker, in file order; the tests that start servers or a Ray of
-    their own ("solo": a stack on PostgreSQL, private Rays, a bench's own stack) in the other, beside them, and the
-    unit tests wherever a worker is free. xdist hands each worker its largest group first, then a unit test
-    whenever it has two or fewer left."""
-    return "stack" if "stack" in getattr(item, "fixturenames", ()) else "solo"
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks set here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION in item.path.parents:
             item.add_marker(pytest.mark.integration)
-            item.add_marker(pytest.mark.xdist_group(integration_group(item)))
+            # `make test` runs with pytest-xdist (-n 2 --dist loadgroup): every integration test in one worker,
+            # in file order, on the one session stack; the unit tests run beside them in the other worker
+            item.add_marker(pytest.mark.xdist_group("stack"))
         if RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.training)
 
@@ -76,7 +69,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.hookimpl(tryfirst=True)  # before the test's fixtures: the session stack
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if getattr(item.config.option, "loadgroup", False) and INTEGRATION in item.path.parents \
-            and not item.nodeid.endswith(f"@{(group := integration_group(item))}"):  # xdist appends "@<group>"
-        pytest.fail(f"pytest-xdist did not put this test in the group '{group}': spread over the workers, the "
+            and not item.nodeid.endswith("@stack"):  # xdist appends "@<group>" under --dist loadgroup
+        pytest.fail("pytest-xdist did not put this test in the group 'stack': spread over the workers, the "
                     "integration tests would start a stack in each, side by side; --dist loadgroup needs "
                     "pytest < 9.2 (pytest-dev/pytest-xdist#1386)", pytrace=False)

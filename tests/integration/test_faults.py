@@ -140,8 +140,7 @@ def test_worker_sigkilled_during_a_checkpoint_upload_resumes_from_the_last_check
                                                 Key=f"ray/{run_id}/checkpoint_epoch0003/{TRAIN_STATE}")["Body"]
     history = torch.load(io.BytesIO(body.read()), weights_only=True)["history"]
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
-    marks = [(r["first_step_at"], r["last_step_at"]) for r in history]
-    assert history[1]["last_step_at"] < killed_at < history[2]["first_step_at"], (killed_at, marks, output[-6000:])
+    assert history[1]["last_step_at"] < killed_at < history[2]["first_step_at"]
     assert _mlflow(stack).get_run(run_id).info.status == "FINISHED"
 
 
