@@ -17,7 +17,14 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/data
     || echo "bootstrap: dataset-fashion-mnist not installed; Fashion-MNIST will come from its URL or S3"
 fi
 
-if [ -f "$stamp" ]; then exit 0; fi
+# The project's own packages, on every run (compileall skips what is up to date, in about a second): the editable
+# install imports them from this checkout, where PYTHONDONTWRITEBYTECODE would have every process (the CLI, each
+# Ray worker, each flow run the Prefect worker starts) compile them again, about 2 CPU-s each on these cores.
+compile_project() {
+  "$VENV/bin/python" -m compileall -q -j 0 models infra tasks flows bench tools >/dev/null
+}
+
+if [ -f "$stamp" ]; then compile_project; exit 0; fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "bootstrap: creating $VENV with $PYTHON"
@@ -33,6 +40,7 @@ echo "bootstrap: installing packages into $VENV (a few minutes the first time)"
 "$VENV/bin/python" -m pip install -q --no-compile -e '.[dev]'
 "$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
   >/dev/null 2>&1 || true
+compile_project
 rm -f "$VENV"/.headbench-installed-*
 touch "$stamp"
 echo "bootstrap: done"
