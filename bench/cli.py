@@ -67,6 +67,7 @@ def ddp_options(repeats: Annotated[int, typer.Option(min=1, max=20, help="runs p
 def quality(tiny: Annotated[bool, typer.Option(help="a seconds-long setting (tests): 600 images, 1 epoch")] = False,
             epochs: Annotated[int | None, typer.Option(min=1, max=100, help="epochs of the (a)/(b) recipe")] = None,
             no_demo: Annotated[bool, typer.Option(help="skip (c); keep its figures from --json if there")] = False,
+            no_best: Annotated[bool, typer.Option(help="skip (b); keep its figures from --json if there")] = False,
             demo_only: Annotated[bool, typer.Option(help="only (c); keep the figures of (a) and (b) from --json "
                                                          "if there")] = False,
             home: HomeOpt = None,
@@ -78,8 +79,8 @@ def quality(tiny: Annotated[bool, typer.Option(help="a seconds-long setting (tes
     the demo comparison with each two-phase schedule against its probe (docs/quality.md)."""
     from bench.quality import QualityArgs, main
 
-    raise typer.Exit(main(QualityArgs(tiny=tiny, epochs=epochs, no_demo=no_demo, demo_only=demo_only, home=home,
-                                      json=json, doc=doc, report_only=report_only)))
+    raise typer.Exit(main(QualityArgs(tiny=tiny, epochs=epochs, no_demo=no_demo, no_best=no_best,
+                                      demo_only=demo_only, home=home, json=json, doc=doc, report_only=report_only)))
 
 
 @app.command()

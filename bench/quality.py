@@ -432,6 +432,15 @@ def run_quality(recipe: Recipe, study: DemoStudy | None, home: Path | None, *, p
     return figures
 
 
+# the figures of each part, kept from --json by a run that leaves the part out
+PART_FIGURES = {
+    "a": ("recipe", "plain_accuracy", "plain_seconds", "plain_history", "pipeline_accuracy", "pipeline_seconds",
+          "pipeline_run_url", "pipeline_history", "pipeline_step_cores"),
+    "b": ("best_recipe", "best_accuracy", "best_seconds", "best_history"),
+    "c": ("demo_table", "demo_verdict", "demo_parent_url", "demo_checks", "source_bn_ablation"),
+}
+
+
 @dataclass(frozen=True)
 class QualityArgs:
     """The options of `python -m bench quality` (bench/cli.py)."""
@@ -439,19 +448,25 @@ class QualityArgs:
     tiny: bool = False
     epochs: int | None = None
     no_demo: bool = False
+    no_best: bool = False
     demo_only: bool = False
     home: Path | None = None
     json: Path = Path("bench/quality.json")
     doc: Path = QUALITY_DOC
     report_only: bool = False
 
+    def skipped_parts(self) -> set[str]:
+        """The parts ((a) pipeline vs plain, (b) best recipe, (c) demo) this run leaves out."""
+        return ({"a", "b"} if self.demo_only else set()) | ({"b"} if self.no_best else set()) | \
+            ({"c"} if self.no_demo else set())
+
     def command(self) -> str:
         """The command that reproduces this report, as the report prints it."""
         if not (self.tiny or self.epochs):
-            return "make quality"  # a partial rerun keeps the other part's figures: together, `make quality`
+            return "make quality"  # a partial rerun keeps the other parts' figures: together, `make quality`
         return "python -m bench quality" + (" --tiny" if self.tiny else "") + \
             (f" --epochs {self.epochs}" if self.epochs else "") + (" --no-demo" if self.no_demo else "") + \
-            (" --demo-only" if self.demo_only else "")
+            (" --no-best" if self.no_best else "") + (" --demo-only" if self.demo_only else "")
 
 
 def main(args: QualityArgs) -> int:
@@ -472,17 +487,13 @@ def main(args: QualityArgs) -> int:
     study = None if args.no_demo else tiny_study if args.tiny else DemoStudy()
     started = time.perf_counter()
     home = args.home or (Path(os.environ["HEADBENCH_HOME"]) if "HEADBENCH_HOME" in os.environ else None)
-    best = None if args.demo_only or args.tiny else BEST_RECIPE  # tiny: (a)'s plain side runs the same code
-    figures = run_quality(recipe, study, home, plain=not args.demo_only, pipeline=not args.demo_only, best=best)
+    skipped = args.skipped_parts()
+    best = None if "b" in skipped or args.tiny else BEST_RECIPE  # tiny: (a)'s plain side runs the same code
+    figures = run_quality(recipe, study, home, plain="a" not in skipped, pipeline="a" not in skipped, best=best)
     seconds = time.perf_counter() - started
-    if (args.no_demo or args.demo_only) and args.json.exists():  # the part not rerun keeps its last figures
+    if skipped and args.json.exists():  # the parts not rerun keep their last figures
         old = json.loads(args.json.read_text())
-        keep = ("demo_table", "demo_verdict", "demo_parent_url", "demo_checks", "source_bn_ablation") \
-            if args.no_demo else ("recipe", "plain_accuracy", "plain_seconds", "plain_history",
-                                  "pipeline_accuracy", "pipeline_seconds", "pipeline_run_url", "pipeline_history",
-                                  "pipeline_step_cores",
-                                  "best_recipe", "best_accuracy", "best_seconds", "best_history")
-        for key in keep:
+        for key in (key for part in sorted(skipped) for key in PART_FIGURES[part]):
             setattr(figures, key, old.get(key, getattr(figures, key)))
         seconds += old.get("seconds", 0.0)
     print("\n".join(summary_lines(figures)), flush=True)
