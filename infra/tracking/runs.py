@@ -185,9 +185,15 @@ def run_children(tracking_uri: str, parent_run_id: str) -> dict[str, list[str]]:
     return out
 
 
+# MLflow's UI lays every page out for GenAI (traces, judges, "Evaluation runs") unless the browser remembers the
+# other choice; its `workflowType` URL parameter picks the model-training layout for the page a link opens.
+MODEL_TRAINING_UI = "workflowType=machine_learning"
+
+
 def run_url(tracking_uri: str, run_id: str) -> str:
+    """The MLflow UI page of a run, in the model-training layout."""
     run = MlflowClient(tracking_uri).get_run(run_id)
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}?{MODEL_TRAINING_UI}"
 
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:

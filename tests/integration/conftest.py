@@ -77,6 +77,13 @@ def e2e_run(stack: Stack, ray_cluster: RayCluster) -> dict[str, str]:
                          "--seed", "3")
 
 
+def run_id_of(url: str) -> str:
+    """The run id in an MLflow UI link to a run (…/#/experiments/E/runs/ID?…)."""
+    found = re.search(r"/runs/([0-9a-f]{32})\b", url)
+    assert found, url
+    return found.group(1)
+
+
 def headbench_run(stack: Stack, *args: str, timeout: float = 900) -> dict[str, str]:
     """`headbench run ARGS` against the stack, which must succeed: its MLflow run id, S3 URI and output."""
     return headbench_runs(stack, [list(args)], timeout)[0]
@@ -94,7 +101,7 @@ def headbench_runs(stack: Stack, runs: list[list[str]], timeout: float = 900) ->
         run_url = re.search(r"MLflow run : (\S+)", out)
         s3_uri = re.search(r"S3 model   : (\S+)", out)
         assert run_url and s3_uri, out
-        results.append({"run_id": run_url.group(1).rsplit("/", 1)[-1], "s3_uri": s3_uri.group(1),
+        results.append({"run_id": run_id_of(run_url.group(1)), "s3_uri": s3_uri.group(1),
                         "stdout": out + err})
     return results
 

@@ -21,6 +21,7 @@ from infra.stack.local import LocalStack
 from infra.stack.postgres import data_dir
 from infra.stack.ray_nodes import alive_nodes
 from tests.conftest import env_without_stack
+from tests.integration.conftest import run_id_of
 
 HEADBENCH = str(Path(sys.executable).parent / "headbench")
 
@@ -110,7 +111,7 @@ def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
         run = cli("run", "--classes", "0-1", "--limit", "80", "--test-limit", "40", "--image-size", "32",
                   "--epochs", "1", "--batch-size", "32", "--workers", "1", "--model-name", "pg-test")
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        run_id = run.stdout.split("MLflow run : ", 1)[1].split()[0].rsplit("/", 1)[-1]
+        run_id = run_id_of(run.stdout.split("MLflow run : ", 1)[1].split()[0])
         runs = sql(server, "headbench_mlflow", "SELECT status FROM runs WHERE run_uuid = $1", run_id)
         assert [r["status"] for r in runs] == ["FINISHED"]
         versions = sql(server, "headbench_mlflow", "SELECT version FROM model_versions WHERE name = 'pg-test'")
