@@ -34,6 +34,7 @@ def main() -> int:
     from flows.cli import up
     from flows.runner import run_compare
     from infra.settings import load_settings
+    from infra.tracking.runs import MODEL_TRAINING_UI, run_url
 
     up(None, None, None)
     settings = load_settings()
@@ -46,12 +47,13 @@ def main() -> int:
     parent = client.get_run(result.parent_run_id)
     experiment = parent.info.experiment_id
     runs = urllib.parse.quote(json.dumps(result.children))
-    compare_url = f"{uri}/#/compare-runs?runs={runs}&experiments={urllib.parse.quote(json.dumps([experiment]))}"
+    compare_url = f"{uri}/#/compare-runs?runs={runs}&experiments={urllib.parse.quote(json.dumps([experiment]))}" \
+        f"&{MODEL_TRAINING_UI}"
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     prefect_ui = settings.prefect_api_url.removesuffix("/api")
     pages = [
         ("mlflow-compare.png", compare_url, [*STRATEGIES, "test_accuracy"]),
-        ("mlflow-parent-run.png", f"{uri}/#/experiments/{experiment}/runs/{parent.info.run_id}",
+        ("mlflow-parent-run.png", run_url(uri, parent.info.run_id),
          ["winner", "headbench.kind"]),
         ("prefect-flow-run.png", f"{prefect_ui}/runs/flow-run/{flow_run_id}", ["compare-heads", "fit-strategy"]),
     ]
@@ -74,10 +76,41 @@ def main() -> int:
                                        arg=expected, timeout=45_000)
             except PlaywrightTimeout:
                 pass
+            if name == "mlflow-compare.png":
+                failures += plot_strategy_against_test_accuracy(page)
             failures += capture(page, name, expected, url)
         failures += custom_run_through_the_dashboard(page, settings, deployment_url)
         browser.close()
     return 1 if failures else 0
+
+
+def plot_strategy_against_test_accuracy(page: Any) -> list[tuple[str, list[str]]]:
+    """MLflow's compare view opens its parallel-coordinates plot on the first three parameters that differ and
+    the first metric the runs logged (its own defaults; no URL parameter sets them): choose `strategy` against
+    `test_accuracy` in its two pickers, as a user does."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        close = page.get_by_role("button", name="Close")  # the UI's assistant side panel, when it opens
+        if close.count():
+            close.first.click()
+        page.get_by_role("button", name="Clear All").click(timeout=10_000)
+        for index, key in enumerate(("strategy", "test_accuracy")):  # the Parameters, then the Metrics picker
+            picker = page.get_by_role("combobox").nth(index)
+            picker.click(timeout=10_000)
+            picker.fill(key)
+            page.locator(f"[class*='select-item-option'][title='{key}']").first.click(timeout=10_000)
+            page.keyboard.press("Escape")
+        page.get_by_text("Parallel Coordinates Plot").first.click(timeout=10_000)  # close any open list
+    except PlaywrightTimeout:
+        pass
+    # the plot's axes are titled by its keys: both chosen, and the default first metric gone
+    page.wait_for_timeout(1500)
+    axes = page.locator("svg text").all_text_contents()
+    missing = [key for key in ("strategy", "test_accuracy") if key not in axes] + \
+        [f"not {key}" for key in ("phase",) if key in axes]
+    print(f"compare plot axes: {axes[:12]}")
+    return [("mlflow-compare.png plot", missing)] if missing else []
 
 
 def log_in_to_prefect(context: Any, settings: Any) -> None:
@@ -139,16 +172,18 @@ def custom_run_through_the_dashboard(page: Any, settings: Any, deployment_url: s
         page.screenshot(path=str(OUT / "prefect-custom-run-done.png"), full_page=False)
         print(f"custom run from the dashboard: flow run {run['id']} COMPLETED with epochs=2, MLflow run "
               f"{mlrun.info.run_id}, promotion {mlrun.data.tags.get('promotion')}")
-        problems += retrain_run_page(page, settings, exp.experiment_id, mlrun.info.run_id)
+        problems += retrain_run_page(page, settings, mlrun.info.run_id)
     return problems
 
 
-def retrain_run_page(page: Any, settings: Any, experiment: str, run_id: str) -> list[tuple[str, list[str]]]:
+def retrain_run_page(page: Any, settings: Any, run_id: str) -> list[tuple[str, list[str]]]:
     """The MLflow overview of a retrain run: its three datasets (with digests, the '+2' opened) and, further
     down, its logged model (READY, the registered version's source)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    page.goto(f"{settings.mlflow_tracking_uri}/#/experiments/{experiment}/runs/{run_id}",
+    from infra.tracking.runs import run_url
+
+    page.goto(run_url(settings.mlflow_tracking_uri, run_id),
               wait_until="domcontentloaded", timeout=60_000)
     shots = [("mlflow-retrain-run.png", ["fashion-mnist-train", "fashion-mnist-val", "fashion-mnist-test"]),
              ("mlflow-logged-model.png", ["Logged models (1)", "Ready"])]
