@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable
@@ -303,11 +304,18 @@ class LocalStack(Supervisor):
         return Path(self.ray_tmp[0]), Path(self.ray_tmp[1])
 
     def _make_ray_temp_dirs(self) -> None:
-        """The long-home case of ``ray_temp_dirs``: one ``mkdtemp`` folder, made once (the state keeps it); Ray
-        makes ``n`` and ``d`` in it."""
-        if len(str(self.home / "ray")) > 44 and not self.ray_tmp:
+        """The long-home case of ``ray_temp_dirs``: one ``mkdtemp`` folder, made once per `up` after a `down`
+        (the state keeps it meanwhile; a remembered folder that is gone is never made again under its old,
+        known name); Ray makes ``n`` and ``d`` in it."""
+        if len(str(self.home / "ray")) > 44 and not (self.ray_tmp and Path(self.ray_tmp[0]).parent.is_dir()):
             private = Path(tempfile.mkdtemp(prefix="hbray-"))  # 0700
             self.ray_tmp = [str(private / "n"), str(private / "d")]
+
+    def _remove_ray_temp_dirs(self) -> None:
+        """`down`: the long-home case's folder goes with the nodes that used it (their sessions' sockets, logs
+        and spilled objects); the folder under $HEADBENCH_HOME stays with the rest of the stack's state."""
+        if self.ray_tmp:
+            shutil.rmtree(Path(self.ray_tmp[0]).parent, ignore_errors=True)
 
     def ray_services(self) -> list[ServiceSpec]:
         """The Ray head, its worker nodes and the 0-CPU driver node (``infra.stack.ray_nodes``), every port picked
@@ -494,5 +502,7 @@ class LocalStack(Supervisor):
 
     def down(self, timeout: float = 20.0) -> list[str]:
         """Stop, in reverse start order, the process groups this stack started. Returns what was stopped."""
-        return self._stop(self.services(), timeout)
+        stopped = self._stop(self.services(), timeout)
+        self._remove_ray_temp_dirs()
+        return stopped
 

@@ -10,6 +10,7 @@ import json
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import asyncpg
@@ -62,6 +63,9 @@ def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
     try:
         first = cli("up", "--backend", "postgres", "--ray-nodes", "2", "--ray-cpus", "1,1")
         assert first.returncode == 0, first.stdout + first.stderr
+        # this long home's Ray nodes keep their sockets in a private mkdtemp folder, which `down` removes
+        ray_private = LocalStack(Settings(home=tmp_path)).ray_temp_dirs[0].parent
+        assert ray_private.parent == Path(tempfile.gettempdir()) and (ray_private / "n").is_dir()
         shown = f"postgresql://headbench:***@127.0.0.1:{port}/headbench"
         assert f"stores     : PostgreSQL {shown}_mlflow, {shown}_prefect" in first.stdout
         gcs, dashboard = env["HEADBENCH_PORT_RAY_GCS"], env["HEADBENCH_PORT_RAY_DASHBOARD"]
@@ -138,6 +142,7 @@ def test_up_status_run_down_lifecycle_on_postgresql(tmp_path: Path) -> None:
         assert _listening(pid) == []
     after = cli("status")
     assert after.returncode == 3 and after.stdout.count("stopped") == 8
+    assert not ray_private.exists()
     # the server started again on its data folder (what the next `up` starts first) still has the run
     stack = LocalStack(Settings(home=tmp_path), StackPorts(**{p: int(env[f"HEADBENCH_PORT_{p.upper()}"])
                                                               for p in StackPorts.model_fields}))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -274,5 +275,12 @@ def test_ray_temp_dirs_under_a_long_home_are_private_mkdtemp_folders_kept_by_the
         assert stack.ray_temp_dirs == (base, driver)  # stable
         stack._write_private(stack.state_file, json.dumps({"ports": stack.ports.all(), "ray_tmp": stack.ray_tmp}))
         assert LocalStack(load_settings(home)).ray_temp_dirs == (base, driver)  # and remembered
+        base.mkdir()  # what Ray made in it
+        stack._remove_ray_temp_dirs()  # `down`
+        assert not private.exists()
+        again = LocalStack(load_settings(home))  # the state still names the removed folder
+        again._make_ray_temp_dirs()  # the next `up`: a new mkdtemp folder, never the old, known name
+        assert again.ray_temp_dirs[0].parent != private and again.ray_temp_dirs[0].parent.is_dir()
+        again.ray_temp_dirs[0].parent.rmdir()
     finally:
-        base.parent.rmdir()
+        shutil.rmtree(base.parent, ignore_errors=True)
