@@ -233,8 +233,9 @@ class FitConfig:
     weight_decay: float = option(5e-4, "SGD weight decay", ge=0.0, le=1.0)
     warmup_epochs: float = option(0.0, "linear LR warm-up at the start of every phase, in epochs (then cosine "
                                   "to 0, per step)", ge=0.0, le=100.0)
-    augment: str = option("flip", "training augmentation of image batches: none, flip (horizontal), standard "
-                          "(RandomResizedCrop + flip); cached-feature probe phases are never augmented",
+    augment: str = option("flip", "training augmentation of image batches: none, flip (horizontal), crop (padded "
+                          "random crop + flip), standard (RandomResizedCrop + flip); cached-feature probe "
+                          "phases are never augmented",
                           choices=tuple(AUGMENTATIONS))
     label_smoothing: float = option(0.0, "label smoothing of the training loss", ge=0.0, lt=1.0)
     early_stopping_patience: int | None = option(

@@ -52,7 +52,7 @@ def _run(args: list[str], home: Path, extra_env: dict[str, str] | None = None) -
     (["--min-margin", "-1"], "--min-margin: Input should be greater than or equal to 0 (got -1.0)"),
     (["--model-name", "../escape"], "--model-name: String should match pattern"),
     (["--resume-run-id", "not-a-run"], "--resume-run-id: String should match pattern"),
-    (["--augment", "rotate"], "--augment: Input should be 'none', 'flip' or 'standard' (got 'rotate')"),
+    (["--augment", "rotate"], "--augment: Input should be 'none', 'flip', 'crop' or 'standard' (got 'rotate')"),
     (["--label-smoothing", "1"], "--label-smoothing: Input should be less than 1 (got 1.0)"),
     (["--warmup-epochs", "-1"], "--warmup-epochs: Input should be greater than or equal to 0 (got -1.0)"),
     (["--early-stopping-patience", "0"], "--early-stopping-patience: Input should be greater than or equal to 1 "

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from models import build_model
-from models.augment import feature_input, image_input, random_resized_crop_flip
+from models.augment import feature_input, image_input, random_crop_flip, random_resized_crop_flip
 from models.data import ArrayDataset, ArraySplit, epoch_loader, normalize_batch, set_epoch
 from models.loop import EpochEnd, FitConfig, FitHooks, extract_features, fit, train_one_epoch
 from models.schedules import warmup_cosine
@@ -164,8 +164,24 @@ def test_augmentations() -> None:
     assert cropped.shape == images.shape and not torch.allclose(cropped, images)
     raw = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
     assert torch.equal(image_input(augment="standard")(raw, False), image_input(augment="none")(raw, True))
-    with pytest.raises(ValueError, match="unknown augmentation 'rotate'; allowed: none, flip, standard"):
+    with pytest.raises(ValueError, match="unknown augmentation 'rotate'; allowed: none, flip, crop, standard"):
         image_input(augment="rotate")
+
+
+def test_crop_shifts_each_image_by_whole_pixels_within_its_padding() -> None:
+    images = torch.rand(64, 3, 32, 32)
+    torch.manual_seed(0)
+    out = random_crop_flip(images)  # pad 32 // 16 = 2
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
+    shifts = []
+    for x, y in zip(padded, out, strict=True):  # the (dy, dx, flipped) windows of the padded image it equals
+        found = [(dy, dx, flipped) for dy in range(5) for dx in range(5) for flipped in (False, True)
+                 if torch.equal(y, x[:, dy:dy + 32, dx:dx + 32].flip(-1) if flipped else x[:, dy:dy + 32, dx:dx + 32])]
+        assert found, "an output that is no shifted window of its image"
+        shifts.append(found[0])
+    assert len({s[:2] for s in shifts}) > 10 and {s[2] for s in shifts} == {False, True}  # per image, not per batch
+    torch.manual_seed(0)
+    assert torch.equal(random_crop_flip(images), out)  # seeded: the same draws
 
 
 def test_cached_features_give_the_same_head_logits() -> None:
