@@ -102,8 +102,11 @@ def epoch_table(history: list[dict[str, float]]) -> list[dict[str, Any]]:
     for i, row in enumerate(history):
         steps, validation = row["epoch_seconds"], row.get("eval_seconds", float("nan"))
         wall = walls[i] if i < len(walls) else None
+        # two clocks (the loop's steps timer, the step marks) differ by hundredths of a second either way;
+        # + 0.0 prints a rounded -0.0 as 0.0
+        rest = "-" if wall is None else round(wall - steps - validation, 1) + 0.0
         rows.append({"epoch": int(row["epoch"]), "img/s (steps)": row["images_per_second"], "steps s": steps,
                      "validation s": validation,
-                     "checkpoint, report and rest s": "-" if wall is None else wall - steps - validation,
+                     "checkpoint, report and rest s": rest,
                      "wall s": "-" if wall is None else wall})
     return rows

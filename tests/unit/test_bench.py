@@ -124,3 +124,17 @@ def test_per_epoch_wall_and_sync_checkpoints_are_paired_against_b1() -> None:
     assert any(line.startswith("per-epoch wall, B1 / B2") and f"{summary['b1_over_b2_epoch_wall']:.3f}" in line
                for line in lines)
     assert any(line.startswith("B2 with synchronous checkpoints") and "0.800" in line for line in lines)
+
+
+def test_quality_ratios_of_two_epochs_are_the_mean_of_both_not_the_better() -> None:
+    """`make quality`'s (a) has two epochs: the steps ratio is the median of both epochs' ratios, the mean of
+    the two, never the higher one; the per-epoch wall has one epoch with a next one."""
+    from bench.quality import QualityFigures
+
+    def rows(rates: list[float], starts: list[float]) -> list[dict[str, float]]:
+        return [{"images_per_second": r, "first_step_at": s} for r, s in zip(rates, starts, strict=True)]
+
+    f = QualityFigures(plain_history=rows([600.0, 600.0], [1000.0, 1100.0]), plain_seconds=200.0,
+                       pipeline_history=rows([570.0, 480.0], [5000.0, 5125.0]), pipeline_seconds=250.0)
+    assert f.ratios() == {"steps img/s": pytest.approx((0.95 + 0.8) / 2), "per-epoch wall": pytest.approx(0.8),
+                          "end to end": pytest.approx(0.8)}
