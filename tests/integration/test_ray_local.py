@@ -43,8 +43,9 @@ print(json.dumps({"cpus": cpus, "addresses": listening(mine), "mode": os.environ
 '''
 
 
-def test_private_ray_listens_on_loopback_only_and_refuses_requests_without_its_token() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+def test_private_ray_listens_on_loopback_only_and_refuses_requests_without_its_token(tmp_path: Path) -> None:
+    # a home of its own: a token file that another Ray once left in the user's home is not this run's
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=180, env=env,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
