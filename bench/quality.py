@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,15 +107,12 @@ class QualityFigures:
     def ratios(self) -> dict[str, float | None]:
         """Plain over pipeline (1.0: the pipeline costs nothing): steps img/s (pipeline over plain), per-epoch
         wall (the epochs that have a next one), end to end."""
-        def median(values: list[float]) -> float | None:  # of an even count, the mean of the middle two
-            return statistics.median(values) if values else None
-
-        steps = median([q["images_per_second"] / p["images_per_second"]
-                        for p, q in zip(self.plain_history, self.pipeline_history, strict=False)])
         from bench import epoch_walls
+        from bench.config import paired_ratio  # the median of epoch-by-epoch ratios (of two: their mean)
 
-        plain_walls, pipe_walls = epoch_walls(self.plain_history), epoch_walls(self.pipeline_history)
-        wall = median([a / b for a, b in zip(plain_walls, pipe_walls, strict=False) if b > 0])
+        steps = paired_ratio([q["images_per_second"] for q in self.pipeline_history],
+                             [p["images_per_second"] for p in self.plain_history])
+        wall = paired_ratio(epoch_walls(self.plain_history), epoch_walls(self.pipeline_history))
         end = (self.plain_seconds / self.pipeline_seconds if self.plain_seconds and self.pipeline_seconds
                else None)
         return {"steps img/s": steps, "per-epoch wall": wall, "end to end": end}
@@ -333,7 +329,8 @@ def limits(f: QualityFigures) -> str:
 def beside_worker(f: QualityFigures) -> str:
     """What the other processes took from the cores during the retrain flow's steps (the plain loop has the
     machine to itself), from ``pipeline_step_cores``."""
-    worker = "Ray Train worker (training)"
+    from bench.sampling import TRAINING_WORKER as worker
+
     if worker not in f.pipeline_step_cores:
         return ""
     others = sum(c for g, c in f.pipeline_step_cores.items() if g != worker)

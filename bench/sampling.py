@@ -90,8 +90,9 @@ class WorkerMemory(Sampler):
 # ------------------------------------------------------------------------------------------- service CPU
 
 
+TRAINING_WORKER = "Ray Train worker (training)"  # the group of the processes that train
 SERVICE_GROUPS = (  # process -> group, by the first matching word of its command line
-    ("ray::RayTrainWorker", "Ray Train worker (training)"), ("ray::TrainController", "Ray Train controller"),
+    ("ray::RayTrainWorker", TRAINING_WORKER), ("ray::TrainController", "Ray Train controller"),
     ("ray::PlacementGroupCleaner", "Ray Train placement-group cleaner"),
     ("ray::SynchronizationActor", "Ray Train synchronization actor"), ("ray::", "Ray Train helper actors"),
     ("gcs_server", "Ray GCS"), ("raylet", "Ray raylet"),
