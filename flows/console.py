@@ -126,9 +126,9 @@ class LiveProgress:
                              count=count)
         if not self.interactive and run.epoch > self.printed.get(run.run_id, 0) and self.reader is not None:
             prefix = f"{run.label}: " if many else ""
-            for line in self.reader.epoch_lines(run.run_id, self.printed.get(run.run_id, 0)):
+            for epoch, line in self.reader.epochs_after(run.run_id, self.printed.get(run.run_id, 0)):
                 self.console.print(prefix + line, highlight=False, soft_wrap=True, markup=False)
-            self.printed[run.run_id] = run.epoch
+                self.printed[run.run_id] = epoch
 
 
 # The comparison table on a terminal: the strategy column first and never cut short while names fit, then as

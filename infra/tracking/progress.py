@@ -77,8 +77,10 @@ class ProgressReader:
         except MlflowException:
             return []
 
-    def epoch_lines(self, run_id: str, after: int) -> list[str]:
-        """The logged epochs after epoch ``after``, one line each, from the metric histories."""
+    def epochs_after(self, run_id: str, after: int) -> list[tuple[int, str]]:
+        """The logged epochs after epoch ``after``, each with its line, from the metric histories. Callers
+        remember the last epoch returned here, never an epoch count read earlier: an epoch logged between
+        that read and this one would otherwise be returned again on the next call."""
         try:
             run = self.client.get_run(run_id)
             rows: dict[int, dict[str, float]] = {}
@@ -89,7 +91,7 @@ class ProgressReader:
         except MlflowException:
             return []
         epochs = int(run.data.params.get("epochs", 0) or 0)
-        return [epoch_line(step, epochs, _phase_name(run.data.params, row.get("phase")), row)
+        return [(step, epoch_line(step, epochs, _phase_name(run.data.params, row.get("phase")), row))
                 for step, row in sorted(rows.items()) if "train_loss" in row]
 
     def read_run(self, run_id: str) -> RunProgress | None:
@@ -123,9 +125,9 @@ def epoch_lines(tracking_uri: str, run_id: str, emit: Callable[[str], object], e
         nonlocal seen
         progress = reader.read_run(run_id)
         if progress is not None and progress.epoch > seen:
-            for line in reader.epoch_lines(run_id, seen):
+            for epoch, line in reader.epochs_after(run_id, seen):
                 emit(line)
-            seen = progress.epoch
+                seen = epoch
 
     def loop() -> None:
         while not done.wait(every_s):

@@ -1,13 +1,18 @@
 """flows/console.py: the comparison table fits the terminal width and cuts strategy names only where they
-stay unambiguous; epoch lines read like the worker's."""
+stay unambiguous; epoch lines read like the worker's and print once each."""
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import pytest
+from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from flows.console import comparison_table, shortest_unambiguous
+from flows.console import LiveProgress, comparison_table, shortest_unambiguous
 from infra.tracking.epochs import epoch_line
+from infra.tracking.progress import ProgressReader, epoch_lines
 from models.strategies import DEMO_STRATEGIES
 
 
@@ -54,3 +59,39 @@ def test_epoch_line_has_the_phase_and_the_curve() -> None:
            "images_per_second": 141.2, "epoch_seconds": 3.25, "feature_seconds": 1.5}
     assert epoch_line(2, 5, "probe", row) == ("epoch 2/5 [probe] train_loss=0.4100 train_acc=0.8600 val_loss=0.3900 "
                                               "val_acc=0.8700 141 img/s 3.2 s (+1.5 s computing features once)")
+
+
+def _log_epoch(client: MlflowClient, run_id: str, epoch: int) -> None:
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second"):
+        client.log_metric(run_id, key, 1.0 / epoch, step=epoch)
+
+
+def test_an_epoch_logged_between_reading_the_count_and_the_lines_prints_once(tmp_path: Path) -> None:
+    """The console reads a run's epoch count, then its lines: an epoch that MLflow gets in between is printed
+    with the lines, and the next count (which now includes it) must not print it again. A local MLflow store
+    (SQLite, MLflow's own code) stands in for the server."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("t", (tmp_path / "a").as_uri())).info.run_id
+    client.log_param(run_id, "epochs", 3)
+    _log_epoch(client, run_id, 1)
+    out = io.StringIO()
+    live = LiveProgress(Console(file=out, force_terminal=False), uri, "t")
+    live.reader = ProgressReader(uri, "t", "")
+    counted = live.reader.read_run(run_id)
+    assert counted is not None and counted.epoch == 1
+    _log_epoch(client, run_id, 2)  # epoch 2 reaches MLflow after the count, before the lines are read
+    live._show(counted, many=False)
+    for _ in range(2):
+        again = live.reader.read_run(run_id)
+        assert again is not None and again.epoch == 2
+        live._show(again, many=False)
+    _log_epoch(client, run_id, 3)
+    live._show(live.reader.read_run(run_id), many=False)  # type: ignore[arg-type]
+    assert [line.split()[1] for line in out.getvalue().splitlines()] == ["1/3", "2/3", "3/3"]
+
+    # the flow run's log (tasks.train): the same reader, the same rule
+    emitted: list[str] = []
+    with epoch_lines(uri, run_id, emitted.append, every_s=0.01):
+        pass
+    assert [line.split()[1] for line in emitted] == ["1/3", "2/3", "3/3"]
