@@ -16,11 +16,11 @@ test: bootstrap  ## ruff, the import-layer contract, then the whole suite: unit 
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
-test-unit: bootstrap  ## the unit tests alone: no servers, no Ray cluster
-	$(BIN)/python -m pytest tests/unit
+test-unit: bootstrap  ## the unit tests alone, in two xdist workers: no servers, no Ray cluster
+	$(BIN)/python -m pytest -n 2 tests/unit
 
-test-fast: bootstrap  ## no training: the unit tests, then one stack's CLI and API checks (tests marked training left out)
-	$(BIN)/python -m pytest -m "not training"
+test-fast: bootstrap  ## no training: one stack's CLI and API checks, the unit tests beside them (tests marked training left out)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not training"
 
 bench: bootstrap  ## the pipeline benchmark: B1 plain PyTorch vs Ray Train alone vs B2 headbench, overheads, memory (~9 min)
 	$(BIN)/python -m bench --ray-alone
