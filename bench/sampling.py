@@ -94,7 +94,10 @@ TRAINING_WORKER = "Ray Train worker (training)"  # the group of the processes th
 SERVICE_GROUPS = (  # process -> group, by the first matching word of its command line
     ("ray::RayTrainWorker", TRAINING_WORKER), ("ray::TrainController", "Ray Train controller"),
     ("ray::PlacementGroupCleaner", "Ray Train placement-group cleaner"),
-    ("ray::SynchronizationActor", "Ray Train synchronization actor"), ("ray::", "Ray Train helper actors"),
+    ("ray::SynchronizationActor", "Ray Train synchronization actor"),
+    # Ray's per-node agents name themselves "ray::<Agent>" once started (setproctitle): before the catch-all
+    ("ray::DashboardAgent", "Ray dashboard agent"), ("ray::RuntimeEnvAgent", "Ray runtime-env agent"),
+    ("ray::", "Ray Train helper actors"),
     ("gcs_server", "Ray GCS"), ("raylet", "Ray raylet"),
     ("dashboard/agent.py", "Ray dashboard agent"), ("runtime_env/agent", "Ray runtime-env agent"),
     ("dashboard", "Ray dashboard"), ("log_monitor", "Ray log monitor"), ("weed", "SeaweedFS S3"),

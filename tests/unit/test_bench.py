@@ -138,3 +138,11 @@ def test_quality_ratios_of_two_epochs_are_the_mean_of_both_not_the_better() -> N
                        pipeline_history=rows([570.0, 480.0], [5000.0, 5125.0]), pipeline_seconds=250.0)
     assert f.ratios() == {"steps img/s": pytest.approx((0.95 + 0.8) / 2), "per-epoch wall": pytest.approx(0.8),
                           "end to end": pytest.approx(0.8)}
+
+
+@pytest.mark.parametrize(("title", "group"), [
+    ("ray::DashboardAgent", "Ray dashboard agent"), ("ray::RuntimeEnvAgent", "Ray runtime-env agent"),
+    ("ray::RayTrainWorker.run_train_fn", bench.sampling.TRAINING_WORKER),
+    ("ray::_AutoscalingCoordinatorActor", "Ray Train helper actors")])
+def test_ray_agents_named_by_their_process_title_are_not_counted_as_train_helpers(title: str, group: str) -> None:
+    assert bench.sampling.service_group(title) == group
