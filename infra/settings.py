@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     experiment: str = Field("headbench", validation_alias="HEADBENCH_EXPERIMENT")
     work_pool: str = Field("headbench", validation_alias="HEADBENCH_WORK_POOL",
                            description="Prefect process work pool the deployments use and the local worker polls")
+    worker_query_seconds: float = Field(
+        5.0, ge=1, le=600, validation_alias="PREFECT_WORKER_QUERY_SECONDS",
+        description="how often the stack's Prefect worker asks for runs to start (a run triggered from the "
+        "dashboard starts within this long); each poll costs the Prefect server CPU beside training")
     data_cache: Path | None = Field(None, validation_alias="HEADBENCH_DATA_CACHE",
                                     description="local dataset cache (default: $HEADBENCH_HOME/cache)")
     dataset_mirror: str | None = Field(None, validation_alias="HEADBENCH_DATASET_MIRROR",

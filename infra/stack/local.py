@@ -280,9 +280,9 @@ class LocalStack(Supervisor):
             "HEADBENCH_HOME": str(self.home), "HEADBENCH_WORK_POOL": self.settings.work_pool,
             "PREFECT_HOME": str(self.home / "prefect"), "PREFECT_WORKER_WEBSERVER_HOST": HOST,
             "PREFECT_WORKER_WEBSERVER_PORT": str(self.ports.prefect_worker),
-            # a run started from the dashboard starts within 2 s (Prefect's default polls every 10): one small
-            # query to the local server per poll
-            "PREFECT_WORKER_QUERY_SECONDS": "2", "DO_NOT_TRACK": "1"}
+            # a run started from the dashboard starts within this long (Prefect's default polls every 10 s);
+            # every poll is work for the Prefect server, beside any training (docs/performance.md)
+            "PREFECT_WORKER_QUERY_SECONDS": f"{self.settings.worker_query_seconds:g}", "DO_NOT_TRACK": "1"}
         foreign = self.settings.ray_address
         if not self.ray_nodes and foreign and foreign != self.ray_gcs_address:  # not a stale own address
             env["RAY_ADDRESS"] = foreign  # a Ray cluster named when the stack came up is where runs train

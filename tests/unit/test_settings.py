@@ -59,7 +59,8 @@ def test_export_env_never_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize(("name", "value"), [("HEADBENCH_RAY_PRESTART", "maybe"),
-                                             ("HEADBENCH_KEEP_CHECKPOINTS", "-1")])
+                                             ("HEADBENCH_KEEP_CHECKPOINTS", "-1"),
+                                             ("PREFECT_WORKER_QUERY_SECONDS", "0")])
 def test_a_bad_variable_is_one_line_naming_it_and_its_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             name: str, value: str) -> None:
     from infra.errors import HeadbenchError

@@ -148,6 +148,21 @@ def test_the_prefect_server_gets_an_auth_string_csrf_and_its_own_origin_only(tmp
     assert "PREFECT_API_AUTH_STRING" not in settings.standard_env()
 
 
+def test_the_worker_polls_every_5_s_unless_prefect_worker_query_seconds_says_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.settings import load_settings
+    from infra.stack.local import LocalStack, free_ports
+
+    def polls() -> str:
+        stack = LocalStack(load_settings(tmp_path), free_ports())
+        stack.access_key, stack.secret_key = "k", "s"
+        return stack.worker_env()["PREFECT_WORKER_QUERY_SECONDS"]
+
+    assert polls() == "5"
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "1.5")
+    assert polls() == "1.5"
+
+
 def test_services_start_side_by_side_after_what_they_need_and_are_reported_in_order(tmp_path: Path) -> None:
     """Real processes: `a` and `b` need nothing and boot together (b is healthy first), `c` starts only once
     `a` is healthy; `up` reports them a, b, c whatever order they became healthy in, and a second pass starts
